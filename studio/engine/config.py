@@ -1,0 +1,500 @@
+"""The training job: declared once (default, help, range, choices) and used by TOML, CLI, GUI and validation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+SCHEMA_VERSION = 1
+BUILTIN_DEMO_MODEL = "builtin:demo"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    label: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    advanced: bool = False,
+    unit: str = "",
+) -> Any:
+    """A job field: its metadata feeds TOML, ``--help``, GUI tooltips and spin-box ranges, and validation."""
+    meta = {"help": help, "label": label, "min": min, "max": max, "choices": choices, "advanced": advanced, "unit": unit}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSection:
+    path: str = option(
+        BUILTIN_DEMO_MODEL,
+        "Base model: a single-file checkpoint (.safetensors/.ckpt), a diffusers folder, or a Hugging Face id "
+        f"already in the local cache. '{BUILTIN_DEMO_MODEL}' is a tiny random model for trying the app.",
+        label="Base model",
+    )
+    family: str = option(
+        "auto", "Model family. 'auto' detects it from the weights.", choices=("auto", "sd1", "sd2", "sdxl"), advanced=True
+    )
+    prediction_type: str = option(
+        "auto",
+        "What the model predicts. 'auto' reads it from the model; SD2-768 models use v_prediction.",
+        choices=("auto", "epsilon", "v_prediction"),
+        advanced=True,
+    )
+    vae: str = option("", "Optional separate VAE file (.safetensors) to use instead of the checkpoint's own.", advanced=True)
+    config_dir: str = option(
+        "",
+        "Optional diffusers config folder for a single-file checkpoint of unusual shape; normally the bundled "
+        "config for the detected family is used.",
+        advanced=True,
+    )
+
+
+@dataclass
+class DatasetSection:
+    path: str = option("", "Folder of images (png/jpg/webp/bmp) with same-name .txt captions.", label="Image folder")
+    caption_extension: str = option(".txt", "File extension of caption files.", advanced=True)
+    trigger_word: str = option(
+        "", "Word that calls up your concept; prepended to every caption and used when a caption is missing."
+    )
+    repeats: dict = option(
+        {},
+        "Repeats per sub-folder, e.g. {faces = 3}. Folders named like '10_name' use that number unless set here.",
+        advanced=True,
+    )
+    default_repeats: int = option(1, "How often each image is seen per epoch.", min=1, max=1000)
+    shuffle_tags: bool = option(False, "Shuffle comma-separated caption tags each time an image is used.", advanced=True)
+    keep_tokens: int = option(0, "With tag shuffling: keep the first N tags in place.", min=0, max=100, advanced=True)
+    caption_dropout: float = option(
+        0.0, "Fraction of steps that train with an empty caption.", min=0.0, max=1.0, advanced=True
+    )
+    resolution: int = option(512, "Training resolution in pixels (SD1: 512, SD2-768: 768, SDXL: 1024).", min=64, max=4096, unit="px")
+    buckets: bool = option(True, "Group images by aspect ratio instead of cropping them square.")
+    bucket_step: int = option(64, "Bucket sizes are multiples of this many pixels.", min=8, max=256, advanced=True, unit="px")
+    random_flip: bool = option(False, "Mirror images at random (do not use for text or asymmetric subjects).")
+
+
+@dataclass
+class LoraSection:
+    rank: int = option(16, "LoRA rank (dim): capacity of the LoRA; 4–32 suits most styles and characters.", min=1, max=1024)
+    alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / rank.", min=0.0001, max=4096)
+    dropout: float = option(0.0, "Dropout on the LoRA path.", min=0.0, max=0.99, advanced=True)
+    targets: str = option(
+        "kohya-default",
+        "Which layers get a LoRA: 'attention' (q/k/v/out), 'kohya-default' (attention, projections and "
+        "feed-forward), '+conv' (also the ResNet convolutions: LoCon).",
+        choices=("attention", "kohya-default", "+conv"),
+    )
+    conv_rank: int = option(0, "Rank of convolution LoRAs with '+conv'; 0 uses the LoRA rank.", min=0, max=1024, advanced=True)
+    conv_alpha: float = option(0.0, "Alpha of convolution LoRAs with '+conv'; 0 uses the LoRA alpha.", min=0.0, max=4096, advanced=True)
+    dora: bool = option(False, "Weight-decomposed LoRA (DoRA): often better quality, slower steps.", advanced=True)
+    train_text_encoder: bool = option(False, "Also train LoRAs on the text encoder(s).")
+    text_encoder_lr: float = option(5e-5, "Learning rate of the text-encoder LoRAs.", min=0.0, max=1.0, advanced=True)
+
+
+@dataclass
+class TrainingSection:
+    steps: int = option(1000, "Optimizer steps to train.", min=1, max=1_000_000)
+    epochs: int = option(0, "If above 0, train this many passes over the data instead of 'steps'.", min=0, max=100_000, advanced=True)
+    batch_size: int = option(1, "Images per step.", min=1, max=512)
+    gradient_accumulation: int = option(1, "Steps whose gradients are summed before the optimizer steps.", min=1, max=1024, advanced=True)
+    lr: float = option(1e-4, "Learning rate of the UNet LoRA (Prodigy: use 1.0).", min=0.0, max=10.0, label="Learning rate")
+    optimizer: str = option(
+        "adamw",
+        "Optimizer. 'adamw8bit' needs bitsandbytes and a CUDA GPU; 'prodigy' finds its own step size (set lr 1.0).",
+        choices=("adamw", "adamw8bit", "prodigy", "adafactor"),
+    )
+    scheduler: str = option("constant", "Learning-rate schedule after warm-up.", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = option(0, "Steps over which the learning rate ramps up from zero.", min=0, max=1_000_000, advanced=True)
+    mixed_precision: str = option(
+        "auto", "Compute precision. 'auto' picks bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU.",
+        choices=("auto", "no", "fp16", "bf16"), advanced=True,
+    )
+    gradient_checkpointing: bool = option(False, "Trade ~30 % speed for much less GPU memory.")
+    seed: int = option(42, "Random seed: the same seed and job give the same LoRA.", min=0, max=2**32 - 1)
+    noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).", min=0.0, max=1.0, advanced=True)
+    min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 turns it off.", min=0.0, max=100.0, advanced=True)
+    max_grad_norm: float = option(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1000.0, advanced=True)
+    device: str = option("auto", "Where to train. 'auto' uses a GPU when there is one.", choices=("auto", "cpu", "cuda", "mps"), advanced=True)
+    cache_latents: bool = option(True, "Encode every image with the VAE once before training instead of every step.", advanced=True)
+    cache_text_embeddings: bool = option(
+        True, "Encode captions once when the text encoder is frozen and captions do not change.", advanced=True
+    )
+    cache_to_disk: bool = option(False, "Keep the caches on disk (reused by later runs) instead of only in memory.", advanced=True)
+    attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
+    channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
+    compile: bool = option(False, "torch.compile the UNet's transformer blocks (slow start, faster steps).", advanced=True)
+    fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
+    dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
+
+
+@dataclass
+class SamplingSection:
+    prompts: list = option(
+        [], "Prompts for preview images; empty uses the first captions of the dataset. '{trigger}' is replaced.",
+    )
+    negative_prompt: str = option("", "Negative prompt for preview images.", advanced=True)
+    every: int = option(100, "Make preview images every N steps; 0 turns previews off.", min=0, max=1_000_000, label="Sample every")
+    steps: int = option(20, "Denoising steps per preview image.", min=1, max=200, advanced=True)
+    guidance: float = option(7.0, "Classifier-free guidance scale for previews.", min=0.0, max=50.0, advanced=True)
+    seed: int = option(1234, "Seed of the preview images (the same for every step, so they are comparable).", min=0, max=2**32 - 1, advanced=True)
+    width: int = option(0, "Preview width; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
+    height: int = option(0, "Preview height; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
+
+
+@dataclass
+class OutputSection:
+    dir: str = option("", "Run folder. An existing non-empty folder is never overwritten: a numbered one is made.", label="Run folder")
+    name: str = option("my-lora", "File name of the LoRA (without .safetensors); also its name in A1111/ComfyUI.")
+    title: str = option("", "Title written into the LoRA's metadata (defaults to the name).", advanced=True)
+    description: str = option("", "Description written into the LoRA's metadata.", advanced=True)
+    save_every: int = option(0, "Save a resumable checkpoint and an intermediate LoRA every N steps; 0 saves only at the end.", min=0, max=1_000_000)
+    keep_last: int = option(3, "How many intermediate checkpoints to keep.", min=1, max=1000, advanced=True)
+    save_dtype: str = option("fp16", "Precision of the exported LoRA.", choices=("fp16", "bf16", "fp32"), advanced=True)
+    save_diffusers: bool = option(False, "Also write a diffusers/PEFT-layout copy (does not load in A1111).", advanced=True)
+
+
+@dataclass
+class Job:
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSection = field(default_factory=ModelSection)
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job) if f.name != "schema_version")
+
+
+# ---------------------------------------------------------------------------------------------------- fields
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """Everything a consumer needs to know about one job field, e.g. ``training.lr``."""
+
+    path: str
+    type: type
+    default: Any
+    help: str
+    label: str
+    min: float | None
+    max: float | None
+    choices: tuple[str, ...] | None
+    advanced: bool
+    unit: str
+
+
+def _section_types() -> dict[str, type]:
+    return {name: tp for name, tp in get_type_hints(Job).items() if name != "schema_version"}
+
+
+def iter_fields() -> Iterator[FieldInfo]:
+    """All job fields in declaration order."""
+    for section, section_type in _section_types().items():
+        hints = get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            meta = f.metadata
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            label = meta.get("label") or f.name.replace("_", " ").capitalize()
+            yield FieldInfo(
+                path=f"{section}.{f.name}", type=get_origin(hints[f.name]) or hints[f.name], default=default,
+                help=meta["help"], label=label, min=meta.get("min"), max=meta.get("max"),
+                choices=meta.get("choices"), advanced=meta.get("advanced", False), unit=meta.get("unit", ""),
+            )
+
+
+def field_info(path: str) -> FieldInfo:
+    for info in iter_fields():
+        if info.path == path:
+            return info
+    raise KeyError(f"unknown job field '{path}'")
+
+
+def get_value(job: Job, path: str) -> Any:
+    section, name = path.split(".", 1)
+    return getattr(getattr(job, section), name)
+
+
+class ConfigError(ValueError):
+    """A job file or override that cannot be read; ``problems`` lists every one at once."""
+
+    def __init__(self, problems: list["Problem"], source: str = "job"):
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job: the field it concerns and what to do about it."""
+
+    field: str
+    message: str
+    severity: str = "error"  # "error" blocks training, "warning" does not
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def coerce(info: FieldInfo, value: Any) -> Any:
+    """Convert a TOML/CLI/GUI value to the field's type, or raise ValueError saying what is expected."""
+    tp = info.type
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected text, got {value!r}")
+    if tp is list:
+        if isinstance(value, str):
+            return [value] if value else []
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"expected a list of text, got {value!r}")
+    if tp is dict:
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(f"expected whole numbers of at least 1, got {k} = {v!r}")
+                out[str(k)] = v
+            return out
+        raise ValueError(f"expected a table like {{folder = 3}}, got {value!r}")
+    raise TypeError(f"unsupported field type {tp}")  # pragma: no cover - a programming error
+
+
+def set_value(job: Job, path: str, value: Any) -> None:
+    """Set ``section.field`` after coercing the value; raises KeyError/ValueError naming the field."""
+    info = field_info(path)
+    section, name = path.split(".", 1)
+    setattr(getattr(job, section), name, coerce(info, value))
+
+
+def parse_cli_value(text: str) -> Any:
+    """Read ``--set key=value`` values as TOML where they parse (numbers, lists, tables), else as text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(job: Job, overrides: dict[str, Any]) -> None:
+    """Apply ``{"training.lr": 1e-4, ...}``; every bad key or value is reported at once."""
+    problems = []
+    known = {info.path for info in iter_fields()}
+    for path, value in overrides.items():
+        if path not in known:
+            problems.append(Problem(path, f"unknown setting{_suggestion(path, known)}"))
+            continue
+        try:
+            set_value(job, path, value)
+        except ValueError as exc:
+            problems.append(Problem(path, str(exc)))
+    if problems:
+        raise ConfigError(problems, "settings")
+
+
+def _suggestion(path: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(path, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else "; see `lora-studio train --help` for the list"
+
+
+# ------------------------------------------------------------------------------------------------------ TOML
+
+# Each entry upgrades a job dict from version N to N+1; the loader applies them in order.
+MIGRATIONS: dict[int, Any] = {}
+
+
+def job_from_dict(data: dict, source: str = "job") -> Job:
+    """Build a Job from a parsed TOML dict; unknown keys and wrong types are errors, reported together."""
+    data = copy.deepcopy(data)
+    problems: list[Problem] = []
+    version = data.pop("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version < 1:
+        raise ConfigError([Problem("schema_version", f"must be a whole number ≥ 1, got {version!r}")], source)
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            [Problem("schema_version", f"this file is version {version}, newer than this LoRA Studio understands "
+                     f"({SCHEMA_VERSION}); update LoRA Studio to open it")], source)
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+    job = Job()
+    known = {info.path for info in iter_fields()}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            problems.append(Problem(section, f"unknown section{_suggestion(section, set(SECTIONS))}"))
+            continue
+        if not isinstance(values, dict):
+            problems.append(Problem(section, "must be a table ([section]) of settings"))
+            continue
+        for key, value in values.items():
+            path = f"{section}.{key}"
+            if path not in known:
+                problems.append(Problem(path, f"unknown setting{_suggestion(path, known)}"))
+                continue
+            try:
+                set_value(job, path, value)
+            except ValueError as exc:
+                problems.append(Problem(path, str(exc)))
+    if problems:
+        raise ConfigError(problems, source)
+    return job
+
+
+def job_to_dict(job: Job) -> dict:
+    out: dict[str, Any] = {"schema_version": job.schema_version}
+    for section in SECTIONS:
+        out[section] = dataclasses.asdict(getattr(job, section))
+    return out
+
+
+def load_job(path: str | os.PathLike) -> Job:
+    """Read a job TOML file; raises ConfigError naming the file and every problem in it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([Problem("job", f"file not found: {path}")], str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("job", f"cannot read {path}: {exc}")], str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem("job", f"not valid TOML ({exc}); check the quotes and brackets there")], str(path)) from None
+    return job_from_dict(data, str(path))
+
+
+def dumps_job(job: Job) -> str:
+    return tomli_w.dumps(job_to_dict(job))
+
+
+def save_job(job: Job, path: str | os.PathLike) -> None:
+    """Write the job as TOML atomically (a crash never leaves half a file under the name)."""
+    from studio.engine.fileio import atomic_write_text
+
+    atomic_write_text(Path(path), dumps_job(job))
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+_NAME_RE = re.compile(r"^[\w.\- ]+$")
+
+
+def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
+    """Every problem with the job at once, each naming the field and what to do."""
+    problems: list[Problem] = []
+    for info in iter_fields():
+        value = get_value(job, info.path)
+        if info.choices and value not in info.choices:
+            problems.append(Problem(info.path, f"'{value}' is not one of: {', '.join(info.choices)}"))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:  # NaN
+                problems.append(Problem(info.path, "must be a number"))
+            elif info.min is not None and value < info.min:
+                problems.append(Problem(info.path, f"must be at least {info.min:g}, got {value:g}"))
+            elif info.max is not None and value > info.max:
+                problems.append(Problem(info.path, f"must be at most {info.max:g}, got {value:g}"))
+
+    d, t, lo, s, o = job.dataset, job.training, job.lora, job.sampling, job.output
+    if d.resolution % 8:
+        problems.append(Problem("dataset.resolution", f"must be a multiple of 8 (e.g. {d.resolution // 8 * 8}), got {d.resolution}"))
+    if d.caption_extension and not d.caption_extension.startswith("."):
+        problems.append(Problem("dataset.caption_extension", f"must start with a dot, e.g. '.{d.caption_extension}'"))
+    for w, name in ((s.width, "sampling.width"), (s.height, "sampling.height")):
+        if w % 8:
+            problems.append(Problem(name, f"must be a multiple of 8 or 0, got {w}"))
+    if not o.name.strip() or not _NAME_RE.match(o.name):
+        problems.append(Problem("output.name", "use letters, digits, spaces, '.', '-' or '_' only (it becomes a file name)"))
+    if t.optimizer == "prodigy" and t.lr < 0.1:
+        problems.append(Problem("training.lr", "Prodigy adapts its own step size; set the learning rate to 1.0", "warning"))
+    if lo.alpha > 4 * lo.rank:
+        problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
+                                 f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
+    if t.mixed_precision == "fp16" and t.device == "cpu":
+        problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
+
+    if check_paths:
+        problems += _validate_paths(job)
+    return problems
+
+
+def _validate_paths(job: Job) -> list[Problem]:
+    problems = []
+    model = job.model.path.strip()
+    if not model:
+        problems.append(Problem("model.path", "choose a base model (a .safetensors/.ckpt file or a diffusers folder)"))
+    elif model != BUILTIN_DEMO_MODEL and not Path(model).expanduser().exists() and not _looks_like_hub_id(model):
+        problems.append(Problem("model.path", f"'{model}' does not exist; pick a checkpoint file or diffusers folder"))
+    if job.model.vae and not Path(job.model.vae).expanduser().is_file():
+        problems.append(Problem("model.vae", f"VAE file '{job.model.vae}' does not exist; clear the field to use the model's own"))
+    if job.model.config_dir and not Path(job.model.config_dir).expanduser().is_dir():
+        problems.append(Problem("model.config_dir", f"'{job.model.config_dir}' is not a folder"))
+    data = job.dataset.path.strip()
+    if not data:
+        problems.append(Problem("dataset.path", "choose the folder with your training images"))
+    elif not Path(data).expanduser().is_dir():
+        problems.append(Problem("dataset.path", f"'{data}' is not a folder; pick the folder that holds the images"))
+    if not job.output.dir.strip():
+        problems.append(Problem("output.dir", "choose where the run folder goes"))
+    else:
+        out = Path(job.output.dir).expanduser()
+        parent = next((p for p in [out, *out.parents] if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problems.append(Problem("output.dir", f"'{parent}' is a file, not a folder"))
+        elif parent is not None and not os.access(parent, os.W_OK):
+            problems.append(Problem("output.dir", f"'{parent}' is not writable; choose a folder you can write to"))
+    return problems
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", text)) and not Path(text).exists()
+
+
+def errors(problems: list[Problem]) -> list[Problem]:
+    return [p for p in problems if p.severity == "error"]

@@ -1,0 +1,93 @@
+"""Shared fixtures: offline by force, user dirs in a temp folder, tiny models of each family, small datasets."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub: any download attempt must fail loudly.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _user_dirs(tmp_path_factory):
+    """Keep the demo model, caches and presets out of the real home folder."""
+    root = tmp_path_factory.mktemp("user")
+    os.environ["LORA_STUDIO_CACHE"] = str(root / "cache")
+    os.environ["LORA_STUDIO_DATA"] = str(root / "data")
+    os.environ["HF_HOME"] = str(root / "hf-home")
+    yield root
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Fail any test that tries to open a network connection (loopback stays allowed for torchrun)."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1", "")) and sock.family != socket.AF_UNIX:
+            raise RuntimeError(f"test tried to reach the network: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+_TINY_CACHE: dict[str, Path] = {}
+
+
+def tiny_model_dir(tmp_path_factory, family: str, prediction_type: str) -> Path:
+    key = f"{family}-{prediction_type}"
+    if key not in _TINY_CACHE:
+        from studio.engine.tiny import save_tiny_model
+
+        _TINY_CACHE[key] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{key}"), family, prediction_type)
+    return _TINY_CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory) -> Path:
+    """A tiny random SD1-architecture diffusers folder (epsilon prediction)."""
+    return tiny_model_dir(tmp_path_factory, "sd1", "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> Path:
+    """A tiny random SD2-architecture diffusers folder with v-prediction."""
+    return tiny_model_dir(tmp_path_factory, "sd2", "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random SDXL-architecture diffusers folder (two text encoders)."""
+    return tiny_model_dir(tmp_path_factory, "sdxl", "epsilon")
+
+
+def make_dataset(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    """Write ``count`` simple coloured-shape images with captions; returns the folder."""
+    from PIL import Image, ImageDraw
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour = colours[i % len(colours)]
+        img = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+        d = ImageDraw.Draw(img)
+        w, h = size
+        d.ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
+        img.save(folder / f"img_{i:02d}.png")
+        (folder / f"img_{i:02d}.txt").write_text(f"a {colour} circle", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
