@@ -91,3 +91,12 @@ def make_dataset(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64),
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Skips hide missing pieces: in CI a skipped test fails the run loudly."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped and os.environ.get("CI") and exitstatus == 0:
+        reporter.write_line(f"FAILED: {skipped} test(s) were skipped; CI must run every test", red=True)
+        session.exitstatus = 1

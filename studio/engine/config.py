@@ -131,10 +131,12 @@ class TrainingSection:
     cache_text_embeddings: bool = option(
         True, "Encode captions once when the text encoder is frozen and captions do not change.", advanced=True
     )
-    cache_to_disk: bool = option(False, "Keep the caches on disk (reused by later runs) instead of only in memory.", advanced=True)
+    cache_to_disk: bool = option(
+        True, "Also keep the caches on disk, so later runs on the same images and model skip the encoding.", advanced=True
+    )
     attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
     channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
-    compile: bool = option(False, "torch.compile the UNet's transformer blocks (slow start, faster steps).", advanced=True)
+    compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
     fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
     dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
 
@@ -453,7 +455,7 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
         problems.append(Problem("output.name", "use letters, digits, spaces, '.', '-' or '_' only (it becomes a file name)"))
     if t.optimizer == "prodigy" and t.lr < 0.1:
         problems.append(Problem("training.lr", "Prodigy adapts its own step size; set the learning rate to 1.0", "warning"))
-    if lo.alpha > 4 * lo.rank:
+    if lo.rank >= 1 and lo.alpha > 4 * lo.rank:
         problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
                                  f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
     if t.mixed_precision == "fp16" and t.device == "cpu":

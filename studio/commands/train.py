@@ -1,0 +1,201 @@
+"""`lora-studio train [JOB.toml] [flags]`: headless training with a progress bar; non-zero exit on failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from studio.engine.config import (
+    ConfigError, Job, apply_overrides, errors, field_info, iter_fields, load_job, parse_cli_value, validate,
+)
+
+# Common knobs get their own flags; everything else is reachable with --set. Help comes from the field.
+FLAGS = {
+    "--model": "model.path",
+    "--data": "dataset.path",
+    "--out": "output.dir",
+    "--name": "output.name",
+    "--trigger": "dataset.trigger_word",
+    "--rank": "lora.rank",
+    "--alpha": "lora.alpha",
+    "--steps": "training.steps",
+    "--resolution": "dataset.resolution",
+    "--batch-size": "training.batch_size",
+    "--lr": "training.lr",
+    "--seed": "training.seed",
+    "--sample-every": "sampling.every",
+    "--save-every": "output.save_every",
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, path in FLAGS.items():
+        info = field_info(path)
+        parser.add_argument(flag, dest=path, default=None, metavar=info.type.__name__.upper(),
+                            help=f"{info.help} [{path}]")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any job field, e.g. --set training.optimizer=prodigy (repeatable; list below)")
+
+
+def settings_epilog() -> str:
+    lines = ["all job fields (for job files and --set):"]
+    for info in iter_fields():
+        extra = f" one of {', '.join(info.choices)};" if info.choices else ""
+        lines.append(f"  {info.path} = {info.default!r}:{extra} {info.help}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train", help="train a LoRA headless", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a LoRA from a job file and/or flags (flags override the file).", epilog=settings_epilog(),
+    )
+    p.add_argument("job", nargs="?", help="job file (.toml) as saved by the app or a previous run")
+    add_job_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    p.add_argument("--estimate", action="store_true", help="print the time/memory estimate and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only the result")
+    return p
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
+    """The job file (or the resumed run's job.toml, or defaults), then flags, then --set; all problems at once."""
+    if args.resume:
+        job = load_job(Path(args.resume) / "job.toml")
+    elif args.job:
+        job = load_job(args.job)
+    else:
+        job = Job()
+    overrides = {path: getattr(args, path) for path in FLAGS.values() if getattr(args, path, None) is not None}
+    bad = []
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            bad.append(item)
+            continue
+        overrides[key.strip()] = parse_cli_value(value.strip())
+    if bad:
+        from studio.engine.config import Problem
+
+        raise ConfigError([Problem("--set", f"'{b}' is not KEY=VALUE, e.g. training.lr=1e-4") for b in bad], "command line")
+    apply_overrides(job, overrides)
+    if not job.output.dir and not args.resume:
+        job.output.dir = str(Path("runs") / job.output.name)
+    return job
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        job = job_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problems = validate(job)
+    for p in problems:
+        print(f"{'error' if p.severity == 'error' else 'warning'}: {p}", file=sys.stderr)
+    if errors(problems):
+        print("Fix the settings above and run again.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.estimate:
+        from studio.engine.estimate import estimate
+
+        print(estimate(job).summary)
+        return EXIT_OK
+    stop = threading.Event()
+    _stop_on_interrupt(stop)
+    from studio.engine.trainer import run_training
+
+    resume = Path(args.resume) if args.resume else None
+    return consume(run_training(job, stop, resume_dir=resume), quiet=args.quiet)
+
+
+def _stop_on_interrupt(stop: threading.Event) -> None:
+    """First Ctrl+C stops at the next step and saves a partial LoRA; a second one exits at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nStopping after this step (Ctrl+C again to quit at once)…", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def consume(events: Iterable, *, quiet: bool = False) -> int:
+    """The CLI's one dispatch over the engine's events: progress bar, messages, exit code."""
+    from tqdm import tqdm
+
+    from studio.engine.events import (
+        CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
+        StepCompleted,
+    )
+
+    main = _is_main_process()
+    show = main and not quiet
+    say = (lambda text: tqdm.write(text, file=sys.stderr)) if show else (lambda text: None)
+    bar = None
+    smoothed = None
+    code = EXIT_FAILED
+    for event in events:
+        match event:
+            case RunStarted(run_dir=run_dir, total_steps=total, family=family, device=device, image_count=n, start_step=start):
+                say(f"Run folder: {run_dir}\n{family.upper()} model, {n} images, {total} steps on {device}")
+                if show:
+                    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            case StatusChanged(phase=phase, message=message):
+                if bar is not None:
+                    bar.set_description(phase)
+                elif phase != "Training":
+                    say(f"{phase}… {message}".rstrip())
+            case StepCompleted(step=step, loss=loss, lr=lr):
+                smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
+            case SampleReady(path=path):
+                say(f"sample: {path}")
+            case CheckpointSaved(step=step, lora_path=lora_path):
+                say(f"checkpoint at step {step}" + (f": {lora_path}" if lora_path else ""))
+            case LogMessage(level=level, message=message):
+                say(f"{level}: {message}")
+            case RunFinished(lora_path=lora_path, steps=steps, elapsed_s=elapsed):
+                _close(bar)
+                if main:
+                    print(f"Done: {steps} steps in {elapsed:.0f} s. LoRA: {lora_path}")
+                code = EXIT_OK
+            case RunFailed(message=message, log_path=log_path, lora_path=lora_path):
+                _close(bar)
+                print(f"error: {message}", file=sys.stderr)
+                if lora_path:
+                    print(f"last good LoRA: {lora_path}", file=sys.stderr)
+                if log_path:
+                    print(f"details: {log_path}", file=sys.stderr)
+                code = EXIT_FAILED
+            case RunCancelled(step=step, lora_path=lora_path, run_dir=run_dir):
+                _close(bar)
+                print(f"Stopped at step {step}." + (f" Partial LoRA: {lora_path}" if lora_path else "")
+                      + (f" Resume with: lora-studio train --resume {run_dir}" if run_dir and lora_path else ""),
+                      file=sys.stderr)
+                code = EXIT_CANCELLED
+            case _:
+                logging.getLogger(__name__).warning("unhandled event %r", event)
+    return code
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()

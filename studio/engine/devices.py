@@ -1,0 +1,46 @@
+"""Which device trains, in which precision, described for people ("NVIDIA H100, 79.2 GB")."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def resolve_precision(requested: str, cpu: bool) -> str:
+    """accelerate's mixed_precision value for the job's choice ('auto' → bf16/fp16 on GPUs, fp32 on the CPU)."""
+    if requested != "auto":
+        return requested
+    if cpu:
+        return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp16"  # Apple MPS
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def describe_device(device: torch.device | str | None = None) -> str:
+    device = torch.device(device) if device is not None else pick_device()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {format_bytes(props.total_memory)}"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({os.cpu_count()} threads)"

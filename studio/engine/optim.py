@@ -1,0 +1,52 @@
+"""The optimizers a job can choose, each with the options that make it behave for LoRA training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from studio.engine.config import Job
+
+
+class OptimizerUnavailable(RuntimeError):
+    """The chosen optimizer cannot run here; the message names the alternative."""
+
+
+def param_groups(params: dict[str, list[torch.nn.Parameter]], job: Job) -> list[dict[str, Any]]:
+    groups = []
+    for component, ps in params.items():
+        if not ps:
+            continue
+        lr = job.training.lr if component == "unet" else job.lora.text_encoder_lr
+        groups.append({"params": ps, "lr": lr, "name": component})
+    return groups
+
+
+def make_optimizer(params: dict[str, list[torch.nn.Parameter]], job: Job, device: torch.device) -> torch.optim.Optimizer:
+    t = job.training
+    groups = param_groups(params, job)
+    if t.optimizer == "adamw":
+        # fused/foreach kernels update all LoRA tensors in a few launches instead of one per tensor.
+        fast = {"fused": True} if t.fused_optimizer and device.type == "cuda" else {"foreach": t.fused_optimizer}
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, **fast)
+    if t.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise OptimizerUnavailable("8-bit AdamW needs an NVIDIA GPU; choose 'adamw' for training.optimizer")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise OptimizerUnavailable(
+                "8-bit AdamW needs the bitsandbytes package (pip install bitsandbytes); or choose 'adamw'"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    if t.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=t.lr, weight_decay=1e-2, safeguard_warmup=t.warmup_steps > 0, use_bias_correction=True)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate: Adafactor's relative-step mode ignores the job's lr and schedule.
+        return Adafactor(groups, lr=t.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    raise OptimizerUnavailable(f"unknown optimizer '{t.optimizer}'")
