@@ -1,0 +1,458 @@
+"""Dataset doctor: an 'every bad and awkward case' folder, built by code, scans to exactly the expected report."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.engine.dataset import (
+    DatasetError,
+    DatasetImageError,
+    ScanCancelled,
+    clear_scan_cache,
+    folder_repeats,
+    load_image,
+    plan_buckets,
+    prepare_image,
+    scan_dataset,
+    set_max_image_pixels,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_dataset  # noqa: E402
+
+CAN_SYMLINK = os.name != "nt"
+
+
+# ------------------------------------------------------------------------------------------ fixture builder
+
+
+def _png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _noise(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width×height pixels but holds almost no data (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def build_awkward_dataset(root: Path) -> Path:
+    """Write a dataset folder with every bad and awkward case the doctor knows; returns ``root``.
+
+    Usable images (each gets a caption unless the case is about captions): good.png, cmyk.jpg, palette.png,
+    gray_alpha.png, sixteen.png, transparent.png, opaque_rgba.png, rotated.jpg, gray.jpg, tiny.png,
+    jpeg_named.png, animated.png, photo.bmp, UPPER.PNG, mixed_case.png, ünïcödé 画像.webp, the caption cases,
+    10_faces/face.png, 10_faces/close/close.png, 2024_trip/trip.png, plain/p.jpg.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+
+    def image(name: str, data: bytes, caption: str | bytes | None = "auto") -> None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        if caption == "auto":
+            caption = f"{Path(name).stem.replace('_', ' ')}, test image"
+        if caption is not None:
+            cap = path.with_suffix(".txt")
+            cap.write_bytes(caption if isinstance(caption, bytes) else caption.encode("utf-8"))
+
+    good = _png_bytes(_noise((96, 64), 1))
+    image("good.png", good, "a red square, simple")
+    image("good_copy.png", good, "a different caption")  # exact copy: skipped
+    image("cmyk.jpg", _jpeg_bytes(Image.new("CMYK", (80, 80), (0, 255, 255, 0))))
+    pal = Image.new("P", (64, 64), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    for x in range(32):
+        for y in range(64):
+            pal.putpixel((x, y), 0)  # left half: the transparent index
+    image("palette.png", _png_bytes(pal, transparency=0))
+    la = Image.new("LA", (64, 64), (50, 255))
+    la.paste((50, 0), (0, 0, 32, 64))
+    image("gray_alpha.png", _png_bytes(la))
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    image("sixteen.png", _png_bytes(Image.fromarray(ramp)))
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    rgba.paste((0, 255, 0, 0), (0, 0, 32, 32))
+    image("transparent.png", _png_bytes(rgba))
+    image("opaque_rgba.png", _png_bytes(Image.new("RGBA", (64, 64), (0, 0, 255, 255))))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image("rotated.jpg", _jpeg_bytes(_noise((128, 80), 2), exif=exif))
+    image("gray.jpg", _jpeg_bytes(Image.new("L", (64, 64), 90)))
+    image("tiny.png", _png_bytes(_noise((16, 16), 3)))
+    image("jpeg_named.png", _jpeg_bytes(_noise((64, 64), 4)))
+    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    image("animated.png", _png_bytes(frames[0], save_all=True, append_images=frames[1:]))
+    bmp = io.BytesIO()
+    _noise((64, 72), 5).save(bmp, "BMP")
+    image("photo.bmp", bmp.getvalue())
+    image("UPPER.PNG", _png_bytes(_noise((64, 64), 6)))
+    image("mixed_case.png", _png_bytes(_noise((64, 64), 7)), caption=None)
+    (root / "mixed_case.TXT").write_text("caption with an upper-case extension", encoding="utf-8")
+    webp = io.BytesIO()
+    _noise((64, 64), 8).save(webp, "WEBP", lossless=True)
+    image("ünïcödé 画像.webp", webp.getvalue(), "unicode name")
+
+    # Captions.
+    image("no_caption.png", _png_bytes(_noise((64, 64), 9)), caption=None)
+    image("empty_caption.png", _png_bytes(_noise((64, 64), 10)), caption="  \n ")
+    image("latin1.png", _png_bytes(_noise((64, 64), 11)), caption="café, crème".encode("cp1252"))
+    image("utf16.png", _png_bytes(_noise((64, 64), 12)), caption="naïve, utf sixteen".encode("utf-16"))
+    image("multiline.png", _png_bytes(_noise((64, 64), 13)), caption="tag one\ntag two\n\n")
+    image("bom.png", _png_bytes(_noise((64, 64), 14)), caption="\ufeffbom caption".encode("utf-8"))
+
+    # Bad files: reported and skipped.
+    image("empty.png", b"", caption=None)
+    jpeg = _jpeg_bytes(_noise((128, 128), 15))
+    image("truncated.jpg", jpeg[: len(jpeg) // 2], caption=None)
+    png = _png_bytes(_noise((128, 128), 16))
+    image("truncated.png", png[: len(png) * 2 // 3], caption=None)
+    image("text.png", b"this is not an image, just some text\n" * 4, caption=None)
+    image("bomb.png", _bomb_png(20_000, 20_000), caption=None)
+    gif = io.BytesIO()
+    Image.new("P", (8, 8)).save(gif, "GIF")
+    image("clip.gif", gif.getvalue(), caption=None)
+
+    # Sub-folders: kohya names, a nested folder, a number that is not a repeat count, a plain name.
+    image("10_faces/face.png", _png_bytes(_noise((64, 64), 17)))
+    image("10_faces/close/close.png", _png_bytes(_noise((64, 96), 18)))
+    image("2024_trip/trip.png", _png_bytes(_noise((64, 64), 19)))
+    image("plain/p.jpg", _jpeg_bytes(_noise((64, 64), 20)))
+
+    # Ignored silently: non-image files, hidden files and folders, tool litter.
+    (root / "notes.json").write_text("{}", encoding="utf-8")
+    (root / "readme.md").write_text("hello", encoding="utf-8")
+    (root / "orphan.txt").write_text("a caption without an image", encoding="utf-8")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / ".hidden.png").write_bytes(good)
+    (root / ".thumbs").mkdir()
+    (root / ".thumbs" / "x.png").write_bytes(good)
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._good.png").write_bytes(b"\x00\x05\x16\x07")
+
+    if CAN_SYMLINK:
+        os.symlink(root, root / "plain" / "loop", target_is_directory=True)  # a loop back to the root
+        os.symlink(root / "missing.png", root / "broken.png")
+    return root
+
+
+# Every issue the awkward folder must produce: (file, severity, words in the problem, words in the action).
+EXPECTED_ISSUES = [
+    ("2024_trip", "warning", "starts with 2024", "repeated 1×"),
+    ("animated.png", "info", "Animated", "first frame"),
+    ("bomb.png", "error", "Too large: 400.0 million pixels, above the safety limit of 179.0 million", "skipped"),
+    ("clip.gif", "error", "GIF file", "skipped"),
+    ("cmyk.jpg", "info", "CMYK", "converted from CMYK"),
+    ("empty.png", "error", "Empty file (0 bytes)", "skipped"),
+    ("empty_caption.png", "warning", "Caption file 'empty_caption.txt' is empty", "used with caption 'ohwx'"),
+    ("good_copy.png", "warning", "Exact copy of 'good.png'", "skipped"),
+    ("gray.jpg", "info", "Grayscale", "converted to RGB"),
+    ("gray_alpha.png", "info", "Grayscale image with transparent areas", "filled with white"),
+    ("jpeg_named.png", "info", "JPEG file with the extension '.png'", "read as JPEG"),
+    ("latin1.png", "warning", "not UTF-8; read as Windows-1252", "used with caption 'ohwx, café, crème'"),
+    ("multiline.png", "info", "has 2 lines", "used with caption 'ohwx, tag one, tag two'"),
+    ("no_caption.png", "warning", "No caption file ('no_caption.txt')", "used with caption 'ohwx'"),
+    ("palette.png", "info", "Palette image with transparent areas", "filled with white"),
+    ("rotated.jpg", "info", "EXIF orientation tag (6)", "turned upright"),
+    ("sixteen.png", "info", "16-bit", "converted to 8-bit"),
+    ("text.png", "error", "Not a PNG image: it is a text file", "skipped"),
+    ("tiny.png", "warning", "Only 16×16 px, smaller than 64 px", "blurry"),
+    ("transparent.png", "info", "Has transparent areas", "filled with white"),
+    ("truncated.jpg", "error", "Truncated or damaged", "skipped"),
+    ("truncated.png", "error", "Truncated or damaged", "skipped"),
+    ("utf16.png", "info", "is UTF-16", "used with caption 'ohwx, naïve, utf sixteen'"),
+]
+if CAN_SYMLINK:
+    EXPECTED_ISSUES += [
+        ("broken.png", "error", "Link to a file that does not exist", "skipped"),
+        ("plain/loop", "info", "already scanned ('.')", "not scanned twice"),
+    ]
+
+EXPECTED_ITEMS = {
+    # file: (folder, repeats, (width, height), caption, caption_source)
+    "10_faces/close/close.png": ("10_faces/close", 10, (64, 96), "close, test image", "file"),
+    "10_faces/face.png": ("10_faces", 10, (64, 64), "face, test image", "file"),
+    "2024_trip/trip.png": ("2024_trip", 1, (64, 64), "trip, test image", "file"),
+    "animated.png": ("", 1, (64, 64), "animated, test image", "file"),
+    "bom.png": ("", 1, (64, 64), "bom caption", "file"),
+    "cmyk.jpg": ("", 1, (80, 80), "cmyk, test image", "file"),
+    "empty_caption.png": ("", 1, (64, 64), "", "empty"),
+    "good.png": ("", 1, (96, 64), "a red square, simple", "file"),
+    "gray.jpg": ("", 1, (64, 64), "gray, test image", "file"),
+    "gray_alpha.png": ("", 1, (64, 64), "gray alpha, test image", "file"),
+    "jpeg_named.png": ("", 1, (64, 64), "jpeg named, test image", "file"),
+    "latin1.png": ("", 1, (64, 64), "café, crème", "fallback-encoding"),
+    "mixed_case.png": ("", 1, (64, 64), "caption with an upper-case extension", "file"),
+    "multiline.png": ("", 1, (64, 64), "tag one, tag two", "file"),
+    "no_caption.png": ("", 1, (64, 64), "", "missing"),
+    "opaque_rgba.png": ("", 1, (64, 64), "opaque rgba, test image", "file"),
+    "palette.png": ("", 1, (64, 64), "palette, test image", "file"),
+    "photo.bmp": ("", 1, (64, 72), "photo, test image", "file"),
+    "plain/p.jpg": ("plain", 1, (64, 64), "p, test image", "file"),
+    "rotated.jpg": ("", 1, (80, 128), "rotated, test image", "file"),
+    "sixteen.png": ("", 1, (64, 64), "sixteen, test image", "file"),
+    "tiny.png": ("", 1, (16, 16), "tiny, test image", "file"),
+    "transparent.png": ("", 1, (64, 64), "transparent, test image", "file"),
+    "UPPER.PNG": ("", 1, (64, 64), "UPPER, test image", "file"),
+    "utf16.png": ("", 1, (64, 64), "naïve, utf sixteen", "file"),
+    "ünïcödé 画像.webp": ("", 1, (64, 64), "unicode name", "file"),
+}
+# notes.json, readme.md, orphan.txt, .DS_Store, .hidden.png, .thumbs/, __MACOSX/
+EXPECTED_IGNORED = 7
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> Path:
+    return build_awkward_dataset(tmp_path_factory.mktemp("awkward") / "data")
+
+
+@pytest.fixture(scope="module")
+def awkward_report(awkward):
+    clear_scan_cache()
+    return scan_dataset(awkward, trigger_word="ohwx")
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def test_awkward_folder_items_are_exactly_the_usable_images(awkward_report, awkward):
+    got = {item.image_path.relative_to(awkward).as_posix(): item for item in awkward_report.items}
+    assert set(got) == set(EXPECTED_ITEMS)
+    for rel, (folder, repeats, wh, caption, source) in EXPECTED_ITEMS.items():
+        item = got[rel]
+        assert (item.folder, item.repeats, (item.width, item.height), item.caption, item.caption_source) == (
+            folder, repeats, wh, caption, source), rel
+        assert len(item.sha256) == 64 and item.size == item.image_path.stat().st_size
+        assert item.mtime_ns == item.image_path.stat().st_mtime_ns
+    assert awkward_report.usable == len(EXPECTED_ITEMS)
+    assert awkward_report.images_per_epoch == len(EXPECTED_ITEMS) + 2 * 9  # two images in 10_faces
+    assert awkward_report.ignored == EXPECTED_IGNORED
+
+
+def test_awkward_folder_reports_every_issue_exactly(awkward_report):
+    got = [(i.file, i.severity) for i in awkward_report.issues]
+    assert sorted(got) == sorted((f, s) for f, s, _, _ in EXPECTED_ISSUES), "\n".join(map(str, awkward_report.issues))
+    by_file = {i.file: i for i in awkward_report.issues}
+    for file, severity, problem, action in EXPECTED_ISSUES:
+        issue = by_file[file]
+        assert problem in issue.problem, issue
+        assert action in issue.action, issue
+        assert issue.problem[0].isupper() or issue.problem[0].isdigit(), issue  # reads as a sentence
+    assert all(i.action.startswith("skipped") for i in awkward_report.issues if i.severity == "error")
+
+
+def test_scan_is_sorted_and_deterministic(awkward, awkward_report):
+    rels = [item.image_path.relative_to(awkward).as_posix() for item in awkward_report.items]
+    assert rels[:3] == ["10_faces/close/close.png", "10_faces/face.png", "2024_trip/trip.png"]
+    clear_scan_cache()
+    serial = scan_dataset(awkward, trigger_word="ohwx", workers=1)
+    cached = scan_dataset(awkward, trigger_word="ohwx")
+    for other in (serial, cached):
+        assert other.items == awkward_report.items
+        assert other.issues == awkward_report.issues
+        assert other.to_json() == awkward_report.to_json()
+
+
+def test_every_scanned_item_loads_and_prepares_for_its_bucket(awkward_report):
+    buckets = plan_buckets(awkward_report.items, 128, 32, True)
+    for item, bucket in zip(awkward_report.items, buckets):
+        img = load_image(item.image_path)
+        assert img.mode == "RGB"
+        assert img.size == (item.width, item.height), item.image_path.name
+        tensor, _, original = prepare_image(img, bucket, flip=True)
+        assert tensor.shape == (3, bucket[1], bucket[0]) and original == (item.height, item.width)
+        assert -1 <= tensor.min() and tensor.max() <= 1
+
+
+def test_every_error_file_fails_to_load_with_a_dataset_image_error(awkward_report, awkward):
+    for issue in awkward_report.issues:
+        if issue.severity == "error" and issue.file.endswith((".png", ".jpg")):
+            with pytest.raises(DatasetImageError):
+                load_image(awkward / issue.file)
+
+
+def test_to_json_is_serialisable_and_complete(awkward_report):
+    data = json.loads(json.dumps(awkward_report.to_json(), ensure_ascii=False))
+    assert set(data) >= {"root", "usable", "ignored", "images", "problems", "tag_frequency"}
+    assert data["usable"] == len(data["images"]) == len(EXPECTED_ITEMS)
+    assert {p["file"] for p in data["problems"]} == {f for f, *_ in EXPECTED_ISSUES}
+    assert set(data["problems"][0]) == {"file", "problem", "severity", "action"}
+    assert data["images"][0]["file"] == "10_faces/close/close.png"
+
+
+def test_tag_frequency_is_per_folder_in_kohya_format(awkward_report):
+    freq = awkward_report.tag_frequency()
+    assert freq["10_faces"] == {"ohwx": 1, "face": 1, "test image": 1}
+    assert freq["10_faces/close"] == {"ohwx": 1, "close": 1, "test image": 1}
+    assert freq["1_plain"] == {"ohwx": 1, "p": 1, "test image": 1}
+    root = freq[f"1_{awkward_report.root.name}"]
+    assert root["ohwx"] == sum(1 for i in awkward_report.items if i.folder == "")
+    assert root["café"] == 1 and root["tag one"] == 1
+
+
+def test_summary_line(awkward_report):
+    assert awkward_report.summary().startswith(f"{len(EXPECTED_ITEMS)} images usable (")
+    assert "skipped" in awkward_report.summary()
+
+
+# ----------------------------------------------------------------------------------------- smaller behaviours
+
+
+def test_missing_captions_are_info_when_no_image_has_one(tmp_path):
+    for i in range(2):
+        _noise((64, 64), i).save(tmp_path / f"{i}.png")
+    report = scan_dataset(tmp_path, trigger_word="sks")
+    assert [(i.severity, i.action) for i in report.issues] == [("info", "used with caption 'sks'")] * 2
+    report = scan_dataset(tmp_path)
+    assert {i.action for i in report.issues} == {"used with an empty caption"}
+
+
+def test_pixel_limit_is_configurable(tiny_dataset):
+    report = scan_dataset(tiny_dataset, max_pixels=64 * 64 - 1)
+    assert report.usable == 0
+    assert all("Too large" in i.problem for i in report.issues if i.file != ".")
+    assert report.issues[0].file == "." and report.issues[0].severity == "error"  # folder-level issues first
+    assert scan_dataset(tiny_dataset, max_pixels=64 * 64).usable == 4
+    from studio.engine import images
+
+    old = images.MAX_IMAGE_PIXELS
+    try:
+        set_max_image_pixels(100)
+        assert Image.MAX_IMAGE_PIXELS == 100
+        assert scan_dataset(tiny_dataset).usable == 0
+    finally:
+        set_max_image_pixels(old)
+    assert scan_dataset(tiny_dataset).usable == 4
+    with pytest.raises(DatasetImageError, match="Too large"):
+        load_image(tiny_dataset / "img_00.png", max_pixels=100)
+
+
+def test_empty_folder_says_there_is_nothing_to_train_on(tmp_path):
+    report = scan_dataset(tmp_path)
+    assert report.usable == 0 and report.ignored == 0
+    assert [(i.file, i.severity, i.action) for i in report.issues] == [(".", "error", "nothing to train on")]
+
+
+def test_bad_dataset_paths_raise_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(DatasetError, match="not a folder"):
+        scan_dataset(tmp_path / "f.png")
+
+
+def test_repeats_from_dict_win_over_folder_names_then_default(tmp_path):
+    make_dataset(tmp_path / "5_cats", 1, seed=1)
+    make_dataset(tmp_path / "dogs", 1, seed=2)
+    make_dataset(tmp_path / "birds", 1, seed=3)
+    make_dataset(tmp_path / "birds" / "small", 1, seed=4)
+    make_dataset(tmp_path, 1, seed=5)
+    report = scan_dataset(tmp_path, repeats={"5_cats": 2, "dogs": 7, "ghost": 3}, default_repeats=4)
+    got = {i.folder: i.repeats for i in report.items}
+    assert got == {"": 4, "5_cats": 2, "dogs": 7, "birds": 4, "birds/small": 4}
+    assert [(i.file, i.severity) for i in report.issues] == [("ghost", "warning")]
+    by_name = {i.folder: i.repeats for i in scan_dataset(tmp_path).items}
+    assert by_name["5_cats"] == 5  # by its kohya name when the dict does not say
+
+
+def test_folder_repeats_rules():
+    assert folder_repeats("", {}, 3) == (3, None)
+    assert folder_repeats("10_a", {}, 1) == (10, None)
+    assert folder_repeats("10_a/b", {}, 1) == (10, None)  # inherited from the enclosing kohya folder
+    assert folder_repeats("10_a/2_b", {}, 1) == (2, None)  # innermost wins
+    assert folder_repeats("10_a/b", {"b": 3}, 1) == (3, None)  # by folder name
+    assert folder_repeats("10_a/b", {"10_a/b": 4, "b": 3}, 1) == (4, None)  # by relative path first
+    assert folder_repeats("10_a/b", {"10_a": 6}, 1) == (6, None)  # the dict beats kohya names at any level
+    n, warning = folder_repeats("0_a", {}, 2)
+    assert n == 2 and "does not look like a repeat count" in warning
+    n, warning = folder_repeats("a", {"a": 0}, 2)
+    assert n == 2 and "whole number" in warning
+    assert folder_repeats("a_10", {}, 1) == (1, None)  # not kohya style; we never demand it either
+    assert folder_repeats("", {".": 3}, 1) == (3, None)  # the root by "." (or "")
+    assert folder_repeats("a", {"a": 2.0}, 1) == (2, None)  # TOML may give a float
+
+
+def test_progress_and_stop(tmp_path):
+    make_dataset(tmp_path, 6)
+    calls = []
+    scan_dataset(tmp_path, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 6) and calls[-1] == (6, 6)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ScanCancelled):
+        scan_dataset(tmp_path, stop=stop)
+    with pytest.raises(ScanCancelled):
+        scan_dataset(tmp_path, stop=stop, workers=1)
+
+
+def test_cache_notices_a_changed_file(tmp_path):
+    make_dataset(tmp_path, 2)
+    first = scan_dataset(tmp_path)
+    (tmp_path / "img_01.png").write_bytes(b"")
+    second = scan_dataset(tmp_path)
+    assert first.usable == 2 and second.usable == 1
+    assert [i.problem for i in second.issues] == ["Empty file (0 bytes)"]
+
+
+@pytest.mark.skipif(not CAN_SYMLINK, reason="symlinks need privileges on Windows")
+def test_linked_folders_are_scanned_once(tmp_path):
+    make_dataset(tmp_path / "real", 2)
+    os.symlink(tmp_path / "real", tmp_path / "alias", target_is_directory=True)
+    os.symlink(tmp_path, tmp_path / "real" / "up", target_is_directory=True)
+    report = scan_dataset(tmp_path)
+    assert {i.folder for i in report.items} == {"real"}  # the real folder wins over the link to it
+    assert [(i.file, i.severity, i.problem) for i in report.issues] == [
+        ("alias", "info", "Link to a folder that is already scanned ('real')"),
+        ("real/up", "info", "Link to a folder that is already scanned ('.')"),
+    ]
+
+
+def test_scan_speed_500_small_images(tmp_path):
+    """Scanning must stay fast; the measured time is printed (pytest -s) for the report."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for i in range(500):
+        arr = base.copy()
+        arr[0, 0] = (i % 256, i // 256, 7)  # every file different, so none is a duplicate
+        Image.fromarray(arr).save(tmp_path / f"{i:04d}.png", compress_level=1)
+        (tmp_path / f"{i:04d}.txt").write_text(f"image {i}", encoding="utf-8")
+    clear_scan_cache()
+    t0 = time.perf_counter()
+    report = scan_dataset(tmp_path)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scan_dataset(tmp_path)
+    warm = time.perf_counter() - t0
+    print(f"\nscan of 500 64×64 PNGs: {cold * 1000:.0f} ms cold, {warm * 1000:.0f} ms cached")
+    assert report.usable == 500 and not report.issues
+    assert cold < 15 and warm < cold
