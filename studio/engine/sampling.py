@@ -85,6 +85,14 @@ def sample_file_name(step: int, index: int) -> str:
 # ------------------------------------------------------------------------------------------- Try & Export
 
 
+def native_resolution(bundle: ModelBundle) -> int:
+    """The size the model was trained at: the VAE config records it (tiny test models are 64 px)."""
+    size = getattr(bundle.vae.config, "sample_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else bundle.family.native_resolution
+
+
 def _adapter_name(lora_path: Path) -> str:
     st = lora_path.stat()
     return "try_" + hashlib.sha1(f"{lora_path.resolve()}:{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()[:10]
@@ -108,9 +116,8 @@ def generate(
     LoRA files are loaded once per bundle (diffusers' loader, i.e. the same path other tools take) and switched
     on or off per call, so comparing base and LoRA does not reload anything.
     """
-    size = bundle.family.native_resolution if bundle.source and "demo" not in bundle.source else None
-    width = width or size or 512
-    height = height or size or 512
+    width = width or native_resolution(bundle)
+    height = height or native_resolution(bundle)
     pipe = bundle.pipeline()
     loaded: dict[str, str] = bundle.extra.setdefault("try_adapters", {})
     if lora_path is None:
