@@ -1,0 +1,626 @@
+"""LoRA files: trained adapters → kohya/A1111/ComfyUI keys with metadata and hashes; the diffusers layout; reading."""
+
+# Key layout (checked against each consumer's loader, see FACTS.md "Which LoRA file format travels"):
+#
+# * SD1.x / SD2.x UNet: ``lora_unet_<diffusers module path, '.' → '_'>``, e.g.
+#   ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``. This is what kohya's sd-scripts
+#   itself writes for SD1/SD2 (it trains the diffusers UNet there). A1111 converts these names to its LDM
+#   modules (``convert_diffusers_name_to_compvis``), ComfyUI maps them through ``unet_to_diffusers``, and
+#   diffusers' SD1 loader expects them (it does not remap LDM block numbers for SD1/SD2).
+# * SDXL UNet: ``lora_unet_<LDM/SGM module path>``, e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``.
+#   kohya trains SDXL on the SGM UNet, so every SDXL LoRA in the wild uses these names: A1111 applies them
+#   directly, ComfyUI maps them from the model's own keys, and diffusers' SDXL loader renumbers them with
+#   ``_maybe_map_sgm_blocks_to_diffusers`` (given the UNet config). The diffusers-path variant is *not* safe
+#   for SDXL: A1111's converter assumes SD1's layout for up-samplers (``output_blocks_2_1_conv``), which is
+#   wrong for SDXL, whose first up block has attentions (``output_blocks_2_2_conv``).
+# * Text encoders: ``lora_te_`` (SD1/SD2) or ``lora_te1_``/``lora_te2_`` (SDXL) followed by
+#   ``text_model_encoder_layers_N_…``. transformers ≥ 5.6 dropped ``text_model.`` from CLIPTextModel's module
+#   names (CLIPTextModelWithProjection kept it); every consumer expects the segment, so it is normalised here.
+# * ``.alpha`` is the alpha the module was trained with (conv alpha for LoCon convolutions): every consumer
+#   scales by ``alpha / rank`` exactly like peft's ``lora_alpha / r``.
+#
+# DoRA is refused in this layout. peft's DoRA normalises each *output* row of ``W + ΔW``. diffusers drops
+# ``dora_scale`` keys with a warning (the LoRA then loads as plain LoRA), A1111 only implements LyCORIS'
+# per-input-column decomposition, and ComfyUI's output-axis branch divides by ``‖W‖`` instead of
+# ``‖W + ΔW‖`` (Comfy-Org/ComfyUI PR #15458, open). No ``dora_scale`` we could write reproduces the
+# trained model in all of them, so a DoRA LoRA is only written in the diffusers/PEFT layout
+# (``export_diffusers_lora``), which diffusers applies faithfully.
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from studio.engine.families import Family, get_family
+from studio.engine.fileio import atomic_write_with
+from studio.engine.lora import ADAPTER_NAME, components, lora_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from studio.engine.checkpoint import ModelBundle
+    from studio.engine.config import Job
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NETWORK_MODULE = "networks.lora"  # kohya's LoRA module: LoCon convs are networks.lora with conv_dim too
+
+
+class LoraExportError(RuntimeError):
+    """The trained adapters cannot be written in the requested layout; the message says what to do."""
+
+
+class LoraFileError(ValueError):
+    """A file that cannot be read as a LoRA; the message says what the file is."""
+
+
+class NotALoraError(LoraFileError):
+    """A readable safetensors file that holds something other than a LoRA."""
+
+
+# ------------------------------------------------------------------------------------------------ key names
+
+
+def _resnet_ldm(rest: list[str]) -> list[str]:
+    mapping = {"conv1": ["in_layers", "2"], "conv2": ["out_layers", "3"], "time_emb_proj": ["emb_layers", "1"],
+               "conv_shortcut": ["skip_connection"]}
+    if not rest or rest[0] not in mapping:
+        raise ValueError(f"no LDM name for resnet part {'.'.join(rest)}")
+    return mapping[rest[0]] + rest[1:]
+
+
+def _layers_per_block(unet_config: Any) -> int:
+    layers = unet_config.layers_per_block if hasattr(unet_config, "layers_per_block") else unet_config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise ValueError("UNets with a different number of layers per block have no standard LDM names")
+    return layers
+
+
+def ldm_unet_path(path: str, unet_config: Any) -> str:
+    """A diffusers UNet module path in the original (LDM/SGM) layout, e.g. ``input_blocks.4.1.proj_in``."""
+    per = _layers_per_block(unet_config)
+    get = (lambda k: getattr(unet_config, k)) if hasattr(unet_config, "layers_per_block") else unet_config.__getitem__
+    p = path.split(".")
+    if p[0] == "down_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "resnets":
+            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "0", *_resnet_ldm(rest)])
+        if kind == "attentions":
+            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "1", *rest])
+        if kind == "downsamplers" and rest == ["conv"]:
+            return f"input_blocks.{(i + 1) * (per + 1)}.0.op"
+    elif p[0] == "mid_block":
+        kind, j, rest = p[1], int(p[2]), p[3:]
+        if kind == "resnets":
+            return ".".join(["middle_block", "0" if j == 0 else "2", *_resnet_ldm(rest)])
+        if kind == "attentions":
+            return ".".join(["middle_block", "1", *rest])
+    elif p[0] == "up_blocks":
+        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+        if kind == "resnets":
+            return ".".join(["output_blocks", str(i * (per + 1) + j), "0", *_resnet_ldm(rest)])
+        if kind == "attentions":
+            return ".".join(["output_blocks", str(i * (per + 1) + j), "1", *rest])
+        if kind == "upsamplers" and rest == ["conv"]:
+            has_attention = "CrossAttn" in get("up_block_types")[i]
+            return f"output_blocks.{i * (per + 1) + per}.{2 if has_attention else 1}.conv"
+    raise ValueError(f"no LDM name for UNet module '{path}'")
+
+
+def kohya_module_name(family: Family | str, component: str, module_path: str, unet_config: Any = None) -> str:
+    """The kohya LoRA name (key without ``.lora_down.weight`` etc.) of one adapted module."""
+    family = family if isinstance(family, Family) else get_family(family)
+    if component == "unet":
+        if family.is_sdxl:
+            if unet_config is None:
+                raise ValueError("SDXL UNet names need the UNet config (for the LDM block numbers)")
+            module_path = ldm_unet_path(module_path, unet_config)
+        return "lora_unet_" + module_path.replace(".", "_")
+    index = {"text_encoder": 0, "text_encoder_2": 1}.get(component)
+    if index is None or index >= len(family.kohya_te_prefixes):
+        raise ValueError(f"{family.label} has no text encoder component '{component}'")
+    path = module_path.removeprefix("text_model.")
+    return f"{family.kohya_te_prefixes[index]}_text_model_{path.replace('.', '_')}"
+
+
+def kohya_module_names(bundle: "ModelBundle") -> dict[str, list[str]]:
+    """Per component, the kohya names of every module that carries the LoRA (module order)."""
+    return {
+        key: [kohya_module_name(bundle.family, key, name, bundle.unet.config) for name in lora_layers(model)]
+        for key, model in components(bundle).items() if lora_layers(model)
+    }
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def kohya_export_problem(source: Any) -> str | None:
+    """Why a LoRA cannot be written in kohya layout, or None; ``source`` is a ModelBundle or a job's LoraSection.
+
+    Lets validation and the trainer say so before training rather than at export.
+    """
+    if hasattr(source, "dora") and not hasattr(source, "unet"):
+        dora = bool(source.dora)
+    else:
+        dora = any(layer.use_dora.get(ADAPTER_NAME, False)
+                   for model in components(source).values() for layer in lora_layers(model).values())
+    if dora:
+        return ("DoRA LoRAs cannot be written in the A1111/ComfyUI (kohya) layout: those tools apply DoRA's "
+                "magnitude differently from how it was trained, and diffusers ignores it. Export the "
+                "diffusers/PEFT layout instead (output.save_diffusers), or train without DoRA for a file "
+                "that works everywhere.")
+    return None
+
+
+def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The trained adapters in kohya layout: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+    problem = kohya_export_problem(bundle)
+    if problem:
+        raise LoraExportError(problem)
+    out: dict[str, torch.Tensor] = {}
+    for key, model in components(bundle).items():
+        for path, layer in lora_layers(model).items():
+            name = kohya_module_name(bundle.family, key, path, bundle.unet.config)
+            if getattr(layer, "use_rslora", {}).get(ADAPTER_NAME, False):
+                raise LoraExportError("rank-stabilised LoRA (scale alpha/√rank) has no kohya equivalent")
+            down = layer.lora_A[ADAPTER_NAME].weight
+            up = layer.lora_B[ADAPTER_NAME].weight
+            out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+            # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
+            out[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)
+    if not out:
+        raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
+    return out
+
+
+def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float, weight_shape: torch.Size | tuple) -> torch.Tensor:
+    """The weight change a consumer applies for one kohya module at strength 1: ``up @ down * alpha / rank``."""
+    rank = down.shape[0]
+    delta = up.float().flatten(1) @ down.float().flatten(1)
+    return (delta * (alpha / rank)).reshape(weight_shape)
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+def _resolution_pair(resolution: int | tuple[int, int] | list[int] | None, family: Family) -> tuple[int, int]:
+    if resolution is None:
+        return family.native_resolution, family.native_resolution
+    if isinstance(resolution, int):
+        return resolution, resolution
+    w, h = resolution
+    return int(w), int(h)
+
+
+def _timestamp(value: float | _dt.datetime | None) -> float:
+    if value is None:
+        return _dt.datetime.now().timestamp()
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    return float(value)
+
+
+def _str_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def build_metadata(
+    *,
+    job: "Job",
+    family: Family | str,
+    prediction_type: str,
+    steps: int,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    resolution: int | tuple[int, int] | None = None,
+    title: str | None = None,
+    description: str | None = None,
+    trigger_words: list[str] | str | None = None,
+    training_started: float | _dt.datetime | None = None,
+    training_finished: float | _dt.datetime | None = None,
+    num_train_images: int | None = None,
+    network_dim: int | None = None,
+    network_alpha: float | None = None,
+) -> dict[str, str]:
+    """kohya ``ss_*`` and Stability ``modelspec.*`` metadata; every value is a string."""
+    from studio import __version__
+
+    family = family if isinstance(family, Family) else get_family(family)
+    lo, tr, ds, out = job.lora, job.training, job.dataset, job.output
+    w, h = _resolution_pair(resolution if resolution is not None else ds.resolution, family)
+    started = _timestamp(training_started)
+    finished = _timestamp(training_finished)
+    if trigger_words is None:
+        trigger_words = [ds.trigger_word] if ds.trigger_word.strip() else []
+    elif isinstance(trigger_words, str):
+        trigger_words = [trigger_words] if trigger_words.strip() else []
+    title = title or out.title or out.name
+    description = description if description is not None else out.description
+    network_args: dict[str, str] = {}
+    if lo.targets == "+conv":
+        # kohya's spelling of a LoCon: networks.lora with conv_dim/conv_alpha (values are strings there too).
+        network_args = {"conv_dim": str(lo.conv_rank or lo.rank), "conv_alpha": _str_value(float(lo.conv_alpha or lo.alpha))}
+    if lo.dora:
+        network_args["dora_wd"] = "True"
+    model_name = Path(job.model.path).name if job.model.path else ""
+
+    meta: dict[str, Any] = {
+        # kohya sd-scripts (read by A1111's Lora tab, ComfyUI's LoRA info nodes, Civitai)
+        "ss_output_name": out.name,
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": network_dim if network_dim is not None else lo.rank,
+        "ss_network_alpha": float(network_alpha if network_alpha is not None else lo.alpha),
+        "ss_network_dropout": float(lo.dropout),
+        "ss_base_model_version": family.base_model_version(prediction_type),
+        # A1111 lists a LoRA under SD2 only when this is exactly "True".
+        "ss_v2": "True" if family.name == "sd2" else "False",
+        "ss_sd_model_name": model_name,
+        "ss_resolution": f"({w}, {h})",
+        "ss_steps": int(steps),
+        "ss_max_train_steps": int(tr.steps),
+        "ss_tag_frequency": tag_frequency or {},
+        "ss_learning_rate": float(tr.lr),
+        "ss_unet_lr": float(tr.lr),
+        "ss_text_encoder_lr": float(lo.text_encoder_lr) if lo.train_text_encoder else 0.0,
+        "ss_network_train_unet_only": "False" if lo.train_text_encoder else "True",
+        "ss_lr_scheduler": tr.scheduler,
+        "ss_lr_warmup_steps": int(tr.warmup_steps),
+        "ss_optimizer": tr.optimizer,
+        "ss_batch_size_per_device": int(tr.batch_size),
+        "ss_gradient_accumulation_steps": int(tr.gradient_accumulation),
+        "ss_total_batch_size": int(tr.batch_size * tr.gradient_accumulation),
+        "ss_mixed_precision": tr.mixed_precision,
+        "ss_gradient_checkpointing": str(bool(tr.gradient_checkpointing)),
+        "ss_seed": int(tr.seed),
+        "ss_noise_offset": float(tr.noise_offset),
+        "ss_min_snr_gamma": float(tr.min_snr_gamma),
+        "ss_max_grad_norm": float(tr.max_grad_norm),
+        "ss_caption_dropout_rate": float(ds.caption_dropout),
+        "ss_shuffle_caption": str(bool(ds.shuffle_tags)),
+        "ss_keep_tokens": int(ds.keep_tokens),
+        "ss_flip_aug": str(bool(ds.random_flip)),
+        "ss_enable_bucket": str(bool(ds.buckets)),
+        "ss_training_started_at": started,
+        "ss_training_finished_at": finished,
+        "ss_training_comment": description or "",
+        # Stability's ModelSpec (modelspec.*), read by ComfyUI, Civitai and A1111's version check
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family.modelspec_architecture(prediction_type, w),
+        # kohya's convention: SGM names for SDXL LoRAs, diffusers names for SD1/SD2 (as written here).
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family.is_sdxl else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.date": _dt.datetime.fromtimestamp(int(started)).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": ", ".join(trigger_words),
+        "modelspec.implementation_version": f"lora-studio/{__version__}",
+    }
+    if network_args:
+        meta["ss_network_args"] = network_args
+    if num_train_images is not None:
+        meta["ss_num_train_images"] = int(num_train_images)
+    if description:
+        meta["modelspec.description"] = description
+    return {k: _str_value(v) for k, v in meta.items()}
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+_LEGACY_WINDOW = slice(0x100000, 0x110000)  # 64 KiB at 1 MiB, as sd-webui-additional-networks reads it
+
+
+def _header_length(data: bytes | memoryview) -> int:
+    return 8 + int.from_bytes(bytes(data[:8]), "little")
+
+
+def safetensors_hashes(data: bytes) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of a whole safetensors file, as A1111/additional-networks compute them.
+
+    The model hash covers only the bytes after the header, so it does not depend on the metadata.
+    """
+    view = memoryview(data)
+    return hashlib.sha256(view[_header_length(view):]).hexdigest(), hashlib.sha256(view[_LEGACY_WINDOW]).hexdigest()[:8]
+
+
+def serialize_with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[bytes | memoryview]:
+    """A safetensors file, as chunks to write in order, whose metadata carries its own sshs hashes."""
+    import secrets
+
+    from safetensors.torch import save
+
+    # Serialise once with random placeholders of the hashes' lengths, then patch them into the header: the
+    # header keeps its size, so no data offset moves, and the tensors are not serialised twice.
+    placeholders = {"sshs_model_hash": secrets.token_hex(32), "sshs_legacy_hash": secrets.token_hex(4)}
+    raw = save(tensors, metadata={**metadata, **placeholders})
+    view = memoryview(raw)
+    end = _header_length(view)
+    if end > _LEGACY_WINDOW.start:
+        # Metadata over 1 MiB: the legacy window would cover the header itself; that hash is optional.
+        del placeholders["sshs_legacy_hash"]
+        raw = save(tensors, metadata={**metadata, **placeholders})
+        view = memoryview(raw)
+        end = _header_length(view)
+    header = bytearray(view[:end])
+    values = {"sshs_model_hash": hashlib.sha256(view[end:]).hexdigest()}
+    if "sshs_legacy_hash" in placeholders:
+        values["sshs_legacy_hash"] = hashlib.sha256(view[_LEGACY_WINDOW]).hexdigest()[:8]
+    for key, value in values.items():
+        needle = f'"{placeholders[key]}"'.encode()
+        at = header.find(needle)
+        if at < 0 or header.find(needle, at + 1) >= 0:  # pragma: no cover - a random token cannot collide
+            raise RuntimeError("could not place the file hash in the safetensors header")
+        header[at:at + len(needle)] = f'"{value}"'.encode()
+    return [bytes(header), view[end:]]
+
+
+def _write_chunks(path: Path, chunks: list[bytes | memoryview]) -> None:
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+
+    atomic_write_with(path, writer)
+
+
+def export_lora(
+    bundle: "ModelBundle",
+    job: "Job",
+    path: Path,
+    *,
+    steps: int,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    dtype: str = "fp16",
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the LoRA in kohya layout with metadata, atomically; returns the path.
+
+    Raises LoraExportError for a DoRA LoRA (see the comment at the top) or a model without LoRA.
+    """
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"unknown save dtype '{dtype}'; choose one of: {', '.join(SAVE_DTYPES)}")
+    tensors = kohya_state_dict(bundle, SAVE_DTYPES[dtype])
+    ranks = collections.Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+    metadata = build_metadata(
+        job=job, family=bundle.family, prediction_type=bundle.prediction_type, steps=steps,
+        tag_frequency=tag_frequency, resolution=job.dataset.resolution,
+        network_dim=ranks.most_common(1)[0][0],
+    )
+    for key, value in (extra_metadata or {}).items():
+        metadata[str(key)] = _str_value(value)
+    path = Path(path)
+    _write_chunks(path, serialize_with_hashes(tensors, metadata))
+    return path
+
+
+def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapters in diffusers' ``save_lora_weights`` layout (``unet.…lora_A.weight``) and its adapter metadata."""
+    from peft.utils import get_peft_model_state_dict
+
+    tensors: dict[str, torch.Tensor] = {}
+    adapter_meta: dict[str, Any] = {}
+    for key, model in components(bundle).items():
+        if not lora_layers(model):
+            continue
+        for name, value in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False).items():
+            if key != "unet" and not name.startswith("text_model."):
+                # The layout older transformers/diffusers and ComfyUI expect; current diffusers strips it
+                # again for the flattened CLIPTextModel.
+                name = "text_model." + name
+            if key != "unet" and name.endswith(".lora_magnitude_vector"):
+                # transformers' load_adapter inserts the adapter name before the last segment, so a bare
+                # `lora_magnitude_vector` key ends up unexpected and the DoRA magnitudes are silently not
+                # loaded; with `.weight` it lands on `lora_magnitude_vector.<adapter>.weight`.
+                name += ".weight"
+            tensors[f"{key}.{name}"] = value.detach().to("cpu").contiguous()
+        config = model.peft_config[ADAPTER_NAME].to_dict()
+        for k, v in config.items():
+            adapter_meta[f"{key}.{k}"] = sorted(v) if isinstance(v, set) else v
+    if not tensors:
+        raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
+    return tensors, adapter_meta
+
+
+def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write the diffusers/PEFT layout (loads with ``load_lora_weights`` in diffusers only), atomically."""
+    from safetensors.torch import save
+
+    tensors, adapter_meta = diffusers_state_dict(bundle)
+    # Same metadata keys as diffusers' own writer, so its loader rebuilds the exact LoraConfig (incl. DoRA).
+    header = {**{k: _str_value(v) for k, v in (metadata or {}).items()}, "format": "pt",
+              "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True, default=str)}
+    path = Path(path)
+    _write_chunks(path, [save(tensors, metadata=header)])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+_KOHYA_WEIGHT = re.compile(r"^(lora_(?:unet|te|te1|te2))_(.+)\.(lora_down|lora_up)\.weight$")
+_PEFT_WEIGHT = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight$")
+_LYCORIS_PARTS = ("hada_w1_a", "lokr_w1", "lokr_w2", "oft_blocks", "oft_diag", "a1.weight", "w_norm", ".diff")
+
+
+def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"'{path}' does not exist or is not a file")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraFileError(f"'{path.name}' is not a .safetensors file; LoRA Studio reads LoRAs only in that format "
+                            "(pickle files such as .pt/.ckpt can run code when opened)")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraFileError(f"'{path.name}' cannot be read as safetensors ({exc}); the file may be damaged "
+                            "or incomplete") from exc
+
+
+def _classify_keys(keys: list[str], name: str) -> str:
+    """'kohya' or 'diffusers'; raises NotALoraError saying what the file looks like otherwise."""
+    if any(_KOHYA_WEIGHT.match(k) for k in keys):
+        return "kohya"
+    if any(_PEFT_WEIGHT.match(k) for k in keys):
+        return "diffusers"
+    if any(k.endswith(("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight")) for k in keys):
+        raise NotALoraError(f"'{name}' holds LoRA weights for a model other than Stable Diffusion 1/2/XL "
+                            "(unknown key names)")
+    if any(k.startswith(("model.diffusion_model.", "conditioner.", "first_stage_model.")) for k in keys):
+        raise NotALoraError(f"'{name}' is a full Stable Diffusion checkpoint, not a LoRA; use it as the base model")
+    if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
+        raise NotALoraError(f"'{name}' is a diffusers model part (UNet/VAE weights), not a LoRA")
+    if any(part in k for k in keys for part in _LYCORIS_PARTS):
+        raise NotALoraError(f"'{name}' is a LyCORIS network (LoHa/LoKr/OFT/…), which LoRA Studio cannot read")
+    if any(k in ("emb_params", "clip_l", "clip_g", "string_to_param") for k in keys):
+        raise NotALoraError(f"'{name}' is a textual-inversion embedding, not a LoRA")
+    raise NotALoraError(f"'{name}' is not a LoRA file: it has no lora_down/lora_up (kohya) or lora_A/lora_B "
+                        "(diffusers) weights")
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a LoRA file; raises LoraFileError/NotALoraError for anything else."""
+    with _open(path) as f:
+        keys = list(f.keys())
+        _classify_keys(keys, Path(path).name)
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in keys}
+    return tensors, metadata
+
+
+def _family_from_metadata(meta: dict[str, str]) -> tuple[str | None, str | None]:
+    version = meta.get("ss_base_model_version", "")
+    arch = meta.get("modelspec.architecture", "")
+    family = None
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        family = "sdxl"
+    elif version.startswith("sd_v2") or meta.get("ss_v2") == "True" or arch.startswith("stable-diffusion-v2"):
+        family = "sd2"
+    elif version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        family = "sd1"
+    prediction = None
+    if meta.get("modelspec.prediction_type") == "v" or version == "sd_v2_v" or "768-v" in arch:
+        prediction = "v_prediction"
+    elif meta.get("modelspec.prediction_type") == "epsilon":
+        prediction = "epsilon"
+    return family, prediction
+
+
+def _family_from_keys(shapes: dict[str, tuple[int, ...]], layout: str) -> str | None:
+    keys = list(shapes)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys) or any(
+        re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in keys
+    ):
+        return "sdxl"
+    # The cross-attention input width tells the text encoder: CLIP-L 768 (SD1), OpenCLIP-H 1024 (SD2), 2048 (SDXL).
+    down = "lora_down" if layout == "kohya" else "lora_A"
+    widths = {shape[1] for k, shape in shapes.items()
+              if re.search(r"attn2[._]to_k[._]", k) and f"{down}.weight" in k and len(shape) >= 2}
+    for width, family in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
+        if width in widths:
+            return family
+    te_widths = {shape[1] for k, shape in shapes.items()
+                 if re.search(r"self_attn[._]q_proj[._]", k) and f"{down}.weight" in k and len(shape) >= 2}
+    if 1024 in te_widths:
+        return "sd2"
+    if 768 in te_widths:
+        return "sd1"
+    return None
+
+
+def describe_lora(path: Path) -> dict[str, Any]:
+    """What a LoRA file is: layout, network type, rank/alpha, modules per component, family, metadata.
+
+    Reads only the header and the scalar alphas, so it is fast on large files.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        keys = list(f.keys())
+        layout = _classify_keys(keys, path.name)
+        metadata = dict(f.metadata() or {})
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        dtypes = collections.Counter(str(f.get_slice(k).get_dtype()) for k in keys if not k.endswith(".alpha"))
+        alphas = {k[: -len(".alpha")]: float(f.get_tensor(k).float().item()) for k in keys if k.endswith(".alpha")}
+
+    modules: dict[str, dict[str, Any]] = {}
+    dora = False
+    for key, shape in shapes.items():
+        m = _KOHYA_WEIGHT.match(key) if layout == "kohya" else _PEFT_WEIGHT.match(key)
+        if m:
+            prefix, rest, part = m.groups()
+            module = f"{prefix}_{rest}" if layout == "kohya" else f"{prefix}.{rest}"
+            entry = modules.setdefault(module, {"component": prefix})
+            if part in ("lora_down", "lora_A"):
+                entry["rank"] = shape[0]
+                # k x k convolutions are LoCon's; 1x1 convs (SD1's proj_in/out) count as plain LoRA like kohya.
+                entry["spatial"] = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        elif key.endswith(("dora_scale", "lora_magnitude_vector")):
+            dora = True
+
+    component_names = {"lora_unet": "unet", "unet": "unet", "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2",
+                       "text_encoder": "te", "text_encoder_2": "te2"}
+    family_meta, prediction = _family_from_metadata(metadata)
+    family = family_meta or _family_from_keys(shapes, layout)
+    counts: dict[str, int] = collections.Counter()
+    for entry in modules.values():
+        name = component_names[entry["component"]]
+        if family == "sdxl" and name == "te":
+            name = "te1"  # diffusers calls SDXL's first text encoder plain text_encoder
+        counts[name] += 1
+
+    linear = [e for e in modules.values() if not e.get("spatial")]
+    spatial = [e for e in modules.values() if e.get("spatial")]
+    ranks = collections.Counter(e["rank"] for e in linear if "rank" in e)
+    conv_ranks = collections.Counter(e["rank"] for e in spatial if "rank" in e)
+    alpha_values: collections.Counter = collections.Counter()
+    conv_alpha_values: collections.Counter = collections.Counter()
+    if layout == "kohya":
+        for module, entry in modules.items():
+            if module in alphas:
+                (conv_alpha_values if entry.get("spatial") else alpha_values)[alphas[module]] += 1
+    else:
+        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+        if "unet.lora_alpha" in adapter:
+            alpha_values[float(adapter["unet.lora_alpha"])] += 1
+            patterns = adapter.get("unet.alpha_pattern") or {}
+            for value in patterns.values():
+                conv_alpha_values[float(value)] += 1
+        dora = dora or bool(adapter.get("unet.use_dora"))
+
+    rank = ranks.most_common(1)[0][0] if ranks else (conv_ranks.most_common(1)[0][0] if conv_ranks else None)
+    alpha = alpha_values.most_common(1)[0][0] if alpha_values else None
+    if alpha is None and layout == "kohya" and rank is not None and not alphas:
+        alpha = float(rank)  # kohya's convention for files without .alpha: no scaling
+    network_type = "dora" if dora else ("locon" if spatial else "lora")
+    info: dict[str, Any] = {
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "layout": layout,
+        "network_type": network_type,
+        "rank": rank,
+        "alpha": alpha,
+        "ranks": sorted(set(ranks) | set(conv_ranks)),
+        "module_count": len(modules),
+        "modules": dict(sorted(counts.items(), key=lambda kv: ["unet", "te", "te1", "te2"].index(kv[0]))),
+        "family": family,
+        "family_source": "metadata" if family_meta else ("keys" if family else None),
+        "prediction_type": prediction,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "title": metadata.get("modelspec.title") or metadata.get("ss_output_name"),
+        "trigger_phrase": metadata.get("modelspec.trigger_phrase") or None,
+        "steps": int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None,
+        "resolution": metadata.get("modelspec.resolution"),
+        "metadata": metadata,
+    }
+    if spatial:
+        info["conv_rank"] = conv_ranks.most_common(1)[0][0] if conv_ranks else None
+        info["conv_alpha"] = conv_alpha_values.most_common(1)[0][0] if conv_alpha_values else alpha
+    return info
