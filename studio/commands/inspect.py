@@ -1,0 +1,162 @@
+"""`lora-studio inspect PATH [--json]`: what a checkpoint, LoRA file or dataset folder is, in words or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+DTYPE_LABELS = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "inspect", help="describe a checkpoint, a LoRA file or a dataset folder",
+        description="Describe a base model (family, prediction type, parameters, hashes), a LoRA file (rank, alpha, "
+                    "modules, base family) or a dataset folder (usable images, problems). Nothing is executed "
+                    "from the file and nothing is downloaded.",
+    )
+    p.add_argument("path", help="a .safetensors/.ckpt file, a diffusers folder, a cached hub id, or an image folder")
+    p.add_argument("--json", action="store_true", help="print the full description as JSON")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256/A1111 hashes (they read the whole file)")
+    p.add_argument("--load", action="store_true", help="also load the model for real and report the load time")
+    return p
+
+
+def format_bytes(n: float | None) -> str:
+    from studio.engine.devices import format_bytes as _format
+
+    return "—" if n is None else _format(n)
+
+
+def run(args: argparse.Namespace) -> int:
+    from studio.engine.checkpoint import ModelLoadError, inspect_path
+
+    try:
+        info = inspect_path(args.path, hashes=not args.no_hash, load=args.load)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # the dataset scanner and LoRA reader have their own errors; all are for people
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    else:
+        print(describe(info))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ words
+
+
+def format_params(n: int | None) -> str:
+    if not n:
+        return "—"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def _rows(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows if v not in (None, ""))
+
+
+def describe(info: dict[str, Any]) -> str:
+    kind = info.get("kind")
+    if kind == "lora":
+        return _describe_lora(info)
+    if kind == "dataset":
+        return _describe_dataset(info)
+    return _describe_checkpoint(info)
+
+
+def _describe_checkpoint(info: dict[str, Any]) -> str:
+    what = {"checkpoint": "model", "vae": "VAE", "embedding": "textual-inversion embedding"}.get(info.get("kind"), "file")
+    rows: list[tuple[str, Any]] = [("Kind", f"{info.get('architecture') or what} ({info.get('format_label', '')})")]
+    if info.get("family"):
+        rows.append(("Family", info.get("family_label") or info["family"]))
+    if info.get("prediction_type"):
+        source = info.get("prediction_source")
+        rows.append(("Predicts", info["prediction_type"] + (f" (from {source})" if source else "")))
+    if info.get("native_resolution"):
+        rows.append(("Resolution", f"{info['native_resolution']} px"))
+    rows.append(("Size", format_bytes(info.get("size_bytes"))))
+    if info.get("dtype"):
+        rows.append(("Precision", DTYPE_LABELS.get(info["dtype"], info["dtype"])))
+    components = info.get("components") or {}
+    if components:
+        parts = [f"{COMPONENT_LABELS.get(c, c)} {format_params(v['parameters'])}" for c, v in components.items()]
+        rows.append(("Parameters", f"{format_params(info.get('parameters'))} in all: " + " · ".join(parts)))
+    extras = []
+    if info.get("has_ema"):
+        extras.append("also holds EMA weights (training uses the regular ones)")
+    if info.get("kind") == "checkpoint" and info.get("has_vae") is False:
+        extras.append("no VAE inside")
+    if info.get("zero_terminal_snr"):
+        extras.append("zero terminal SNR")
+    if extras:
+        rows.append(("Notes", "; ".join(extras + list(info.get("notes") or []))))
+    elif info.get("notes"):
+        rows.append(("Notes", "; ".join(info["notes"])))
+    if info.get("sha256"):
+        rows.append(("SHA-256", info["sha256"]))
+        rows.append(("A1111 hash", f"{info['a1111_shorthash']} (legacy: {info['a1111_legacy_hash']})"))
+    rows.append(("Read in", format_seconds(info.get("read_time_s"))))
+    if info.get("load_time_s") is not None:
+        rows.append(("Loaded in", f"{format_seconds(info['load_time_s'])} (fp32, CPU; peak memory "
+                                  f"{format_bytes(info.get('peak_rss_bytes'))})"))
+    verdict = "ready to train on" if info.get("usable") else f"cannot be trained on: {info.get('problem')}"
+    rows.append(("Status", verdict))
+    return f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
+
+
+def _describe_lora(info: dict[str, Any]) -> str:
+    family = info.get("family")
+    rows: list[tuple[str, Any]] = [
+        ("Kind", f"LoRA ({info.get('network_type', 'lora')}, {info.get('layout', '?')} layout)"),
+        ("For", {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}.get(family, family or "unknown")),
+        ("Rank", info.get("rank")),
+        ("Alpha", f"{info['alpha']:g}" if isinstance(info.get("alpha"), (int, float)) else info.get("alpha")),
+    ]
+    modules = info.get("modules") or {}
+    if modules:
+        labels = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
+        rows.append(("Modules", f"{info.get('module_count')}: " + " · ".join(f"{labels.get(k, k)} {v}" for k, v in modules.items())))
+    rows += [
+        ("Title", info.get("title")),
+        ("Trigger", info.get("trigger_phrase")),
+        ("Steps", info.get("steps")),
+        ("Resolution", info.get("resolution")),
+        ("Precision", DTYPE_LABELS.get(str(info.get("dtype")), info.get("dtype"))),
+        ("Size", format_bytes(info.get("size_bytes"))),
+    ]
+    if info.get("sha256"):
+        rows.append(("SHA-256", info["sha256"]))
+        rows.append(("A1111 hash", info.get("a1111_shorthash")))
+    return f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
+
+
+def _describe_dataset(info: dict[str, Any]) -> str:
+    lines = [f"{info.get('path')}", f"  {info.get('summary') or str(info.get('usable')) + ' images usable'}"]
+    problems = info.get("problems") or []
+    for p in problems[:30]:
+        lines.append(f"  {p.get('severity', 'note')}: {p.get('file')}: {p.get('problem')}")
+    if len(problems) > 30:
+        lines.append(f"  … and {len(problems) - 30} more (use --json for all)")
+    return "\n".join(lines)

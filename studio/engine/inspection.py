@@ -1,0 +1,285 @@
+"""Describe a checkpoint, LoRA file or dataset folder: what it is, family, sizes, hashes (for the CLI and the GUI)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection
+from studio.engine.detect import COMPONENT_PREFIXES, detect
+from studio.engine.families import FAMILIES, family_of_unet_config
+from studio.engine.safe_load import ModelLoadError, cached_file_hashes, open_weights, read_safetensors_header, sniff_format
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+COMPONENT_LABELS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder", "vae": "VAE"}
+_METADATA_VALUE_LIMIT = 2000  # kohya's tag frequencies can be megabytes; a description does not need them
+
+
+def _family_label(family: str | None) -> str | None:
+    return FAMILIES[family].label if family in FAMILIES else None
+
+
+def _trim(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: (v if len(v) <= _METADATA_VALUE_LIMIT else v[:_METADATA_VALUE_LIMIT] + "…") for k, v in metadata.items()}
+
+
+def _components(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Parameters and dominant dtype per component, from names and shapes alone (EMA copies and buffers left out)."""
+    counts: dict[str, int] = collections.Counter()
+    kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for key, shape in shapes.items():
+        dtype = dtypes.get(key, "")
+        if key.startswith("model_ema.") or not (dtype.startswith(("float", "bfloat"))):
+            continue
+        for component, prefixes in COMPONENT_PREFIXES.items():
+            if key.startswith(prefixes):
+                n = 1
+                for d in shape:
+                    n *= d
+                counts[component] += n
+                kinds[component][dtype] += n
+                break
+    return {c: {"parameters": counts[c], "dtype": kinds[c].most_common(1)[0][0]} for c in COMPONENT_PREFIXES if counts[c]}
+
+
+def _dominant_dtype(components: dict[str, dict[str, Any]]) -> str | None:
+    weights: collections.Counter = collections.Counter()
+    for info in components.values():
+        weights[info["dtype"]] += info["parameters"]
+    return weights.most_common(1)[0][0] if weights else None
+
+
+def _file_info(path: Path) -> dict[str, Any]:
+    w = open_weights(path)
+    det = detect(w.shapes, w.metadata, path.name, tensor=w.tensor)
+    components = _components(w.shapes, w.dtypes)
+    problem = det.problem
+    if det.kind == "checkpoint" and not problem and not det.standard_size:
+        problem = ("the layout is Stable Diffusion's but the sizes are unusual: loading needs model.config_dir "
+                   "pointing to this model's diffusers configs")
+    kind = det.kind if det.kind in ("lora", "vae", "embedding") else "checkpoint" if det.kind in ("checkpoint", "other") else "unknown"
+    return {
+        "kind": kind,
+        "path": str(path),
+        "name": path.name,
+        "format": w.format,
+        "format_label": w.format_label,
+        "size_bytes": path.stat().st_size,
+        "architecture": det.architecture,
+        "family": det.family,
+        "family_label": _family_label(det.family),
+        "prediction_type": det.prediction_type,
+        "prediction_source": det.prediction_source or None,
+        "native_resolution": det.native_resolution,
+        "in_channels": det.in_channels,
+        "components": components,
+        "parameters": sum(c["parameters"] for c in components.values()),
+        "dtype": _dominant_dtype(components) or (collections.Counter(w.dtypes.values()).most_common(1)[0][0] if w.dtypes else None),
+        "has_ema": det.has_ema,
+        "has_vae": bool(det.components.get("vae")),
+        "zero_terminal_snr": det.zero_terminal_snr,
+        "tensor_count": len(w.shapes),
+        "usable": det.kind == "checkpoint" and problem is None,
+        "problem": problem,
+        "notes": list(det.notes),
+        "metadata": _trim(w.metadata),
+    }
+
+
+def _component_weights(folder: Path) -> Path | None:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.fp16.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _folder_info(path: Path) -> dict[str, Any]:
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    unet_config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8")) if (path / "unet" / "config.json").is_file() else None
+    problem = None
+    family = None
+    if unet_config is None:
+        problem = f"this is a {index.get('_class_name', 'diffusers')} folder; LoRA Studio trains Stable Diffusion 1.x, 2.x and SDXL"
+    else:
+        family = family_of_unet_config(types.SimpleNamespace(**unet_config), 2 if (path / "text_encoder_2").is_dir() else 1).name
+        if unet_config.get("in_channels", 4) != 4:
+            problem = (f"this is an inpainting or image-editing model (its UNet takes {unet_config['in_channels']} input "
+                       "channels); use the text-to-image version")
+    prediction = "epsilon"
+    try:
+        prediction = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")).get(
+            "prediction_type", "epsilon")
+    except (OSError, ValueError):
+        pass
+    components: dict[str, dict[str, Any]] = {}
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        weights = _component_weights(path / component)
+        if weights is None:
+            continue
+        header = read_safetensors_header(weights)
+        kinds: collections.Counter = collections.Counter()
+        for t in header.tensors.values():
+            if t.dtype.startswith(("float", "bfloat")):
+                n = 1
+                for d in t.shape:
+                    n *= d
+                kinds[t.dtype] += n
+        if kinds:
+            components[component] = {"parameters": sum(kinds.values()), "dtype": kinds.most_common(1)[0][0]}
+    native = None
+    try:
+        # The UNet's latent size times the VAE's downscale: 64 × 8 = 512 for SD1.5, 96 × 8 = 768 for SD2.1-768.
+        vae_config = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        native = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)  # type: ignore[index]
+    except (OSError, ValueError, KeyError, TypeError):
+        native = {"sd1": 512, "sd2": 768 if prediction == "v_prediction" else 512, "sdxl": 1024}.get(family or "")
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "name": path.name,
+        "format": "diffusers",
+        "format_label": "diffusers folder",
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+        "architecture": _family_label(family) or index.get("_class_name"),
+        "family": family,
+        "family_label": _family_label(family),
+        "prediction_type": prediction,
+        "prediction_source": "the folder's scheduler config",
+        "native_resolution": native,
+        "in_channels": unet_config.get("in_channels") if unet_config else None,
+        "components": components,
+        "parameters": sum(c["parameters"] for c in components.values()),
+        "dtype": _dominant_dtype(components),
+        "has_ema": False,
+        "has_vae": (path / "vae").is_dir(),
+        "usable": problem is None,
+        "problem": problem,
+        "notes": [],
+        "metadata": {},
+    }
+
+
+def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    from studio.engine.checkpoint import demo_model_path, hub_snapshot
+
+    text = str(path)
+    if text == BUILTIN_DEMO_MODEL:
+        return demo_model_path(), {"builtin": True}
+    local = Path(text).expanduser()
+    if local.exists():
+        return local, {}
+    snapshot = hub_snapshot(text)
+    if snapshot is not None:
+        return snapshot, {"hub_id": text}
+    raise ModelLoadError(f"'{text}' does not exist (and is not a model in the local Hugging Face cache)")
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, hashes: bool = False, load: bool = False,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Describe a base model (single file, diffusers folder, cached hub id) from its header and configs.
+
+    ``hashes`` adds sha256 and A1111's hashes (reads the whole file once; remembered in the user cache).
+    ``load`` also loads it for real (fp32, CPU) and reports the load time and the peak memory of this process.
+    """
+    started = time.perf_counter()
+    target, extra = _resolve(path)
+    if target.is_dir() and (target / "model_index.json").is_file():
+        info = _folder_info(target)
+    else:
+        if target.is_dir():
+            from studio.engine.checkpoint import _single_file_in
+
+            target = _single_file_in(target)
+        info = _file_info(target)
+    info.update(extra)
+    info["read_time_s"] = time.perf_counter() - started
+    if hashes and target.is_file():
+        if progress:
+            progress("Computing the file's hash")
+        info.update(cached_file_hashes(target))
+    if load:
+        if progress:
+            progress("Loading the model")
+        info.update(measure_load(str(path)))
+    return info
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    try:
+        import resource
+    except ImportError:  # Windows: the working-set peak is the equivalent
+        import psutil
+
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def measure_load(model_path: str) -> dict[str, Any]:
+    """Load the model as training would (fp32, CPU) and report how long it took."""
+    import torch
+
+    from studio.engine.checkpoint import load_model
+
+    bundle = load_model(ModelSection(path=model_path), dtype=torch.float32)
+    result = {"load_time_s": bundle.load_time_s, "load_dtype": "float32", "peak_rss_bytes": peak_rss_bytes(),
+              "loaded_prediction_type": bundle.prediction_type}
+    del bundle
+    return result
+
+
+def _looks_like_dataset(folder: Path) -> bool:
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            return True
+    return False
+
+
+def inspect_path(path: str | os.PathLike, *, hashes: bool = False, load: bool = False) -> dict[str, Any]:
+    """Describe a checkpoint, a LoRA file or a dataset folder; ``result["kind"]`` says which.
+
+    LoRA files are described by studio.engine.export.describe_lora and folders of images by
+    studio.engine.dataset.scan_dataset; everything else goes through inspect_checkpoint.
+    """
+    target, extra = _resolve(path)
+    if target.is_dir():
+        if (target / "model_index.json").is_file() or not _looks_like_dataset(target):
+            return inspect_checkpoint(path, hashes=hashes, load=load)
+        from studio.engine.dataset import scan_dataset
+
+        report = scan_dataset(target)
+        return {"kind": "dataset", "path": str(target), "summary": report.summary(), **report.to_json()}
+    if target.suffix.lower() in IMAGE_SUFFIXES:
+        raise ModelLoadError(f"'{target.name}' is an image; inspect the folder it is in to check a dataset")
+    if sniff_format(target) == "safetensors":
+        header = read_safetensors_header(target)
+        det = detect({k: t.shape for k, t in header.tensors.items()}, header.metadata, target.name)
+        if det.kind == "lora":
+            return _lora_info(target, hashes)
+    info = inspect_checkpoint(path, hashes=hashes, load=load)
+    if info.get("kind") == "lora":
+        return _lora_info(target, hashes)
+    return info
+
+
+def _lora_info(path: Path, hashes: bool) -> dict[str, Any]:
+    from studio.engine.export import LoraFileError, describe_lora
+
+    try:
+        info = describe_lora(path)
+    except LoraFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    info = {**info, "kind": "lora", "name": path.name}
+    if "metadata" in info and isinstance(info["metadata"], dict):
+        info["metadata"] = _trim(info["metadata"])
+    if hashes:
+        info.update(cached_file_hashes(path))
+    return info
