@@ -1,0 +1,105 @@
+"""`lora-studio screenshots DIR`: render every page of the window to DIR/<page>.png after a short demo run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+PAGE_FILES = {"model": "model", "dataset": "dataset", "settings": "settings", "train": "train",
+              "export": "try_and_export"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "screenshots", help="render every page of the window to PNG files",
+        description="Opens the window off-screen with the demo model and images, trains a short demo run with the "
+                    "real engine, tries the result, and saves each page as DIR/<page>.png. Your settings, presets "
+                    "and runs are not touched.")
+    p.add_argument("dir", help="folder for the PNG files (created if missing)")
+    p.add_argument("--theme", choices=("light", "dark"), default="light", help="colour scheme (default light)")
+    p.add_argument("--size", default="1280x820", help="window size in pixels, WIDTHxHEIGHT (default 1280x820)")
+    p.add_argument("--steps", type=int, default=8, help="training steps of the demo run (default 8)")
+    p.add_argument("--no-train", action="store_true", help="skip the demo run (pages show their empty states)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        print(f"--size must look like 1280x820, got {args.size!r}", file=sys.stderr)
+        return 2
+    out = Path(args.dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    # Off-screen unless asked otherwise, and nothing of the user's is read or changed.
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    os.environ["LORA_STUDIO_THEME"] = args.theme
+    from studio.engine.offline import force_offline
+
+    force_offline()
+    with tempfile.TemporaryDirectory(prefix="lora-studio-shots-") as tmp:
+        os.environ["LORA_STUDIO_DATA"] = str(Path(tmp) / "data")
+        return _render(out, Path(tmp), width, height, args.steps, train=not args.no_train)
+
+
+def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bool) -> int:
+    from PySide6.QtCore import QSettings
+
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp / "settings"))
+    from studio.commands.demo import demo_job
+    from studio.ui.app import create_app
+    from studio.ui.main_window import MainWindow
+
+    app = create_app([])
+    window = MainWindow(restore=False)
+    window.resize(width, height)
+    window.show()
+
+    def pump(until: Callable[[], bool], timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            app.processEvents()
+            if until():
+                return True
+            time.sleep(0.01)
+        return until()
+
+    job = demo_job(tmp / "runs" / "demo", steps)
+    job.sampling.steps = 4  # quick previews; the demo model's pictures are noise at any step count
+    window.model.replace(job)
+    page = window.train_page
+    if train:
+        window.start_training()
+        if not pump(lambda: page.run_state in ("finished", "failed") and not window.controller.running, 600):
+            print("the demo run did not finish in 10 minutes; capturing the pages as they are", file=sys.stderr)
+        if page.run_state == "failed":
+            print(f"the demo run failed: {page.banner.text.text()}", file=sys.stderr)
+        export = window.export_page
+        if export.selected_lora() is not None:
+            export.prompt.setText(job.sampling.prompts[0])
+            export.steps.setValue(8)
+            export.generate()
+            pump(lambda: not export.tasks.is_running("generate"), 300)
+    dataset = window.dataset_page
+    pump(lambda: not dataset.scanning and not dataset.tasks.is_running("thumbs"), 60)
+    settings = window.settings_page
+    saved = []
+    for key, name in PAGE_FILES.items():
+        window.go_to(key)
+        if key == "settings":
+            settings.refresh_estimate()
+            pump(lambda: not settings.tasks.is_running("estimate"), 120)
+        pump(lambda: False, 0.3)  # let layouts and repaints settle
+        path = out / f"{name}.png"
+        window.grab().save(str(path))
+        saved.append(path)
+    window.shutdown()
+    window.close()
+    for path in saved:
+        print(path)
+    return 0

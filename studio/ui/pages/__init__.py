@@ -1,0 +1,1 @@
+"""The five steps of the window: Model, Dataset, Settings, Train, Try & Export."""

@@ -1,0 +1,362 @@
+"""Train page: what is missing, Start/Pause/Resume/Stop, progress, the loss curve, previews and the log."""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QPixmap
+from PySide6.QtWidgets import (
+    QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
+)
+
+from studio.engine.events import (
+    CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
+    StepCompleted,
+)
+from studio.ui import theme
+from studio.ui.format import format_duration, format_rate, plural
+from studio.ui.job_model import JobModel
+from studio.ui.pages.base import ATTENTION, DONE, PENDING, RUNNING, Page, card, page_for_field, section_label
+from studio.ui.widgets.banner import Banner
+from studio.ui.widgets.busy import BusyIndicator
+from studio.ui.widgets.gallery import ImageDialog, SampleGallery
+from studio.ui.widgets.loss_plot import LossPlot
+
+class TrainPage(Page):
+    title = "Train"
+    icon_name = "train"
+    purpose = "Start training and watch it learn: the loss should drift down and the previews move towards your images."
+    help_html = (
+        "<p><b>Start</b> (Ctrl+Return) begins a run in a new run folder; nothing earlier is overwritten. "
+        "<b>Pause</b> saves a checkpoint and keeps the model loaded, <b>Resume</b> carries on, <b>Stop</b> (Esc) "
+        "ends the run and keeps a usable LoRA of the steps done so far.</p>"
+        "<p>The <b>loss</b> is noisy by nature; watch the smoothed line. Previews are made with the same prompts "
+        "and seeds every time, so you can compare them step by step. Click one to enlarge it.</p>")
+
+    start_requested = Signal()
+    pause_requested = Signal()
+    resume_requested = Signal()
+    stop_requested = Signal()
+    go_to_page = Signal(str)
+    try_requested = Signal()
+
+    def __init__(self, model: JobModel, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.model = model
+        self.run_state = "idle"  # idle | starting | running | paused | stopping | finished | failed | cancelled
+        self.run_dir: Path | None = None
+        self.lora_path: Path | None = None
+        self.step = 0
+        self.total_steps = 0
+        s = theme.SPACING
+
+        # What is missing / ready.
+        self.checklist_card, cl = card()
+        self.checklist = QLabel()
+        self.checklist.setWordWrap(True)
+        self.checklist.setTextFormat(Qt.RichText)
+        self.checklist.linkActivated.connect(lambda page: self.go_to_page.emit(page))
+        cl.addWidget(self.checklist)
+        self.layout_.addWidget(self.checklist_card)
+
+        # Controls and progress.
+        controls_card, cc = card()
+        buttons = QHBoxLayout()
+        buttons.setSpacing(s)
+        self.start_button = QPushButton(theme.icon("start"), "Start training")
+        self.start_button.setObjectName("primary")
+        self.start_button.setToolTip("Start training (Ctrl+Return)")
+        self.pause_button = QPushButton(theme.icon("pause"), "Pause")
+        self.pause_button.setToolTip("Pause at the next step; the model stays loaded")
+        self.resume_button = QPushButton(theme.icon("start"), "Resume")
+        self.stop_button = QPushButton(theme.icon("stop"), "Stop")
+        self.stop_button.setToolTip("Stop at the next step and keep a LoRA of what was trained (Esc)")
+        self.start_button.clicked.connect(self.start_requested)
+        self.pause_button.clicked.connect(self.pause_requested)
+        self.resume_button.clicked.connect(self.resume_requested)
+        self.stop_button.clicked.connect(self.stop_requested)
+        for b in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
+            buttons.addWidget(b)
+        buttons.addSpacing(2 * s)
+        self.phase = BusyIndicator()
+        buttons.addWidget(self.phase, 1)
+        self.phase_label = QLabel()
+        self.phase_label.setObjectName("muted")
+        buttons.addWidget(self.phase_label)
+        cc.addLayout(buttons)
+        progress_row = QHBoxLayout()
+        progress_row.setSpacing(2 * s)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("not started")
+        self.progress.setTextVisible(True)
+        self.rate_label = QLabel("— it/s")
+        self.eta_label = QLabel("ETA —")
+        self.elapsed_label = QLabel("")
+        for w in (self.rate_label, self.eta_label, self.elapsed_label):
+            w.setObjectName("muted")
+        progress_row.addWidget(self.progress, 1)
+        progress_row.addWidget(self.rate_label)
+        progress_row.addWidget(self.eta_label)
+        progress_row.addWidget(self.elapsed_label)
+        cc.addLayout(progress_row)
+        self.layout_.addWidget(controls_card)
+
+        self.banner = Banner()
+        self.try_button = self.banner.add_action(QPushButton(theme.icon("export"), "Try && export"))
+        self.try_button.clicked.connect(self.try_requested)
+        self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
+        self.folder_button.clicked.connect(self.open_run_folder)
+        self.layout_.addWidget(self.banner)
+
+        # Plot | samples, over the log.
+        vertical = QSplitter(Qt.Vertical)
+        horizontal = QSplitter(Qt.Horizontal)
+        plot_box = QWidget()
+        pl = QVBoxLayout(plot_box)
+        pl.setContentsMargins(0, 0, 0, 0)
+        pl.setSpacing(s // 2)
+        pl.addWidget(section_label("Loss and learning rate"))
+        # Shown (empty) from the start: its first paint is costly and must not fall in the middle of a run.
+        self.loss_plot = LossPlot()
+        pl.addWidget(self.loss_plot, 1)
+        samples_box = QWidget()
+        sl = QVBoxLayout(samples_box)
+        sl.setContentsMargins(0, 0, 0, 0)
+        sl.setSpacing(s // 2)
+        sl.addWidget(section_label("Previews"))
+        self.gallery = SampleGallery()
+        self.gallery.sample_clicked.connect(self.enlarge)
+        sl.addWidget(self.gallery, 1)
+        horizontal.addWidget(plot_box)
+        horizontal.addWidget(samples_box)
+        horizontal.setStretchFactor(0, 3)
+        horizontal.setStretchFactor(1, 2)
+        log_box = QWidget()
+        ll = QVBoxLayout(log_box)
+        ll.setContentsMargins(0, 0, 0, 0)
+        ll.setSpacing(s // 2)
+        ll.addWidget(section_label("Log"))
+        self.log_view = QPlainTextEdit()
+        self.log_view.setReadOnly(True)
+        self.log_view.setObjectName("log")
+        self.log_view.setMaximumBlockCount(5000)
+        self.log_view.setPlaceholderText("What the run is doing, warnings about your images, and errors.")
+        ll.addWidget(self.log_view, 1)
+        vertical.addWidget(horizontal)
+        vertical.addWidget(log_box)
+        vertical.setStretchFactor(0, 4)
+        vertical.setStretchFactor(1, 1)
+        em = theme.em(self)
+        vertical.setSizes([em * 24, em * 6])
+        horizontal.setSizes([em * 30, em * 20])
+        self.layout_.addWidget(vertical, 1)
+
+        model.problems_changed.connect(lambda _: self.refresh())
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def state(self) -> tuple[str, str]:
+        if self.run_state in ("starting", "running", "paused", "stopping"):
+            return RUNNING, self.progress.text()
+        if self.run_state == "finished":
+            return DONE, "Training finished."
+        if self.run_state == "failed":
+            return ATTENTION, "The last run failed; see the Train page."
+        if self.model.errors():
+            return PENDING, "Some things are missing before training can start."
+        return PENDING, "Ready to start."
+
+    @property
+    def busy(self) -> bool:
+        return self.run_state in ("starting", "running", "paused", "stopping")
+
+    def set_run_state(self, state: str) -> None:
+        self.run_state = state
+        self.refresh()
+        self.state_changed.emit()
+
+    def refresh(self) -> None:
+        errors = self.model.errors()
+        busy = self.busy
+        self.start_button.setEnabled(not busy and not errors)
+        self.pause_button.setEnabled(self.run_state == "running")
+        self.resume_button.setEnabled(self.run_state == "paused")
+        self.stop_button.setEnabled(self.run_state in ("starting", "running", "paused"))
+        self.pause_button.setVisible(self.run_state != "paused")
+        self.resume_button.setVisible(self.run_state == "paused")
+        if busy:
+            self.checklist_card.hide()
+            return
+        self.checklist_card.show()
+        if errors:
+            names = {"model": "Model", "dataset": "Dataset", "settings": "Settings"}
+            lines = []
+            for p in errors:
+                page = page_for_field(p.field)
+                label = self.model.field(p.field).label if p.field in {f.path for f in self.model.fields()} else p.field
+                lines.append(f"<li><b>{html.escape(label)}</b>: {html.escape(p.message)} — "
+                             f"<a href='{page}'>go to {names[page]}</a></li>")
+            self.checklist.setText(f"<b>Before training can start:</b><ul style='margin:0'>{''.join(lines)}</ul>")
+        else:
+            j = self.model.job
+            self.checklist.setText(
+                f"<b>Ready to train</b> “{html.escape(j.output.name)}”: {j.training.steps} steps at "
+                f"{j.dataset.resolution} px, rank {j.lora.rank}. Press <b>Start training</b> (Ctrl+Return).")
+
+    # --------------------------------------------------------------------------------------- run events
+
+    def run_starting(self) -> None:
+        self.loss_plot.clear()
+        self.gallery.clear()
+        self.log_view.clear()
+        self.banner.hide()
+        self.run_dir = self.lora_path = None
+        self.step = self.total_steps = 0
+        self._started = time.monotonic()
+        self.progress.setRange(0, 0)  # busy until the first step reports the total
+        self.progress.setFormat("starting…")
+        self.rate_label.setText("— it/s")
+        self.eta_label.setText("ETA —")
+        self.elapsed_label.setText("")
+        self.phase.start("Starting…")
+        self.phase_label.setText("")
+        self.log("info", "Starting the run.")
+        self.set_run_state("starting")
+
+    def on_run_started(self, event: RunStarted) -> None:
+        self.run_dir = Path(event.run_dir)
+        self.total_steps = event.total_steps
+        self.progress.setRange(0, max(event.total_steps, 1))
+        self.progress.setValue(event.start_step)
+        self.progress.setFormat(f"step {event.start_step} / {event.total_steps}")
+        self.log("info", f"Training {plural(event.image_count, 'image')} for {event.total_steps} steps on "
+                         f"{event.device} (run folder {event.run_dir}).")
+        self.set_run_state("running")
+
+    def on_status(self, event: StatusChanged) -> None:
+        text = event.phase + (f" — {event.message}" if event.message else "")
+        if event.progress is not None:
+            text += f" ({event.progress:.0%})"
+        if event.phase.lower() == "paused":
+            self.phase.stop()
+            self.phase_label.setText(text)
+            self.set_run_state("paused")
+        else:
+            if self.run_state == "paused":
+                self.set_run_state("running")
+            if self.run_state != "stopping":
+                self.phase.start(event.phase if event.phase != "Training" else "Training…")
+            self.phase_label.setText(event.message)
+        self.log("info", text)
+
+    def on_step(self, event: StepCompleted) -> None:
+        self.step, self.total_steps = event.step, event.total_steps
+        if self.progress.maximum() != event.total_steps:
+            self.progress.setRange(0, max(event.total_steps, 1))
+        self.progress.setValue(event.step)
+        self.progress.setFormat(f"step {event.step} / {event.total_steps}")
+        self.rate_label.setText(format_rate(event.steps_per_s))
+        self.eta_label.setText(f"ETA {format_duration(event.eta_s)}")
+        self.elapsed_label.setText(f"{format_duration(event.elapsed_s)} so far")
+        self.loss_plot.add_point(event.step, event.loss, event.lr)
+        if self.run_state == "starting":
+            self.set_run_state("running")
+
+    def on_sample(self, event: SampleReady, pixmap: QPixmap | None) -> None:
+        if pixmap is None and event.path and Path(event.path).is_file():
+            pixmap = QPixmap(str(event.path))
+        if pixmap is None or pixmap.isNull():
+            self.log("warning", f"Preview {event.path} could not be shown.")
+            return
+        self.gallery.add_sample(event.step, event.index, event.prompt, pixmap, event.path, event.seed)
+
+    def on_checkpoint(self, event: CheckpointSaved) -> None:
+        if event.lora_path:
+            self.lora_path = Path(event.lora_path)
+        self.log("info", f"Saved a checkpoint at step {event.step}"
+                         + (f" and {Path(event.lora_path).name}" if event.lora_path else "") + ".")
+
+    def on_finished(self, event: RunFinished) -> None:
+        self.run_dir, self.lora_path = Path(event.run_dir), Path(event.lora_path)
+        self.phase.stop()
+        self.phase_label.setText("")
+        self.progress.setRange(0, max(event.steps, 1))
+        self.progress.setValue(event.steps)
+        self.progress.setFormat(f"step {event.steps} / {event.steps} — done")
+        self.eta_label.setText("")
+        self.elapsed_label.setText(f"took {format_duration(event.elapsed_s)}")
+        self.banner.show_message("success", f"Your LoRA is ready: <b>{html.escape(self.lora_path.name)}</b> in "
+                                            f"{html.escape(str(self.run_dir))}. Try it against the base model, then export it.")
+        self.try_button.show()
+        self.folder_button.show()
+        self.log("info", f"Finished: {event.lora_path}")
+        self.set_run_state("finished")
+
+    def on_failed(self, event: RunFailed) -> None:
+        self.phase.stop()
+        self.phase_label.setText("")
+        self.eta_label.setText("")
+        self.progress.setFormat(f"failed at step {self.step}" if self.step else "failed")
+        if self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+        self.run_dir = Path(event.run_dir) if event.run_dir else self.run_dir
+        self.lora_path = Path(event.lora_path) if event.lora_path else self.lora_path
+        extra = (f" The last saved LoRA ({self.lora_path.name}) is still usable." if event.lora_path else "")
+        self.banner.show_message("error", html.escape(event.message) + extra, event.details)
+        self.try_button.setVisible(bool(event.lora_path))
+        self.folder_button.setVisible(self.run_dir is not None)
+        self.log("error", event.message)
+        self.set_run_state("failed")
+
+    def on_cancelled(self, event: RunCancelled) -> None:
+        self.phase.stop()
+        self.phase_label.setText("")
+        self.eta_label.setText("")
+        if self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+        self.progress.setFormat(f"stopped at step {event.step}")
+        self.run_dir = Path(event.run_dir) if event.run_dir else self.run_dir
+        self.lora_path = Path(event.lora_path) if event.lora_path else None
+        if self.lora_path:
+            text = f"Stopped at step {event.step}. The LoRA of the steps done so far is saved as <b>{html.escape(self.lora_path.name)}</b>."
+        else:
+            text = "Stopped before any training step; nothing was saved."
+        self.banner.show_message("info", text)
+        self.try_button.setVisible(bool(self.lora_path))
+        self.folder_button.setVisible(self.run_dir is not None)
+        self.log("info", f"Stopped at step {event.step}.")
+        self.set_run_state("cancelled")
+
+    def on_log(self, event: LogMessage) -> None:
+        self.log(event.level, event.message)
+
+    def stopping(self) -> None:
+        self.phase.start("Stopping at the end of this step…")
+        self.set_run_state("stopping")
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def log(self, level: str, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        prefix = {"warning": "⚠ ", "error": "✖ "}.get(level, "")
+        bar = self.log_view.verticalScrollBar()
+        following = bar.value() >= bar.maximum() - 2
+        self.log_view.appendPlainText(f"{stamp}  {prefix}{message}")
+        if following:
+            # After the layout settles: a banner appearing above shrinks the log, which would hide the last lines.
+            QTimer.singleShot(0, self.log_view, lambda: bar.setValue(bar.maximum()))
+
+    def enlarge(self, pixmap: QPixmap, caption: str) -> None:
+        dialog = ImageDialog(pixmap, caption, self)
+        dialog.setAttribute(Qt.WA_DeleteOnClose)
+        dialog.open()
+
+    def open_run_folder(self) -> None:
+        if self.run_dir:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.run_dir)))

@@ -1,0 +1,1 @@
+"""Reusable widgets: drop zone, busy indicator, banners, field editors, loss plot, image gallery."""

@@ -1,0 +1,175 @@
+"""The real window with the real engine on a tiny model: train, watch, pause/stop, try and export end to end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QFileDialog, QMessageBox
+
+from ui_fakes import drop_paths
+
+pytestmark = pytest.mark.real_engine
+
+RUN_TIMEOUT_MS = 240_000  # CPU-only and shared machines: generous, a normal run takes seconds
+
+
+def set_up_job(window, model: Path, data: Path, out: Path, *, steps: int, sample_every: int) -> None:
+    """Everything through the UI a person would use: drops, spin boxes, a line edit."""
+    window.go_to("model")
+    drop_paths(window.model_page.drop, model)
+    window.go_to("dataset")
+    drop_paths(window.dataset_page.drop, data)
+    window.go_to("settings")
+    s = window.settings_page
+    s.advanced.setChecked(True)
+    s.editor("lora.rank").input.setValue(4)
+    s.editor("lora.alpha").input.setValue(4.0)
+    s.editor("training.steps").input.setValue(steps)
+    s.editor("dataset.resolution").input.setValue(64)
+    s.editor("sampling.every").input.setValue(sample_every)
+    s.editor("sampling.steps").input.setValue(2)
+    s.editor("sampling.prompts").input.setPlainText("a red circle")
+    s.editor("training.cache_to_disk").input.setChecked(False)
+    out_edit = s.editor("output.dir").input
+    out_edit.clear()
+    out_edit.setText(str(out))
+    out_edit.textEdited.emit(str(out))
+    assert window.model.errors() == [], window.model.errors()
+
+
+def wait_until_done(qtbot, window, *states):
+    qtbot.waitUntil(lambda: window.train_page.run_state in states and not window.controller.running,
+                    timeout=RUN_TIMEOUT_MS)
+
+
+def test_train_try_and_export_end_to_end(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
+    window = make_window()  # the real trainer
+    set_up_job(window, tiny_sd1, tiny_dataset, tmp_path / "runs" / "circles", steps=4, sample_every=2)
+    page = window.train_page
+    qtbot.mouseClick(page.start_button, Qt.LeftButton)
+    wait_until_done(qtbot, window, "finished", "failed")
+    assert page.run_state == "finished", page.banner.text.text() + page.banner.details.toPlainText()
+    assert page.loss_plot.point_count == 4
+    assert page.gallery.count >= 1  # step 0 (the base model), 2 and 4
+    assert page.progress.text() == "step 4 / 4 — done"
+
+    export = window.export_page
+    window.go_to("export")
+    final = export.selected_lora()
+    assert final is not None and final.name == "my-lora.safetensors" and final.is_file()
+    qtbot.waitUntil(lambda: export.info is not None, timeout=30_000)
+    assert export.info["rank"] == 4
+
+    # Try it: base and LoRA side by side, same seed, off the GUI thread.
+    export.prompt.setText("a red circle")
+    export.steps.setValue(2)
+    qtbot.mouseClick(export.generate_button, Qt.LeftButton)
+    assert export.generate_busy.active
+    qtbot.waitUntil(lambda: export.lora_panel.pixmap is not None and not export.generate_busy.active,
+                    timeout=RUN_TIMEOUT_MS)
+    assert not export.try_banner.isVisible(), export.try_banner.text.text()
+    assert export.base_panel.pixmap is not None
+
+    # Export for A1111/ComfyUI with the metadata typed here.
+    export.title_edit.setText("Red circles")
+    export.trigger_edit.setText("zzcircle, red")
+    export.description_edit.setPlainText("Draws circles.")
+    target = tmp_path / "export" / "red-circles.safetensors"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    qtbot.mouseClick(export.export_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: export.exported is not None or export.export_banner.kind == "error", timeout=60_000)
+    assert export.exported == target, export.export_banner.text.text()
+    assert window.rail_state("export") == "done"
+
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["modelspec.title"] == "Red circles"
+    assert meta["modelspec.trigger_phrase"] == "zzcircle, red"
+    assert meta["modelspec.description"] == "Draws circles."
+    assert meta["ss_output_name"] == "red-circles"
+
+    # The exported file loads in diffusers as a LoRA, and changes the model.
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, local_files_only=True, safety_checker=None)
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, context).sample
+        pipe.load_lora_weights(str(target), adapter_name="exported")
+        assert pipe.get_list_adapters() == {"unet": ["exported"]}
+        after = pipe.unet(latents, 500, context).sample
+    assert not torch.equal(before, after)
+
+    # The diffusers layout: a folder that load_lora_weights(folder) reads, with the same effect.
+    export.format_buttons["diffusers"].setChecked(True)
+    folder = tmp_path / "export" / "diffusers"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    qtbot.mouseClick(export.export_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not export.tasks.is_running("export"), timeout=60_000)
+    assert export.exported == folder / "pytorch_lora_weights.safetensors", export.export_banner.text.text()
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        pipe.load_lora_weights(str(folder), adapter_name="diffusers")
+        again = pipe.unet(latents, 500, context).sample
+    assert torch.allclose(again, after, atol=1e-3)
+
+    # A merged checkpoint, for tools without LoRA support.
+    export.format_buttons["merged"].setChecked(True)
+    merged = tmp_path / "export" / "merged.safetensors"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(merged), ""))
+    qtbot.mouseClick(export.export_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: not export.tasks.is_running("export"), timeout=120_000)
+    assert export.exported == merged and merged.stat().st_size > 1_000_000, export.export_banner.text.text()
+
+
+def test_pause_resume_and_stop_a_real_run(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
+    window = make_window()
+    set_up_job(window, tiny_sd1, tiny_dataset, tmp_path / "runs" / "long", steps=500, sample_every=0)
+    page = window.train_page
+    window.start_training()
+    qtbot.waitUntil(lambda: page.step >= 1, timeout=RUN_TIMEOUT_MS)
+    qtbot.mouseClick(page.pause_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: page.run_state == "paused", timeout=RUN_TIMEOUT_MS)
+    held = page.step
+    qtbot.wait(300)
+    assert page.step == held and window.controller.running  # the model stays loaded while paused
+    qtbot.mouseClick(page.resume_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: page.step > held, timeout=RUN_TIMEOUT_MS)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    qtbot.mouseClick(page.stop_button, Qt.LeftButton)
+    wait_until_done(qtbot, window, "cancelled", "failed", "finished")
+    assert page.run_state == "cancelled", page.banner.text.text()
+    assert page.lora_path is not None and page.lora_path.is_file()
+    assert window.export_page.selected_lora() == page.lora_path
+
+
+def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path):
+    window = make_window()
+    set_up_job(window, tiny_sd1, tiny_dataset, tmp_path / "runs" / "responsive", steps=4, sample_every=2)
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(tick)
+    timer.start()
+    window.start_training()
+    wait_until_done(qtbot, window, "finished", "failed")
+    timer.stop()
+    assert window.train_page.run_state == "finished", window.train_page.banner.text.text()
+    assert len(gaps) > 50
+    worst = max(gaps)
+    assert worst < 0.2, f"the GUI thread stalled for {worst * 1000:.0f} ms (ticks: {len(gaps)})"
