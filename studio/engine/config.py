@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import dataclasses
 import os
 import re
@@ -323,11 +324,11 @@ def parse_cli_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(job: Job, overrides: dict[str, Any]) -> None:
-    """Apply ``{"training.lr": 1e-4, ...}``; every bad key or value is reported at once."""
+def _set_values(job: Job, values: dict[str, Any]) -> list[Problem]:
+    """Set each ``section.field``; unknown names and bad values come back as problems instead of raising."""
     problems = []
     known = {info.path for info in iter_fields()}
-    for path, value in overrides.items():
+    for path, value in values.items():
         if path not in known:
             problems.append(Problem(path, f"unknown setting{_suggestion(path, known)}"))
             continue
@@ -335,6 +336,12 @@ def apply_overrides(job: Job, overrides: dict[str, Any]) -> None:
             set_value(job, path, value)
         except ValueError as exc:
             problems.append(Problem(path, str(exc)))
+    return problems
+
+
+def apply_overrides(job: Job, overrides: dict[str, Any]) -> None:
+    """Apply ``{"training.lr": 1e-4, ...}``; every bad key or value is reported at once."""
+    problems = _set_values(job, overrides)
     if problems:
         raise ConfigError(problems, "settings")
 
@@ -367,7 +374,6 @@ def job_from_dict(data: dict, source: str = "job") -> Job:
         data = MIGRATIONS[version](data)
         version += 1
     job = Job()
-    known = {info.path for info in iter_fields()}
     for section, values in data.items():
         if section not in SECTIONS:
             problems.append(Problem(section, f"unknown section{_suggestion(section, set(SECTIONS))}"))
@@ -375,15 +381,7 @@ def job_from_dict(data: dict, source: str = "job") -> Job:
         if not isinstance(values, dict):
             problems.append(Problem(section, "must be a table ([section]) of settings"))
             continue
-        for key, value in values.items():
-            path = f"{section}.{key}"
-            if path not in known:
-                problems.append(Problem(path, f"unknown setting{_suggestion(path, known)}"))
-                continue
-            try:
-                set_value(job, path, value)
-            except ValueError as exc:
-                problems.append(Problem(path, str(exc)))
+        problems += _set_values(job, {f"{section}.{key}": value for key, value in values.items()})
     if problems:
         raise ConfigError(problems, source)
     return job
@@ -458,6 +456,9 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if lo.rank >= 1 and lo.alpha > 4 * lo.rank:
         problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
                                  f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
+    if t.compile and getattr(sys, "frozen", False):
+        problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
+                                "(or run LoRA Studio from a Python install to use it)"))
     if t.mixed_precision == "fp16" and t.device == "cpu":
         problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
 

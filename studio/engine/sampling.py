@@ -116,16 +116,15 @@ def generate(
     LoRA files are loaded once per bundle (diffusers' loader, i.e. the same path other tools take) and switched
     on or off per call, so comparing base and LoRA does not reload anything.
     """
-    width = width or native_resolution(bundle)
-    height = height or native_resolution(bundle)
+    size = {"width": width or native_resolution(bundle), "height": height or native_resolution(bundle)}
+    settings = dict(negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, **size)
     pipe = bundle.pipeline()
     loaded: dict[str, str] = bundle.extra.setdefault("try_adapters", {})
     if lora_path is None:
         if loaded:
             pipe.disable_lora()
         try:
-            return render(bundle, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                          width=width, height=height)
+            return render(bundle, prompt, **settings)
         finally:
             if loaded:
                 pipe.enable_lora()
@@ -136,5 +135,4 @@ def generate(
         loaded[name] = str(path)
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[lora_scale])
-    return render(bundle, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                  width=width, height=height)
+    return render(bundle, prompt, **settings)
