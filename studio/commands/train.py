@@ -59,36 +59,61 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("job", nargs="?", help="job file (.toml) as saved by the app or a previous run")
     add_job_flags(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run in RUN_DIR from its latest checkpoint, with its job.toml; flags "
+                   "may change what does not affect the saved state (previews, saving, steps, learning rate, speed)")
     p.add_argument("--estimate", action="store_true", help="print the time/memory estimate and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the result")
     return p
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
-    """The job file (or the resumed run's job.toml, or defaults), then flags, then --set; all problems at once."""
-    if args.resume:
-        job = load_job(Path(args.resume) / "job.toml")
-    elif args.job:
-        job = load_job(args.job)
-    else:
-        job = Job()
+    """The job file (or the resumed run's job.toml, or defaults), then flags, then --set; all problems at once.
+
+    With ``--resume`` and no job file the run's own job continues; a job file given as well is compared with it
+    (the engine refuses changes that would not fit the saved state).
+    """
+    from studio.engine.config import Problem
+
+    problems: list = []
+    job = Job()
+    if args.job:
+        job = _load_collecting(args.job, problems)
+    elif args.resume:
+        from studio.engine.runs import resume_problems
+
+        where = Path(args.resume)
+        if (where / "job.toml").is_file():
+            job = _load_collecting(where / "job.toml", problems)
+        else:  # not a run folder: say so, rather than "file not found: …/job.toml"
+            problems += resume_problems(where)
     overrides = {path: getattr(args, path) for path in FLAGS.values() if getattr(args, path, None) is not None}
-    bad = []
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            bad.append(item)
+            problems.append(Problem("--set", f"'{item}' is not KEY=VALUE, e.g. training.lr=1e-4"))
             continue
         overrides[key.strip()] = parse_cli_value(value.strip())
-    if bad:
-        from studio.engine.config import Problem
-
-        raise ConfigError([Problem("--set", f"'{b}' is not KEY=VALUE, e.g. training.lr=1e-4") for b in bad], "command line")
-    apply_overrides(job, overrides)
+    try:
+        apply_overrides(job, overrides)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems, "command line")
     if not job.output.dir and not args.resume:
         job.output.dir = str(Path("runs") / job.output.name)
     return job
+
+
+def _load_collecting(path, problems: list) -> Job:
+    """The job in ``path``; its problems join the others (named with the file), so all are reported at once."""
+    from studio.engine.config import Problem
+
+    try:
+        return load_job(path)
+    except ConfigError as exc:
+        problems += [Problem(f"{Path(path).name}: {p.field}", p.message, p.severity) for p in exc.problems]
+        return Job()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     problems = validate(job)
+    if not errors(problems) and not args.estimate:
+        # Paths, the run to resume and what may change on resume: checked before anything heavy starts.
+        from studio.engine.trainer import preflight
+
+        problems = preflight(job, args.resume)
     for p in problems:
         print(f"{'error' if p.severity == 'error' else 'warning'}: {p}", file=sys.stderr)
     if errors(problems):

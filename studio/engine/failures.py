@@ -1,4 +1,4 @@
-"""Turn what went wrong into a sentence a person can act on: the likely cause and what to change."""
+"""Turn what went wrong into a sentence a person can act on: the likely cause, what to change, what was kept."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ class JobInvalid(TrainingError):
         super().__init__(f"The job has {len(problems)} problem(s) to fix before training:\n{lines}")
 
 
+class ResumeRefused(TrainingError):
+    def __init__(self, run_dir: Path, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"Cannot resume the run in '{run_dir}':\n{lines}")
+
+
 class NoUsableImages(TrainingError):
     def __init__(self, path: str, report: Any):
         worst = "; ".join(f"{i.file}: {i.problem}" for i in report.issues[:5])
@@ -37,50 +44,112 @@ class NothingToResume(TrainingError):
         )
 
 
+def _kept(last_good: Path | None, checkpoint: Path | None, run_dir: Path | None) -> str:
+    if last_good or checkpoint:
+        where = f" The last good LoRA is kept at {last_good}." if last_good else ""
+        if checkpoint and run_dir:
+            where += (f" Its training state ({checkpoint.name}) is kept too: after changing the job, continue with "
+                      f"`lora-studio train --resume {run_dir}`.")
+        return where
+    return " Nothing was saved before this; set output.save_every to keep intermediate LoRAs and checkpoints."
+
+
 class NonFiniteLoss(TrainingError):
-    def __init__(self, step: int, job: Job, last_good: Path | None):
-        causes = [f"the learning rate ({job.training.lr:g}) is too high — try a tenth of it"]
-        if job.training.mixed_precision == "fp16":
-            causes.append("fp16 overflows — use bf16 or 'no' for training.mixed_precision")
+    """The loss (or the gradients, or the weights) became NaN/inf; nothing after the last good state is kept."""
+
+    def __init__(self, step: int, job: Job, last_good: Path | None, *, what: str = "the loss",
+                 checkpoint: Path | None = None, run_dir: Path | None = None, family: str = ""):
+        t = job.training
+        causes = [f"the learning rate ({t.lr:g}) is too high — try a tenth of it (training.lr)"]
+        if t.mixed_precision == "fp16":
+            causes.append("fp16 overflows — use bf16, or 'no', for training.mixed_precision")
+        if family == "sdxl" or job.model.family == "sdxl":
+            causes.append("SDXL's VAE overflows in fp16 — use the original fp32 VAE or 'sdxl-vae-fp16-fix' (model.vae)")
+        if job.lora.alpha > 2 * job.lora.rank:
+            causes.append(f"lora.alpha ({job.lora.alpha:g}) far above lora.rank ({job.lora.rank}) scales updates up")
         causes.append("a broken image or base model — check the dataset report and the model")
-        kept = f" The last good LoRA is kept at {last_good}." if last_good else (
-            " No LoRA was saved before this; set output.save_every to keep intermediate ones.")
-        super().__init__(f"Training stopped at step {step}: the loss became NaN/infinite. Likely causes: "
-                         + "; ".join(causes) + "." + kept)
+        super().__init__(f"Training stopped at step {step}: {what} became NaN/infinite. Likely causes: "
+                         + "; ".join(causes) + "." + _kept(last_good, checkpoint, run_dir))
         self.step = step
 
 
-def explain(exc: BaseException, job: Job) -> str:
+class NonFiniteLatent(TrainingError):
+    def __init__(self, image: str, family: str):
+        hint = (" SDXL's original VAE overflows in fp16: use the fp32 VAE or 'sdxl-vae-fp16-fix' (model.vae)."
+                if family == "sdxl" else " The VAE (model.vae, or the checkpoint's own) is probably damaged.")
+        super().__init__(f"The VAE turned '{image}' into NaN/infinite latents.{hint}")
+
+
+class OutOfMemory(TrainingError):
+    """Out of (GPU) memory; the message says how to fit and whether the state of the last step was kept."""
+
+    def __init__(self, job: Job, *, step: int, checkpoint: Path | None, last_good: Path | None,
+                 run_dir: Path | None, during: str, saved_step: int | None = None):
+        t, d = job.training, job.dataset
+        advice = [f"lower training.batch_size (now {t.batch_size}; raise training.gradient_accumulation to keep the "
+                  "effective batch)" if t.batch_size > 1 else None,
+                  None if t.gradient_checkpointing else "turn on training.gradient_checkpointing",
+                  f"lower dataset.resolution (now {d.resolution})",
+                  None if t.cache_latents else "turn on training.cache_latents",
+                  "train the UNet only (lora.train_text_encoder = false)" if job.lora.train_text_encoder else None,
+                  "close other programs using the GPU"]
+        text = (f"The GPU ran out of memory {during or 'during training'}"
+                + (f" after {step} completed step(s)" if step else "") + ". To fit: " + "; ".join(a for a in advice if a) + ".")
+        if checkpoint and run_dir:
+            # Only settings that leave the saved state valid may change on resume (runs.MUST_MATCH).
+            example = "" if t.gradient_checkpointing else " --set training.gradient_checkpointing=true"
+            text += (f" The state after step {step if saved_step is None else saved_step} is saved ({checkpoint.name}): "
+                     f"continue with `lora-studio train --resume {run_dir}{example}`; gradient checkpointing and "
+                     "caching can change on resume, batch size and resolution need a new run.")
+        elif last_good:
+            text += f" The last good LoRA is kept at {last_good}."
+        super().__init__(text)
+
+
+PHASES = {
+    "setup": "while starting the run",
+    "loading": "while loading the model",
+    "scanning": "while scanning the dataset",
+    "caching": "while caching latents and text embeddings",
+    "training": "during a training step",
+    "optimizer": "during an optimizer step",
+    "sampling": "while making preview images",
+    "saving": "while saving a checkpoint",
+    "exporting": "while writing the LoRA file",
+}
+
+
+def explain(exc: BaseException, job: Job, phase: str = "") -> str:
     """A readable message for any exception the engine raises."""
     if isinstance(exc, TrainingError):
         return str(exc)
     name = type(exc).__name__
+    during = PHASES.get(phase, "")
     from studio.engine.checkpoint import ModelLoadError
     from studio.engine.optim import OptimizerUnavailable
 
     if isinstance(exc, (ModelLoadError, OptimizerUnavailable)):
         return str(exc)
-    if _is_oom(exc):
-        t, d = job.training, job.dataset
-        advice = [f"lower training.batch_size (now {t.batch_size})" if t.batch_size > 1 else None,
-                  None if t.gradient_checkpointing else "turn on training.gradient_checkpointing",
-                  f"lower dataset.resolution (now {d.resolution})",
-                  None if t.cache_latents else "turn on training.cache_latents",
-                  "close other programs using the GPU"]
-        return ("The GPU ran out of memory. To fit: " + "; ".join(a for a in advice if a)
-                + ". The last checkpoint (if any) is kept; resume with --resume after changing the job.")
+    if is_oom(exc):
+        return str(OutOfMemory(job, step=0, checkpoint=None, last_good=None, run_dir=None, during=during or "").args[0])
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"The disk is full ({exc.filename or 'output folder'}). Free some space or choose another output folder; no partial file was left."
-    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES)):
-        return f"Cannot write to '{exc.filename or job.output.dir}' (read-only or no permission). Choose another output folder."
+        return (f"The disk is full{' ' + during if during else ''} ({exc.filename or job.output.dir or 'output folder'}). "
+                "Free some space or choose another output folder; no partial file was left.")
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+        return (f"Cannot write to '{exc.filename or job.output.dir}' (read-only or no permission)"
+                f"{' ' + during if during else ''}. Choose another output folder; no partial file was left.")
     if isinstance(exc, OSError):
-        return f"A file could not be read or written: {exc}. Check the path and try again."
-    return f"Training failed with an unexpected error ({name}: {exc}). The log has the details; please report it."
+        return f"A file could not be read or written{' ' + during if during else ''}: {exc}. Check the path and try again."
+    where = f" {during}" if during else ""
+    return f"Training failed{where} with an unexpected error ({name}: {exc}). The log has the details; please report it."
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+_is_oom = is_oom  # the earlier private name
