@@ -13,6 +13,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One compute thread: tiny models gain nothing from two, and on a busy 2-core machine a second thread fights the
+# GUI thread and the torchrun workers (measured: test_trainer.py 216 s with two threads, 52 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

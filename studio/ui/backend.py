@@ -284,3 +284,14 @@ def export_merged(model: ModelSection, src: Path, dst: Path, strength: float,
     from studio.engine.merge import merge_lora_into_checkpoint
 
     return Path(merge_lora_into_checkpoint(model, src, strength, dst, progress=progress)["path"])
+
+
+def find_unfinished_runs(job: Job) -> list:
+    """Unfinished runs (a checkpoint, no final LoRA) next to the job's run folder: the window offers to resume them."""
+    from studio.engine.runs import find_unfinished_runs as find
+
+    if not job.output.dir.strip():
+        return []
+    out = Path(job.output.dir).expanduser()
+    found = find(out.parent) if out.parent != out else []
+    return [run for run in found if run.run_dir == out or run.run_dir.name.startswith(out.name)]

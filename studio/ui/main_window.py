@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self.train_page.stop_requested.connect(self.request_stop)
         self.train_page.go_to_page.connect(self.go_to)
         self.train_page.try_requested.connect(lambda: self.go_to("export"))
+        self.train_page.resume_run_requested.connect(self.resume_run)
         self.model.problems_changed.connect(lambda _: self.refresh_rail())
         self.model.file_changed.connect(lambda _: self._update_status())
         self.model.dirty_changed.connect(lambda _: self._update_status())
@@ -115,6 +116,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)  # a job file dropped anywhere outside the pages' own drop areas opens it
         if restore:
             self.restore_state()
+            self.look_for_unfinished_runs()
         self.rail.setCurrentRow(0)
         self.refresh_rail()
         self._update_status()
@@ -300,6 +302,24 @@ class MainWindow(QMainWindow):
         self.controller.start(self.model.snapshot())
         self.refresh_rail()
 
+    def look_for_unfinished_runs(self) -> None:
+        """Off the GUI thread: an earlier run next to this job's run folder that can be resumed."""
+        if self.controller.running:
+            return
+        self.tasks.run("unfinished", backend.find_unfinished_runs, self.model.snapshot(),
+                       on_done=lambda runs: self.train_page.offer_resume(runs[0] if runs else None),
+                       on_error=lambda m, d: log.warning("looking for unfinished runs failed: %s", m))
+
+    def resume_run(self, run) -> None:
+        """Continue an unfinished run with the job it was started with, in its own folder."""
+        if self.controller.running or run is None or not self._may_discard():
+            return
+        self.model.replace(run.job, "")
+        self.go_to("train")
+        self.train_page.run_starting()
+        self.controller.start(run.job, resume_dir=run.run_dir)
+        self.refresh_rail()
+
     def pause_training(self) -> None:
         self.controller.pause()
 
@@ -310,7 +330,7 @@ class MainWindow(QMainWindow):
         """Esc and the Stop button: ask first, because a stopped run cannot be continued from here."""
         if not self.controller.running or self.controller.stopping:
             return
-        if self.confirm("Stop training?", "Stop at the end of this step? The LoRA of the steps done so far is kept."):
+        if self.confirm("Stop training?", "Stop at the end of this step? The LoRA of the steps done so far is kept, and the run can be resumed later."):
             self.stop_training()
 
     def stop_training(self) -> None:
@@ -326,6 +346,8 @@ class MainWindow(QMainWindow):
         self.stop_action.setEnabled(running)
         if not running and self._close_when_stopped:
             QTimer.singleShot(0, self.close)
+        elif not running:
+            self.look_for_unfinished_runs()  # a stopped or failed run can be continued
         if not running and self.train_page.busy:
             # The thread ended without a terminal event reaching us (it always sends one; belt and braces).
             self.train_page.set_run_state("failed")
@@ -359,6 +381,7 @@ class MainWindow(QMainWindow):
                 page.on_cancelled(event)
                 if event.lora_path:
                     self.export_page.set_run(event.run_dir, event.lora_path)
+
             case _:
                 log.warning("unknown training event: %r", event)
                 self.unknown_events.append(event)

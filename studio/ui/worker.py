@@ -94,9 +94,11 @@ class TrainWorker(QObject):
     event_emitted = Signal(object)
     done = Signal()
 
-    def __init__(self, job: Any, run_fn: RunFn | None, stop: threading.Event, pause: threading.Event):
+    def __init__(self, job: Any, run_fn: RunFn | None, stop: threading.Event, pause: threading.Event,
+                 resume_dir: Any = None):
         super().__init__()
         self._job = job
+        self._resume_dir = resume_dir
         self._run_fn = run_fn
         self._stop = stop
         self._pause = pause
@@ -116,7 +118,8 @@ class TrainWorker(QObject):
             else:
                 run_fn = self._run_fn
             settle_heap()
-            stream = run_fn(self._job, self._stop, self._pause)
+            extra = {"resume_dir": self._resume_dir} if self._resume_dir is not None else {}
+            stream = run_fn(self._job, self._stop, self._pause, **extra)
             for event in stream:
                 self.event_emitted.emit(event)
                 if setting_up and isinstance(event, (StatusChanged, RunStarted)):
@@ -162,14 +165,15 @@ class TrainController(QObject):
     def stopping(self) -> bool:
         return self.running and self._stop.is_set()
 
-    def start(self, job: Any) -> None:
+    def start(self, job: Any, resume_dir: Any = None) -> None:
+        """Train ``job``; with ``resume_dir``, continue that unfinished run from its latest checkpoint."""
         if self.running:
             raise RuntimeError("a run is already going")
         self._stop = threading.Event()
         self._pause = threading.Event()
         thread = QThread()
         thread.setObjectName("training")
-        worker = TrainWorker(job, self.run_fn, self._stop, self._pause)
+        worker = TrainWorker(job, self.run_fn, self._stop, self._pause, resume_dir)
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.event_emitted.connect(self._on_event)

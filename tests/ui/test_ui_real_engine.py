@@ -80,7 +80,8 @@ def test_train_try_and_export_end_to_end(qtbot, make_window, tiny_sd1, tiny_data
     target = tmp_path / "export" / "red-circles.safetensors"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
     qtbot.mouseClick(export.export_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: export.exported is not None or export.export_banner.kind == "error", timeout=60_000)
+    qtbot.waitUntil(lambda: (export.exported is not None or export.export_banner.kind == "error")
+                    and not export.tasks.is_running("export"), timeout=60_000)
     assert export.exported == target, export.export_banner.text.text()
     assert window.rail_state("export") == "done"
 
@@ -113,7 +114,11 @@ def test_train_try_and_export_end_to_end(qtbot, make_window, tiny_sd1, tiny_data
     folder = tmp_path / "export" / "diffusers"
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
     qtbot.mouseClick(export.export_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: not export.tasks.is_running("export"), timeout=60_000)
+    # Wait for this export's result (the task may not have started yet) and for its task to end (the Export
+    # button is disabled until then, so the next click would be ignored).
+    qtbot.waitUntil(lambda: (export.exported == folder / "pytorch_lora_weights.safetensors"
+                             or export.export_banner.kind == "error") and not export.tasks.is_running("export"),
+                    timeout=60_000)
     assert export.exported == folder / "pytorch_lora_weights.safetensors", export.export_banner.text.text()
     pipe.unload_lora_weights()
     with torch.no_grad():
@@ -126,7 +131,7 @@ def test_train_try_and_export_end_to_end(qtbot, make_window, tiny_sd1, tiny_data
     merged = tmp_path / "export" / "merged.safetensors"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(merged), ""))
     qtbot.mouseClick(export.export_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: not export.tasks.is_running("export"), timeout=120_000)
+    qtbot.waitUntil(lambda: export.exported == merged or export.export_banner.kind == "error", timeout=120_000)
     assert export.exported == merged and merged.stat().st_size > 1_000_000, export.export_banner.text.text()
 
 
@@ -173,3 +178,26 @@ def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tin
     assert len(gaps) > 50
     worst = max(gaps)
     assert worst < 0.2, f"the GUI thread stalled for {worst * 1000:.0f} ms (ticks: {len(gaps)})"
+
+
+def test_a_stopped_run_is_offered_for_resume_and_finishes(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path):
+    window = make_window()
+    run_dir = tmp_path / "runs" / "circles"
+    set_up_job(window, tiny_sd1, tiny_dataset, run_dir, steps=6, sample_every=0)
+    page = window.train_page
+    qtbot.mouseClick(page.start_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: page.step >= 2, timeout=RUN_TIMEOUT_MS)
+    window.stop_training()
+    wait_until_done(qtbot, window, "cancelled", "failed")
+    assert page.run_state == "cancelled", page.banner.text.text()
+    stopped_at = page.step
+
+    qtbot.waitUntil(lambda: page.resume_banner.isVisible(), timeout=30_000)
+    assert f"stopped at step {stopped_at} of 6" in page.resume_banner.text.text()
+    qtbot.mouseClick(page.resume_run_button, Qt.LeftButton)
+    wait_until_done(qtbot, window, "finished", "failed")
+    assert page.run_state == "finished", page.banner.text.text() + page.banner.details.toPlainText()
+    assert (run_dir / "my-lora.safetensors").is_file() and not (tmp_path / "runs" / "circles-2").exists()
+    assert page.loss_plot.point_count == 6 - stopped_at  # the resumed part
+    qtbot.waitUntil(lambda: not window.tasks.is_running("unfinished"), timeout=30_000)
+    assert not page.resume_banner.isVisible(), "a finished run is no longer offered"

@@ -42,6 +42,7 @@ class TrainPage(Page):
     stop_requested = Signal()
     go_to_page = Signal(str)
     try_requested = Signal()
+    resume_run_requested = Signal(object)  # an engine UnfinishedRun
 
     def __init__(self, model: JobModel, parent: QWidget | None = None):
         super().__init__(parent)
@@ -112,6 +113,12 @@ class TrainPage(Page):
         self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
         self.folder_button.clicked.connect(self.open_run_folder)
         self.layout_.addWidget(self.banner)
+
+        self.unfinished = None
+        self.resume_banner = Banner()
+        self.resume_run_button = self.resume_banner.add_action(QPushButton(theme.icon("start"), "Resume it"))
+        self.resume_run_button.clicked.connect(lambda: self.resume_run_requested.emit(self.unfinished))
+        self.layout_.addWidget(self.resume_banner)
 
         # Plot | samples, over the log.
         vertical = QSplitter(Qt.Vertical)
@@ -211,7 +218,18 @@ class TrainPage(Page):
 
     # --------------------------------------------------------------------------------------- run events
 
+    def offer_resume(self, run) -> None:
+        """Say that an earlier run stopped before its end and can continue exactly where it left off."""
+        self.unfinished = run
+        if run is None:
+            self.resume_banner.hide()
+            return
+        self.resume_banner.show_message(
+            "info", f"The run in <b>{html.escape(str(run.run_dir))}</b> stopped at step {run.step} of "
+                    f"{run.total_steps} without finishing. Resume it to continue exactly where it left off.")
+
     def run_starting(self) -> None:
+        self.resume_banner.hide()
         self.loss_plot.clear()
         self.gallery.clear()
         self.log_view.clear()
