@@ -42,6 +42,8 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+from fixtures_data import make_dataset  # noqa: E402  (shared with tests that build their own folders)
+
 _TINY_CACHE: dict[str, Path] = {}
 
 
@@ -70,25 +72,6 @@ def tiny_sd2v(tmp_path_factory) -> Path:
 def tiny_sdxl(tmp_path_factory) -> Path:
     """A tiny random SDXL-architecture diffusers folder (two text encoders)."""
     return tiny_model_dir(tmp_path_factory, "sdxl", "epsilon")
-
-
-def make_dataset(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
-    """Write ``count`` simple coloured-shape images with captions; returns the folder."""
-    from PIL import Image, ImageDraw
-    import random
-
-    rng = random.Random(seed)
-    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        colour = colours[i % len(colours)]
-        img = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-        d = ImageDraw.Draw(img)
-        w, h = size
-        d.ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
-        img.save(folder / f"img_{i:02d}.png")
-        (folder / f"img_{i:02d}.txt").write_text(f"a {colour} circle", encoding="utf-8")
-    return folder
 
 
 @pytest.fixture

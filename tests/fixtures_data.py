@@ -165,3 +165,22 @@ def fake_run(folder: Path, job, *, checkpoint_step: int | None = 4, finished: bo
     if finished:
         (folder / f"{job.output.name}.safetensors").write_bytes(b"")
     return folder
+
+
+def make_dataset(folder: Path, count: int = 4, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    """Write ``count`` simple coloured-shape images with captions; returns the folder."""
+    from PIL import Image, ImageDraw
+    import random
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        colour = colours[i % len(colours)]
+        img = Image.new("RGB", size, (rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+        d = ImageDraw.Draw(img)
+        w, h = size
+        d.ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
+        img.save(folder / f"img_{i:02d}.png")
+        (folder / f"img_{i:02d}.txt").write_text(f"a {colour} circle", encoding="utf-8")
+    return folder

@@ -89,6 +89,13 @@ def build_tiny_pipeline(family_name: str, prediction_type: str = "epsilon", seed
 
 def save_tiny_model(folder: Path, family_name: str, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build and save a tiny model as a diffusers folder; returns the folder."""
+    import shutil
+
     pipe = build_tiny_pipeline(family_name, prediction_type, seed)
     pipe.save_pretrained(folder, safe_serialization=True)
+    # Real SD folders ship vocab.json + merges.txt, not the 3.6 MB tokenizer.json save_pretrained writes; that
+    # file also costs ~100 ms of GIL-holding JSON parsing per load, which the window's thread would feel.
+    for sub, name in zip(("tokenizer", "tokenizer_2"), get_family(family_name).tokenizer_dirs):
+        shutil.rmtree(Path(folder) / sub)
+        shutil.copytree(resource_path("tokenizers", name), Path(folder) / sub)
     return Path(folder)

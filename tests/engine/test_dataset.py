@@ -27,7 +27,7 @@ from studio.engine.dataset import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_dataset  # noqa: E402
+from fixtures_data import make_dataset  # noqa: E402
 from fixtures_data import CAN_SYMLINK, _noise, build_awkward_dataset  # noqa: E402  (shared with the trainer tests)
 
 

@@ -65,7 +65,7 @@ def no_partials(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from conftest import make_dataset
+    from fixtures_data import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("resume-data") / "data")
 

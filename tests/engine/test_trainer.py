@@ -155,7 +155,7 @@ def test_invalid_job_fails_before_heavy_work_naming_every_field(tmp_path):
 
 def test_learning_is_real(tiny_sd1, tmp_path):
     """A LoRA trained hard on four images clearly lowers their denoising loss at fixed noise and timesteps."""
-    from conftest import make_dataset
+    from fixtures_data import make_dataset
     from studio.engine.checkpoint import load_model
     from studio.engine.dataset import load_image, prepare_image
     from studio.engine.families import encode_prompts

@@ -75,13 +75,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture
-def make_images(request):
-    """tests/conftest.py's make_dataset (imported through pytest: both conftest modules are named "conftest")."""
-    root = Path(__file__).resolve().parent.parent / "conftest.py"
-    for plugin in request.config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) and Path(plugin.__file__).resolve() == root:
-            return plugin.make_dataset
-    raise LookupError("tests/conftest.py is not loaded")
+def make_images():
+    """Simple captioned test images (tests/fixtures_data.py's make_dataset)."""
+    from fixtures_data import make_dataset
+
+    return make_dataset
 
 
 @pytest.fixture
