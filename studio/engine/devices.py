@@ -17,6 +17,16 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def device_problem(requested: str) -> str | None:
+    """Why the job's ``training.device`` cannot be used on this machine, as a sentence; None when it can."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        return ("training.device is 'cuda' but no NVIDIA GPU is usable here (none found, or this PyTorch was built "
+                "without CUDA); choose 'auto' or 'cpu'")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        return "training.device is 'mps' but no Apple GPU (Metal) is available here; choose 'auto' or 'cpu'"
+    return None
+
+
 def resolve_precision(requested: str, cpu: bool) -> str:
     """accelerate's mixed_precision value for the job's choice ('auto' → bf16/fp16 on GPUs, fp32 on the CPU)."""
     if requested != "auto":
