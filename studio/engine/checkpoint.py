@@ -80,7 +80,7 @@ def demo_model_path() -> Path:
     return folder
 
 
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+_HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")  # used with fullmatch: "$" would accept a trailing newline
 
 
 def hf_hub_cache() -> Path:
@@ -92,7 +92,7 @@ def hf_hub_cache() -> Path:
 
 def hub_snapshot(repo_id: str) -> Path | None:
     """The local snapshot folder of a hub model id if it is already in the cache; never downloads."""
-    if not _HUB_ID.match(repo_id):
+    if not _HUB_ID.fullmatch(repo_id):
         return None
     from huggingface_hub import snapshot_download
 
@@ -129,7 +129,7 @@ def resolve_model_path(path: str) -> Path:
     if path == BUILTIN_DEMO_MODEL:
         return demo_model_path()
     local = Path(path).expanduser()
-    if not local.exists() and _HUB_ID.match(path):
+    if not local.exists() and _HUB_ID.fullmatch(path):
         snapshot = hub_snapshot(path)
         if snapshot is not None:
             return snapshot
@@ -170,7 +170,7 @@ def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, devic
             bundle = _load_single_file(_single_file_in(path), model, dtype)
         elif not path.exists():
             hint = (" and it is not a model in the local Hugging Face cache (LoRA Studio never downloads; "
-                    "download it first)") if _HUB_ID.match(model.path) else ""
+                    "download it first)") if _HUB_ID.fullmatch(model.path) else ""
             raise ModelLoadError(f"'{model.path}' does not exist{hint}; choose a checkpoint file or a diffusers folder")
         else:
             bundle = _load_single_file(path, model, dtype)

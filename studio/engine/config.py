@@ -164,6 +164,11 @@ class OutputSection:
     description: str = option("", "Description written into the LoRA's metadata.", advanced=True)
     save_every: int = option(0, "Save a resumable checkpoint and an intermediate LoRA every N steps; 0 saves only at the end.", min=0, max=1_000_000)
     keep_last: int = option(3, "How many intermediate checkpoints to keep.", min=1, max=1000, advanced=True)
+    keep_last_loras: int = option(
+        3, "How many intermediate LoRAs (the files named by step) to keep; older ones are deleted as new ones are "
+        "saved. 0 keeps all. The final LoRA and files you renamed are never deleted.", min=0, max=100_000,
+        label="Keep last LoRAs", advanced=True,
+    )
     save_dtype: str = option("fp16", "Precision of the exported LoRA.", choices=("fp16", "bf16", "fp32"), advanced=True)
     save_diffusers: bool = option(False, "Also write a diffusers/PEFT-layout copy (does not load in A1111).", advanced=True)
 
@@ -423,7 +428,8 @@ def save_job(job: Job, path: str | os.PathLike) -> None:
 
 # ------------------------------------------------------------------------------------------------ validation
 
-_NAME_RE = re.compile(r"^[\w.\- ]+$")
+# fullmatch, not "$": "$" also matches before a trailing newline, which would let "name\n" through to a file name.
+_NAME_RE = re.compile(r"[\w.\- ]+")
 
 
 def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
@@ -449,7 +455,7 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     for w, name in ((s.width, "sampling.width"), (s.height, "sampling.height")):
         if w % 8:
             problems.append(Problem(name, f"must be a multiple of 8 or 0, got {w}"))
-    if not o.name.strip() or not _NAME_RE.match(o.name):
+    if not o.name.strip() or not _NAME_RE.fullmatch(o.name):
         problems.append(Problem("output.name", "use letters, digits, spaces, '.', '-' or '_' only (it becomes a file name)"))
     if t.optimizer == "prodigy" and t.lr < 0.1:
         problems.append(Problem("training.lr", "Prodigy adapts its own step size; set the learning rate to 1.0", "warning"))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from studio.engine.buckets import assign_bucket, bucket_sizes, plan_buckets, prepare_image
 from studio.engine.captions import compose_caption, decode_caption, short, split_tags
 from studio.engine import images as _images
-from studio.engine.fileio import atomic_write_with
+from studio.engine.fileio import atomic_write_bytes
 from studio.engine.images import (
     IMAGE_EXTENSIONS,
     UNSUPPORTED_IMAGE_EXTENSIONS,
@@ -229,25 +229,8 @@ def save_caption(image_path: Path | str, text: str, caption_extension: str = ".t
     An existing caption file keeps its name and permissions.
     """
     target = caption_path_for(image_path, caption_extension)
-    data = text.strip().encode("utf-8")
-    try:
-        mode = stat_mod.S_IMODE(target.stat().st_mode)
-    except OSError:
-        mode = None
-
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-        # mkstemp creates 0600 files; a caption should stay as readable as it was (or as a new file would be).
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
-
-    atomic_write_with(target, write)
+    atomic_write_bytes(target, text.strip().encode("utf-8"))  # keeps an existing file's permissions
     return target
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 # ---------------------------------------------------------------------------------------------------- walk

@@ -36,6 +36,27 @@ class NoUsableImages(TrainingError):
         )
 
 
+class RunInUse(TrainingError):
+    """Another process holds the run folder's lock: two processes writing one run would destroy each other's files."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(
+            f"The run in '{run_dir}' is being trained by another LoRA Studio process right now (a window or a "
+            "`lora-studio train` elsewhere). Let that one finish or stop it first; two at once would overwrite "
+            "each other's files. To train something else meanwhile, start a new run in another folder."
+        )
+
+
+class CheckpointDamaged(TrainingError):
+    """No checkpoint of the run can be resumed from; the message lists each and what is wrong with it."""
+
+    def __init__(self, run_dir: Path, reasons: list[str]):
+        super().__init__(
+            f"Cannot resume the run in '{run_dir}': " + " ".join(reasons)
+            + " Nothing was changed; start a new run (the run's samples and LoRA files stay where they are)."
+        )
+
+
 class NothingToResume(TrainingError):
     def __init__(self, run_dir: Path):
         super().__init__(
@@ -119,6 +140,10 @@ PHASES = {
 }
 
 
+# Phases in which the run writes files: a failure there may be the disk's even when the writer lost the errno.
+_WRITING = ("saving", "exporting", "sampling", "setup")
+
+
 def explain(exc: BaseException, job: Job, phase: str = "") -> str:
     """A readable message for any exception the engine raises."""
     if isinstance(exc, TrainingError):
@@ -126,20 +151,27 @@ def explain(exc: BaseException, job: Job, phase: str = "") -> str:
     name = type(exc).__name__
     during = PHASES.get(phase, "")
     from studio.engine.checkpoint import ModelLoadError
+    from studio.engine.fileio import is_disk_full
+    from studio.engine.jsonfile import JsonFileError
     from studio.engine.optim import OptimizerUnavailable
 
-    if isinstance(exc, (ModelLoadError, OptimizerUnavailable)):
+    if isinstance(exc, (ModelLoadError, OptimizerUnavailable, JsonFileError)):
         return str(exc)
     if is_oom(exc):
         return str(OutOfMemory(job, step=0, checkpoint=None, last_good=None, run_dir=None, during=during or "").args[0])
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"The disk is full{' ' + during if during else ''} ({exc.filename or job.output.dir or 'output folder'}). "
+    out = Path(job.output.dir).expanduser() if job.output.dir.strip() else None
+    if is_disk_full(exc, out if phase in _WRITING else None):
+        where = getattr(exc, "filename", None) or job.output.dir or "the output folder"
+        return (f"The disk is full{' ' + during if during else ''} ({where}). "
                 "Free some space or choose another output folder; no partial file was left.")
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
         return (f"Cannot write to '{exc.filename or job.output.dir}' (read-only or no permission)"
                 f"{' ' + during if during else ''}. Choose another output folder; no partial file was left.")
     if isinstance(exc, OSError):
         return f"A file could not be read or written{' ' + during if during else ''}: {exc}. Check the path and try again."
+    if type(exc).__name__ == "SafetensorError":  # safetensors' own: a file that is not what its name says
+        return (f"A .safetensors file could not be read{' ' + during if during else ''} ({exc}); it is damaged or "
+                "not a safetensors file (e.g. a renamed .ckpt). Replace it, or check the model and VAE paths.")
     where = f" {during}" if during else ""
     return f"Training failed{where} with an unexpected error ({name}: {exc}). The log has the details; please report it."
 

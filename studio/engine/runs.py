@@ -6,16 +6,21 @@ Nothing here imports torch, so the GUI can list unfinished runs and the CLI can 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import struct
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from studio.engine.config import ConfigError, Job, Problem, get_value, iter_fields, load_job, save_job
+from studio.engine.jsonfile import JsonFileError, parse_json, read_json_object
 
 METRICS_FILE = "metrics.jsonl"
 JOB_FILE = "job.toml"
@@ -24,8 +29,14 @@ CHECKPOINTS = "checkpoints"
 META_FILE = "meta.json"  # small JSON next to each checkpoint's state: step and total without loading tensors
 STATE_FILE = "state.pt"
 LORA_FILE = "lora.safetensors"
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-_SAMPLE = re.compile(r"^step(\d{6,})_\d+\.png$")
+# Written last, once every other file of the checkpoint is on disk: sha256 and size of each. A checkpoint with
+# one is complete by construction; resuming verifies every file against it.
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lora-studio.lock"  # held (an OS lock) by the one process training the run
+DAMAGED_PREFIX = "damaged-"  # checkpoints a resume found damaged are moved aside under this name, never deleted
+# fullmatch everywhere: "$" also matches before a trailing newline, so "step-000004\n" would pass as a checkpoint.
+_STEP_DIR = re.compile(r"step-(\d{6,})")
+_SAMPLE = re.compile(r"step(\d{6,})_\d+\.png")
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +145,12 @@ class RunFolder:
         """
         removed: list[Path] = []
         for path in self.samples.glob("step*.png") if self.samples.is_dir() else []:
-            m = _SAMPLE.match(path.name)
+            m = _SAMPLE.fullmatch(path.name)
             if m and int(m.group(1)) > step:
                 removed.append(path)
-        prefix = re.compile(rf"^{re.escape(name)}-step(\d{{6,}})(?:-diffusers)?\.safetensors$")
+        prefix = re.compile(rf"{re.escape(name)}-step(\d{{6,}})(?:-diffusers)?\.safetensors")
         for path in self.root.glob(f"{name}-step*.safetensors"):
-            m = prefix.match(path.name)
+            m = prefix.fullmatch(path.name)
             if m and int(m.group(1)) > step:
                 removed.append(path)
         for folder in (self.root, self.samples, self.checkpoints, self.logs):
@@ -156,6 +167,94 @@ class RunFolder:
                     path.unlink()
         return removed
 
+    def intermediate_loras(self, name: str) -> list[tuple[int, Path]]:
+        """The run's LoRAs named by step (``<name>-step000040.safetensors``), oldest first; renamed copies are not."""
+        pattern = re.compile(rf"{re.escape(name)}-step(\d{{6,}})\.safetensors")
+        found = []
+        for path in self.root.glob(f"{name}-step*.safetensors") if self.root.is_dir() else []:
+            m = pattern.fullmatch(path.name)
+            if m and path.is_file():
+                found.append((int(m.group(1)), path))
+        return sorted(found)
+
+    def prune_intermediate_loras(self, name: str, keep: int) -> list[Path]:
+        """Remove all but the newest ``keep`` intermediate LoRAs (0 keeps all); never the final LoRA, never a file
+        whose name is not exactly what the run wrote. Returns what was removed."""
+        if keep <= 0:
+            return []
+        removed = []
+        for _, path in self.intermediate_loras(name)[:-keep]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        return removed
+
+    def holds_only_what_a_start_made(self) -> bool:
+        """True when the folder has nothing but what setting up a run writes: job.toml, the log, empty folders.
+
+        Anything else (a checkpoint, a sample, a LoRA, a metrics line, a file the user put there) means keep it.
+        """
+        allowed = {JOB_FILE, LOCK_FILE, "samples", CHECKPOINTS, "logs", METRICS_FILE}
+        try:
+            for child in self.root.iterdir():
+                if child.name not in allowed:
+                    return False
+                if child.is_dir() and child.name in ("samples", CHECKPOINTS) and any(child.iterdir()):
+                    return False
+                if child.name == METRICS_FILE and child.stat().st_size:
+                    return False
+                if child.name == "logs" and any(p.name != LOG_FILE and not p.name.startswith("events.out.tfevents.")
+                                                for p in child.iterdir()):
+                    return False
+        except OSError:
+            return False
+        return True
+
+    def discard_unused(self, keep_log_in: Path) -> Path | None:
+        """Remove the folder of a run that failed before its first step, if it holds only what the start made.
+
+        Its log is moved to ``keep_log_in`` first (the failure message points there). Returns the log's new path,
+        or None if the folder was kept.
+        """
+        if not self.holds_only_what_a_start_made():
+            return None
+        kept = None
+        if self.log_file.is_file():
+            keep_log_in.mkdir(parents=True, exist_ok=True)
+            kept = keep_log_in / f"{self.root.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            shutil.move(str(self.log_file), kept)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return kept
+
+
+# ------------------------------------------------------------------------------------------ one process per run
+
+
+class RunLock:
+    """An OS-level lock on a run folder, held by the one process training it (released when that process ends,
+    however it ends, since the system drops the lock with the process)."""
+
+    def __init__(self, root: Path):
+        from filelock import FileLock, Timeout
+
+        self.root = Path(root)
+        self._lock = FileLock(str(self.root / LOCK_FILE), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            from studio.engine.failures import RunInUse
+
+            raise RunInUse(self.root) from None
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            self._lock.release(force=True)
+
+
+def lock_run(root: Path) -> RunLock:
+    """Take the run folder's lock or raise failures.RunInUse naming the run."""
+    return RunLock(root)
+
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -165,12 +264,12 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def _step_of_dir(path: Path) -> int:
-    m = _STEP_DIR.match(path.name)
+    m = _STEP_DIR.fullmatch(path.name)
     return int(m.group(1)) if m else -1
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first.
+    """Checkpoints that look complete, oldest first (whether their bytes are intact is checkpoint_problem's job).
 
     A checkpoint folder appears under its ``step-NNNNNN`` name only by a rename once every file in it is
     written (see state.save_checkpoint); the file check also rejects folders from before that rule.
@@ -180,23 +279,170 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
+        m = _STEP_DIR.fullmatch(child.name)
         if m and (child / STATE_FILE).is_file() and (child / LORA_FILE).is_file():
             found.append((int(m.group(1)), child))
     return sorted(found)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that looks complete; resuming uses resume_point, which also checks its files."""
     found = list_checkpoints(root)
     return found[-1][1] if found else None
 
 
 def checkpoint_meta(folder: Path) -> dict[str, Any]:
-    """The small JSON saved with a checkpoint (step, total_steps, epoch, …); {} for older checkpoints."""
+    """The small JSON saved with a checkpoint (step, total_steps, epoch, …); {} for older or damaged ones."""
     try:
-        return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(Path(folder) / META_FILE, max_bytes=1024 * 1024)
+    except JsonFileError:
         return {}
+
+
+# ------------------------------------------------------------------------------------- checkpoint integrity
+
+
+def file_sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, names: list[str]) -> Path:
+    """Record size and sha256 of each file (already fsynced) in ``folder/manifest.json``, fsynced too."""
+    folder = Path(folder)
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
+    path = folder / MANIFEST_FILE
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump({"format": 1, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The manifest's files table; None when the checkpoint has none (saved before checkpoints carried one)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    data = read_json_object(path, what="the checkpoint's checksums", max_bytes=1024 * 1024)
+    files = data.get("files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise JsonFileError(f"'{path}' (the checkpoint's checksums) is damaged")
+    return files
+
+
+def checkpoint_problem(folder: Path, *, thorough: bool = True) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed from, or None if it can.
+
+    With a manifest: every file must exist with its recorded size and (``thorough``) its recorded sha256.
+    Without one (checkpoints of earlier versions) nothing records what was written, so ``thorough`` checks
+    what the formats themselves allow: the safetensors header must describe the file exactly, and state.pt's
+    zip archive must be whole with every member matching its CRC-32. The other checks only read sizes.
+    """
+    folder = Path(folder)
+    try:
+        files = _manifest(folder)
+    except JsonFileError as exc:
+        return str(exc)
+    if files is None:
+        if checkpoint_meta(folder).get("manifest"):
+            return f"its {MANIFEST_FILE} is missing, so its files cannot be checked"
+        return _legacy_problem(folder) if thorough else None
+    for name, entry in files.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != entry["size"]:
+            return f"{name} is {size:,} bytes but {entry['size']:,} were written (cut off or overwritten)"
+        if thorough and file_sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum (its bytes changed after it was saved)"
+    for name in (LORA_FILE, STATE_FILE):
+        if name not in files:
+            return f"{name} is not listed in its {MANIFEST_FILE}"
+    return None
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    lora, state = folder / LORA_FILE, folder / STATE_FILE
+    problem = _safetensors_layout_problem(lora)
+    if problem:
+        return f"{LORA_FILE} {problem}"
+    try:
+        with zipfile.ZipFile(state) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"{STATE_FILE} is cut off or damaged ({exc})"
+    if bad is not None:
+        return f"{STATE_FILE} is damaged (its part '{bad}' fails its CRC check)"
+    return None
+
+
+def _safetensors_layout_problem(path: Path) -> str | None:
+    """A safetensors file whose header does not describe exactly its bytes (torch-free, header only)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return "is empty or cut off"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size, 100 * 1024 * 1024):
+                return "is cut off or not a safetensors file (its header length is impossible)"
+            header = parse_json(fh.read(n), f"the header of '{path}'")
+    except (OSError, JsonFileError) as exc:
+        return f"cannot be read ({exc})"
+    if not isinstance(header, dict):
+        return "is damaged (its header is not a table)"
+    ends = [e.get("data_offsets", [0, 0])[1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
+    if any(not isinstance(end, int) for end in ends) or 8 + n + max(ends, default=0) != size:
+        return f"is {size:,} bytes, which is not what its header describes (cut off or damaged)"
+    return None
+
+
+@dataclass(frozen=True)
+class SkippedCheckpoint:
+    """A checkpoint newer than the one a resume uses, and why it was not used."""
+
+    folder: Path
+    reason: str
+
+
+def resume_point(root: Path, *, thorough: bool = True) -> tuple[Path | None, list[SkippedCheckpoint]]:
+    """The newest checkpoint that passes checkpoint_problem, and the newer ones that did not (newest first)."""
+    skipped = []
+    for _, folder in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(folder, thorough=thorough)
+        if problem is None:
+            return folder, skipped
+        skipped.append(SkippedCheckpoint(folder, problem))
+    return None, skipped
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint so no resume or pruning ever takes it for a checkpoint; kept for inspection."""
+    target = folder.with_name(DAMAGED_PREFIX + folder.name)
+    n = 2
+    while target.exists():
+        target = folder.with_name(f"{DAMAGED_PREFIX}{folder.name}-{n}")
+        n += 1
+    os.rename(folder, target)
+    return target
+
+
+def skipped_note(skip: SkippedCheckpoint, used: Path | None, moved_to: Path | None = None) -> str:
+    """The sentence that tells a user which checkpoint was skipped, why, and what the resume uses instead."""
+    text = f"Checkpoint {skip.folder.name} is damaged: {skip.reason}."
+    if used is not None:
+        text += f" Resuming from {used.name} (step {_step_of_dir(used)}) instead"
+        text += f"; the damaged one was moved to {moved_to}." if moved_to else "."
+    return text
 
 
 # -------------------------------------------------------------------------------------------- unfinished runs
@@ -223,7 +469,7 @@ def unfinished_run(run_dir: Path) -> UnfinishedRun | None:
         return None
     if folder.lora_path(job.output.name).exists():
         return None
-    latest = latest_checkpoint(folder.checkpoints)
+    latest, _ = resume_point(folder.checkpoints, thorough=False)
     if latest is None:
         return None
     meta = checkpoint_meta(latest)
@@ -287,7 +533,7 @@ def job_changes(before: Job, after: Job) -> tuple[list[Problem], list[str]]:
 def saved_job(run_dir: Path) -> Job:
     """The job the run's latest checkpoint was made with (falls back to the run's job.toml)."""
     folder = RunFolder(Path(run_dir))
-    latest = latest_checkpoint(folder.checkpoints)
+    latest, _ = resume_point(folder.checkpoints, thorough=False)
     if latest is not None and (latest / JOB_FILE).is_file():
         return load_job(latest / JOB_FILE)
     return load_job(folder.job_file)
@@ -315,10 +561,17 @@ def resume_problems(run_dir: Path | str, job: Job | None = None) -> list[Problem
     if folder.lora_path(before.output.name).exists():
         problems.append(Problem(where, f"the run in '{run_dir}' already finished ({before.output.name}.safetensors "
                                 "exists); start a new run to train more"))
-    latest = latest_checkpoint(folder.checkpoints)
-    if latest is None:
+    # Sizes only here (this runs before every resume, in the GUI too); the trainer verifies the checksums.
+    latest, skipped = resume_point(folder.checkpoints, thorough=False)
+    if latest is None and skipped:
+        problems.append(Problem(where, f"every checkpoint in '{run_dir}' is damaged ("
+                                + "; ".join(f"{s.folder.name}: {s.reason}" for s in skipped)
+                                + "); start a new run"))
+    elif latest is None:
         problems.append(Problem(where, f"'{run_dir}' has no complete checkpoint to resume from; start a new run, "
                                 "and set output.save_every so a later run can be resumed"))
+    else:
+        problems += [Problem(where, skipped_note(s, latest), "warning") for s in skipped]
     refusals, _ = job_changes(before, job)
     problems += refusals
     # Equal is fine: a run that failed while writing its final LoRA resumes to write just that.

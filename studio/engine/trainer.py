@@ -30,11 +30,12 @@ from studio.engine.events import (
 from studio.engine.optim import make_optimizer
 from studio.engine.families import Conditioning, encode_prompts, sdxl_time_ids, unet_added_cond
 from studio.engine.runs import (
-    MetricsWriter, RunFolder, attach_log_file, claim_run_dir, detach_log_file, job_changes, resume_problems, saved_job,
-    writable_problems,
+    MetricsWriter, RunFolder, attach_log_file, claim_run_dir, detach_log_file, job_changes, lock_run, resume_problems,
+    saved_job, writable_problems,
 )
 from studio.engine.state import (
-    TrainPosition, all_finite, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    TrainPosition, all_finite, latest_checkpoint, load_checkpoint, resume_checkpoint, rng_state, save_checkpoint,
+    set_rng_state,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def run_training(
     try:
         yield from _train(job, stop, pause, Path(resume_dir) if resume_dir else None, ctx)
     except Cancelled:
-        yield RunCancelled(ctx.get("step", 0), ctx.get("run_dir"), ctx.get("lora_path"))
+        run_dir, _ = _settle_failed_start(ctx, resume_dir is not None)
+        yield RunCancelled(ctx.get("step", 0), run_dir, ctx.get("lora_path"))
     except BaseException as exc:  # every failure becomes an event with a way out, never a silent exit
         if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
@@ -129,9 +131,8 @@ def run_training(
             log.warning("could not explain the failure: %r", second)
             message = f"Training failed ({type(exc).__name__}: {exc}). The log has the details."
         log.error("run failed: %s\n%s", message, details)
-        run_dir = ctx.get("run_dir")
-        yield RunFailed(message, details, run_dir, (run_dir / "logs" / "run.log") if run_dir else None,
-                        ctx.get("lora_path"))
+        run_dir, log_file = _settle_failed_start(ctx, resume_dir is not None)
+        yield RunFailed(message, details, run_dir, log_file, ctx.get("lora_path"))
     finally:
         _release(ctx)
 
@@ -201,10 +202,12 @@ def _setup(job: Job, stop: threading.Event, resume_dir: Path | None, ctx: dict) 
     folder = RunFolder(Path(chosen[0]))
     ctx["run_dir"] = folder.root
     notes: list[str] = []
+    damaged: list[str] = []
     if accelerator.is_main_process:
+        ctx["run_lock"] = lock_run(folder.root)  # one process per run folder, until _release
         if resume_dir:
+            latest, damaged = resume_checkpoint(folder.checkpoints)  # verified; damaged newer ones set aside
             _, notes = job_changes(saved_job(folder.root), job)
-            latest = latest_checkpoint(folder.checkpoints)
             folder.forget_after(int(latest.name.split("-")[1]) if latest else 0, job.output.name)
         folder.create(job)  # on resume: the job that continues (only changes job_changes accepts)
         ctx["log_handler"] = attach_log_file(folder)
@@ -213,6 +216,8 @@ def _setup(job: Job, stop: threading.Event, resume_dir: Path | None, ctx: dict) 
     if notes:
         log.info("resuming with changes: %s", "; ".join(notes))
         yield LogMessage("info", "Changed since the run started: " + "; ".join(notes))
+    for note in damaged:
+        yield LogMessage("warning", note)
 
     ctx["phase"] = "loading"
     yield StatusChanged("Loading model", job.model.path)
@@ -779,6 +784,7 @@ def _write_checkpoint(run: Run, ctx: dict) -> tuple[Path, Path]:
                                      family=run.bundle.family.name)
     ctx["phase"] = "exporting"
     lora_path = _export(run, final=False)
+    run.folder.prune_intermediate_loras(run.job.output.name, run.job.output.keep_last_loras)
     ctx["phase"] = "saving"
     meta = {"total_steps": run.total_steps, "elapsed": time.perf_counter() - ctx.get("started", time.perf_counter())}
     folder = save_checkpoint(run.folder.checkpoints, run.position, lora, run.optimizer, run.scheduler,
@@ -866,6 +872,25 @@ def _rescue(exc: BaseException, ctx: dict) -> Path | None:
         return None
 
 
+def _settle_failed_start(ctx: dict, resumed: bool) -> tuple[Path | None, Path | None]:
+    """(run folder, log file) for the terminal event. A new run that ends before its first step and wrote nothing
+    worth keeping removes its folder (so the next start gets the same name), keeping only its log, elsewhere."""
+    run_dir = ctx.get("run_dir")
+    log_file = run_dir / "logs" / "run.log" if run_dir else None
+    if run_dir is None or resumed or ctx.get("step") or ctx.get("metrics") or "log_handler" not in ctx:
+        return run_dir, log_file
+    detach_log_file(ctx.pop("log_handler"))
+    lock = ctx.pop("run_lock", None)
+    if lock:
+        lock.release()
+    from studio.paths import user_data_dir
+
+    kept = RunFolder(run_dir).discard_unused(user_data_dir() / "logs")
+    if kept is None and not run_dir.exists():
+        return None, None
+    return (None, kept) if kept else (run_dir, log_file)
+
+
 def _release(ctx: dict) -> None:
     """Free what the run held so the app can train again without restarting (GPU memory included)."""
     metrics = ctx.pop("metrics", None)
@@ -877,6 +902,9 @@ def _release(ctx: dict) -> None:
     handler = ctx.pop("log_handler", None)
     if handler:
         detach_log_file(handler)
+    lock = ctx.pop("run_lock", None)
+    if lock:  # last of the run's files is closed: another process may take the run now
+        lock.release()
     accelerator = ctx.pop("accelerator", None)
     ctx.pop("run", None)
     ctx.pop("bundle", None)
