@@ -135,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     if args.estimate:
         from studio.engine.estimate import estimate
+        from studio.engine.jsonfile import JsonFileError
 
-        print(estimate(job).summary)
+        try:
+            print(estimate(job).summary)
+        except JsonFileError as exc:  # a model config that cannot be read, named in the message
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
     stop = threading.Event()
     _stop_on_interrupt(stop)

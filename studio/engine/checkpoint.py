@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -17,7 +16,9 @@ import torch
 from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection
 from studio.engine.detect import UNET, VAE, detect
 from studio.engine.families import Family, family_of_unet_config, get_family
-from studio.engine.safe_load import ModelLoadError, WeightsFile, open_weights
+from studio.engine.jsonfile import JsonFileError
+from studio.engine.model_configs import INDEX, SCHEDULER_CONFIG, UNET_CONFIG, read_config, read_folder_configs
+from studio.engine.safe_load import ModelLoadError, WeightsFile, open_weights, read_safetensors_header
 from studio.paths import resource_path, user_cache_dir
 
 __all__ = [
@@ -355,8 +356,8 @@ def _build_from_single_file(path: Path, model: ModelSection, dtype: torch.dtype)
 
 def _configured_prediction(config_dir: Path) -> str | None:
     try:
-        config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_config(config_dir, SCHEDULER_CONFIG)
+    except JsonFileError:
         return None
     value = config.get("prediction_type")
     return value if value in ("epsilon", "v_prediction") else None
@@ -365,9 +366,9 @@ def _configured_prediction(config_dir: Path) -> str | None:
 def _check_config_fits(w: WeightsFile, config_dir: Path, name: str) -> None:
     """Compare a few widths with the config before building anything, for a clear message instead of a shape error."""
     try:
-        unet = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"the model configuration in '{config_dir}' cannot be read ({exc})") from None
+        unet = read_config(config_dir, UNET_CONFIG)
+    except JsonFileError as exc:
+        raise ModelLoadError(f"The model configuration cannot be used: {exc}") from None
     conv_in = w.shapes.get(UNET + "input_blocks.0.0.weight")
     if conv_in and len(conv_in) == 4 and conv_in[0] != unet.get("block_out_channels", [conv_in[0]])[0]:
         raise ModelLoadError(
@@ -396,12 +397,21 @@ def _load_diffusers_folder(path: Path, model: ModelSection, dtype: torch.dtype) 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    found = read_folder_configs(path)  # before diffusers parses them: its errors name neither file nor field
+    if found.problems:
+        raise ModelLoadError(f"'{path.name}' cannot be loaded: " + "; ".join(found.problems))
+    index = found.get(INDEX) or {}
     pipeline_class = index.get("_class_name", "")
+    unet_config = found.get(UNET_CONFIG)
+    if unet_config is None:
+        raise ModelLoadError(f"'{path.name}' is a {pipeline_class or 'diffusers'} folder without a UNet (no "
+                             f"{UNET_CONFIG}); LoRA Studio trains Stable Diffusion 1.x, 2.x and SDXL models")
     if pipeline_class and pipeline_class not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline") and not (path / "unet").is_dir():
         raise ModelLoadError(f"'{path.name}' is a {pipeline_class} folder; LoRA Studio trains Stable Diffusion 1.x, "
                              "2.x and SDXL models")
-    unet_config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for weights in sorted((path / part).glob("*.safetensors")) if (path / part).is_dir() else []:
+            read_safetensors_header(weights)  # a damaged or renamed file gets our sentence, not SafetensorError's
     if unet_config.get("in_channels", 4) != 4:
         raise ModelLoadError(f"'{path.name}' is an inpainting or image-editing model (its UNet takes "
                              f"{unet_config['in_channels']} input channels); use the text-to-image version")

@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio.engine.config import BUILTIN_DEMO_MODEL, Job
 from studio.engine.devices import device_problem, format_bytes, pick_device
+from studio.engine.jsonfile import JsonFileError, read_json_object
+from studio.engine.model_configs import UNET_CONFIG, read_config
 from studio.paths import resource_path
 
 # Counted on the meta device with the FLOP counter: a LoRA step (kohya-default targets, forward + backward)
@@ -111,8 +113,8 @@ def _config_folder(job: Job, family: str) -> Path:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except JsonFileError:
         return None
 
 
@@ -316,7 +318,7 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
     t, d = job.training, job.dataset
     family = guess_family(job)
     folder = _config_folder(job, family)
-    config = json.loads((folder / "unet" / "config.json").read_text())
+    config = read_config(folder, UNET_CONFIG)  # raises JsonFileError naming the file
     vae_config = _read_json(folder / "vae" / "config.json")
     warnings: list[str] = []
     requested = device or t.device

@@ -40,6 +40,7 @@ import torch
 
 from studio.engine.families import Family, get_family
 from studio.engine.fileio import atomic_write_with
+from studio.engine.jsonfile import JsonFileError, parse_json
 from studio.engine.lora import ADAPTER_NAME, components, lora_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -587,7 +588,11 @@ def describe_lora(path: Path) -> dict[str, Any]:
             if module in alphas:
                 (conv_alpha_values if entry.get("spatial") else alpha_values)[alphas[module]] += 1
     else:
-        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+        try:  # text from the file: bounded and named like every JSON read (studio.engine.jsonfile)
+            adapter = parse_json(metadata.get("lora_adapter_metadata", "{}") or "{}", f"the adapter metadata of '{path.name}'")
+        except JsonFileError as exc:
+            raise LoraFileError(str(exc)) from None
+        adapter = adapter if isinstance(adapter, dict) else {}
         if "unet.lora_alpha" in adapter:
             alpha_values[float(adapter["unet.lora_alpha"])] += 1
             patterns = adapter.get("unet.alpha_pattern") or {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any, Callable
 from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection
 from studio.engine.detect import COMPONENT_PREFIXES, detect
 from studio.engine.families import FAMILIES, family_of_unet_config
+from studio.engine.model_configs import INDEX, SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, read_folder_configs
 from studio.engine.safe_load import ModelLoadError, cached_file_hashes, open_weights, read_safetensors_header, sniff_format
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -101,23 +101,21 @@ def _component_weights(folder: Path) -> Path | None:
 
 
 def _folder_info(path: Path) -> dict[str, Any]:
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    unet_config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8")) if (path / "unet" / "config.json").is_file() else None
-    problem = None
+    found = read_folder_configs(path)  # every config checked, so a broken one is reported, not "ready"
+    index = found.get(INDEX) or {}
+    unet_config = found.get(UNET_CONFIG)
+    problem = "; ".join(found.problems) or None
     family = None
-    if unet_config is None:
+    if problem:
+        unet_config = None  # its values are not to be trusted for anything below
+    elif unet_config is None:
         problem = f"this is a {index.get('_class_name', 'diffusers')} folder; LoRA Studio trains Stable Diffusion 1.x, 2.x and SDXL"
     else:
         family = family_of_unet_config(types.SimpleNamespace(**unet_config), 2 if (path / "text_encoder_2").is_dir() else 1).name
         if unet_config.get("in_channels", 4) != 4:
             problem = (f"this is an inpainting or image-editing model (its UNet takes {unet_config['in_channels']} input "
                        "channels); use the text-to-image version")
-    prediction = "epsilon"
-    try:
-        prediction = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")).get(
-            "prediction_type", "epsilon")
-    except (OSError, ValueError):
-        pass
+    prediction = (found.get(SCHEDULER_CONFIG) or {}).get("prediction_type", "epsilon")
     components: dict[str, dict[str, Any]] = {}
     for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
         weights = _component_weights(path / component)
@@ -136,9 +134,9 @@ def _folder_info(path: Path) -> dict[str, Any]:
     native = None
     try:
         # The UNet's latent size times the VAE's downscale: 64 × 8 = 512 for SD1.5, 96 × 8 = 768 for SD2.1-768.
-        vae_config = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        vae_config = found.get(VAE_CONFIG)
         native = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)  # type: ignore[index]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         native = {"sd1": 512, "sd2": 768 if prediction == "v_prediction" else 512, "sdxl": 1024}.get(family or "")
     return {
         "kind": "checkpoint",

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from studio.engine.jsonfile import JsonFileError, parse_json, read_json_object
+
 
 class ModelLoadError(Exception):
     """A base model that cannot be used; the message says what the file is and what to do."""
@@ -72,7 +74,13 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     if size < 8:
         raise ModelLoadError(f"'{name}' is only {size} bytes: it is empty or was cut off while downloading")
     with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1] <= 5):
+            raise ModelLoadError(
+                f"'{path}' is named .safetensors but is a PyTorch pickle file (a .ckpt/.bin/.pt renamed); it is not "
+                "the file it claims to be. Get the real .safetensors file, or give the .ckpt as the model instead"
+            )
+        (n,) = struct.unpack("<Q", head)
         if n == 0 or n > MAX_HEADER_BYTES:
             raise ModelLoadError(
                 f"'{name}' is not a valid safetensors file: its header claims {n:,} bytes (damaged or not a model)"
@@ -83,8 +91,8 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
             )
         raw = fh.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parse_json(raw, f"the header of '{name}'")
+    except JsonFileError:
         raise ModelLoadError(f"'{name}' is not a valid safetensors file (its header is not JSON); the file is damaged") from None
     if not isinstance(header, dict):
         raise ModelLoadError(f"'{name}' is not a valid safetensors file (unexpected header)")
@@ -441,10 +449,8 @@ def cached_file_hashes(path: str | os.PathLike) -> dict[str, str]:
     key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
     store = user_cache_dir() / "file-hashes.json"
     try:
-        cache = json.loads(store.read_text(encoding="utf-8"))
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
+        cache = read_json_object(store, max_bytes=16 * 1024 * 1024)
+    except JsonFileError:
         cache = {}
     if isinstance(cache.get(key), dict):
         return cache[key]
