@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
+
+# A caption is read only this far. The text encoders see 77 tokens (kohya's longest setting: 225), a few hundred to
+# ~1,500 characters; tokenizing costs ~11 s and ~330 MB per MB of text, so a 50 MB "caption" (a log or a dump
+# saved as .txt) once took 13.9 GB while caching text embeddings.
+MAX_CAPTION_CHARS = 4096
+MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS + 4  # enough for MAX_CAPTION_CHARS in any encoding we read (UTF-8: 4 bytes)
 
 
 @dataclass(frozen=True)
@@ -13,7 +21,9 @@ class CaptionText:
 
     text: str  # stripped; several lines are joined with ", "
     encoding: str  # "utf-8", "utf-16", "cp1252" or "latin-1"
-    lines: int  # non-empty lines in the file
+    lines: int  # non-empty lines in the (read part of the) file
+    truncated: bool = False  # the file holds more than MAX_CAPTION_CHARS / MAX_CAPTION_BYTES; only the start is used
+    file_size: int | None = None  # bytes in the file, when read from one
 
     @property
     def fallback(self) -> bool:
@@ -21,19 +31,20 @@ class CaptionText:
         return self.encoding in ("cp1252", "latin-1")
 
 
-def decode_caption(data: bytes) -> CaptionText:
+def decode_caption(data: bytes, *, complete: bool = True) -> CaptionText:
     """Decode caption bytes: UTF-8 (with or without BOM), UTF-16 with BOM, else Windows-1252, else Latin-1.
 
-    Never raises: Latin-1 maps every byte, so a caption is always produced.
+    ``complete=False`` says ``data`` is only the start of a file: a character cut in half at the end is dropped
+    instead of making valid UTF-8 look like a legacy code page. Never raises: Latin-1 maps every byte.
     """
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         # Windows Notepad's "Unicode" saves UTF-16 with a BOM; as cp1252 it would read as NUL-riddled garbage.
         try:
-            return _clean(data.decode("utf-16"), "utf-16")
+            return _clean(_decode(data, "utf-16", complete), "utf-16")
         except UnicodeDecodeError:
             pass
     try:
-        return _clean(data.decode("utf-8-sig"), "utf-8")
+        return _clean(_decode(data, "utf-8-sig", complete), "utf-8")
     except UnicodeDecodeError:
         pass
     try:
@@ -41,6 +52,32 @@ def decode_caption(data: bytes) -> CaptionText:
     except UnicodeDecodeError:
         # cp1252 leaves five bytes undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D); Latin-1 defines all 256.
         return _clean(data.decode("latin-1"), "latin-1")
+
+
+def _decode(data: bytes, encoding: str, complete: bool) -> str:
+    if complete:
+        return data.decode(encoding)
+    return codecs.getincrementaldecoder(encoding)().decode(data, final=False)  # keeps back a cut-off last character
+
+
+def read_caption_file(path: Path | str) -> CaptionText:
+    """A caption file's text, reading at most MAX_CAPTION_BYTES and keeping at most MAX_CAPTION_CHARS.
+
+    ``truncated`` says when the file held more; the file itself is never changed. Raises OSError if unreadable.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(MAX_CAPTION_BYTES + 1)
+    cut = len(data) > MAX_CAPTION_BYTES
+    decoded = decode_caption(data[:MAX_CAPTION_BYTES], complete=not cut)
+    text = decoded.text
+    if len(text) > MAX_CAPTION_CHARS:
+        text = text[:MAX_CAPTION_CHARS]
+        cut = True
+    if cut:  # end at a tag or word boundary rather than inside a word
+        boundary = max(text.rfind(","), text.rfind(" "))
+        text = (text[:boundary] if boundary > MAX_CAPTION_CHARS // 2 else text).rstrip(" ,")
+    return CaptionText(text, decoded.encoding, decoded.lines, cut, size)
 
 
 def _clean(text: str, encoding: str) -> CaptionText:

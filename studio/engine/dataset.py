@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.engine.buckets import assign_bucket, bucket_sizes, plan_buckets, prepare_image
-from studio.engine.captions import compose_caption, decode_caption, short, split_tags
+from studio.engine.captions import compose_caption, read_caption_file, short, split_tags
 from studio.engine import images as _images
 from studio.engine.fileio import atomic_write_bytes
 from studio.engine.images import (
@@ -52,6 +52,7 @@ class DatasetItem:
     sha256: str  # of the file's bytes (duplicate detection, cache keys)
     mtime_ns: int
     size: int
+    caption_truncated: bool = False  # the caption file is longer than a caption can be: only its start is used
 
 
 @dataclass(frozen=True)
@@ -461,22 +462,22 @@ def scan_dataset(
             repeats_cache[cand.folder] = n
             if warning:
                 issues.append(DatasetIssue(cand.folder or ".", warning, "warning", f"images in it are repeated {n}×"))
-        text, source, note = _read_caption(cand)
+        text, source, note, truncated = _read_caption(cand)
         if cand.caption is not None:
             owner = caption_owner.setdefault(cand.caption, cand.rel)
             if owner != cand.rel:
                 issues.append(DatasetIssue(cand.rel, f"Shares its caption file '{cand.caption.name}' with '{owner}'",
                                            "info", "both use the same caption"))
-        captions.append((cand, text, source, note))
+        captions.append((cand, text, source, note, truncated))
         items.append(DatasetItem(
             image_path=cand.path, caption=text, caption_source=source, folder=cand.folder,
             repeats=repeats_cache[cand.folder], width=probe.width, height=probe.height, sha256=probe.sha256,
-            mtime_ns=cand.st.st_mtime_ns, size=cand.st.st_size,
+            mtime_ns=cand.st.st_mtime_ns, size=cand.st.st_size, caption_truncated=truncated,
         ))
 
     # Missing captions are a slip when other images have them, and a choice (trigger-only training) when none do.
-    any_caption = any(source in ("file", "fallback-encoding") for _, _, source, _ in captions)
-    for cand, text, source, note in captions:
+    any_caption = any(source in ("file", "fallback-encoding") for _, _, source, _, _ in captions)
+    for cand, text, source, note, truncated in captions:
         used = compose_caption(text, trigger_word=trigger)
         used_as = f"used with caption '{short(used)}'" if used else "used with an empty caption"
         if source == "missing":
@@ -486,7 +487,10 @@ def scan_dataset(
             issues.append(DatasetIssue(cand.rel, f"Caption file '{cand.caption.name}' is empty",  # type: ignore[union-attr]
                                        "warning" if any_caption else "info", used_as))
         elif note:
-            issues.append(DatasetIssue(cand.rel, note, "warning" if source == "fallback-encoding" else "info", used_as))
+            severity = "warning" if source == "fallback-encoding" or truncated else "info"
+            if truncated:
+                used_as += "; the file itself is not changed"
+            issues.append(DatasetIssue(cand.rel, note, severity, used_as))
 
     names = {f.rsplit("/", 1)[-1] for f in walk.folders if f} | {"."}
     for key in repeats or {}:
@@ -537,25 +541,30 @@ def _run_probes(
     return results
 
 
-def _read_caption(cand: _Candidate) -> tuple[str, str, str]:
-    """(text, caption_source, note) for an image's caption file; never raises."""
+def _read_caption(cand: _Candidate) -> tuple[str, str, str, bool]:
+    """(text, caption_source, note, truncated) for an image's caption file; never raises."""
     if cand.caption is None:
-        return "", "missing", ""
+        return "", "missing", "", False
     try:
-        data = cand.caption.read_bytes()
+        decoded = read_caption_file(cand.caption)
     except OSError as exc:
-        return "", "missing", f"Caption file '{cand.caption.name}' could not be read ({exc.strerror or exc})"
-    decoded = decode_caption(data)
+        return "", "missing", f"Caption file '{cand.caption.name}' could not be read ({exc.strerror or exc})", False
     if not decoded.text:
-        return "", "empty", ""
+        return "", "empty", "", False
     name = cand.caption.name
+    notes = []
+    if decoded.truncated:
+        from studio.engine.devices import format_bytes
+
+        notes.append(f"Caption file '{name}' is {format_bytes(decoded.file_size or 0)}, far longer than a caption "
+                     f"(the text encoder reads a few hundred characters); caption truncated to its first "
+                     f"{len(decoded.text):,} characters")
     if decoded.fallback:
         label = "Windows-1252" if decoded.encoding == "cp1252" else "Latin-1"
-        return decoded.text, "fallback-encoding", (
-            f"Caption file '{name}' is not UTF-8; read as {label} (re-save it as UTF-8 if letters look wrong)")
-    notes = []
+        notes.append(f"Caption file '{name}' is not UTF-8; read as {label} (re-save it as UTF-8 if letters look wrong)")
+        return decoded.text, "fallback-encoding", "; ".join(notes), decoded.truncated
     if decoded.encoding == "utf-16":
         notes.append(f"Caption file '{name}' is UTF-16; read fine, but other tools expect UTF-8")
-    if decoded.lines > 1:
+    if decoded.lines > 1 and not decoded.truncated:
         notes.append(f"Caption file '{name}' has {decoded.lines} lines; they are joined with ', '")
-    return decoded.text, "file", "; ".join(notes)
+    return decoded.text, "file", "; ".join(notes), decoded.truncated

@@ -278,10 +278,15 @@ class DatasetPage(Page):
                 item = QListWidgetItem(text if text else "")
                 item.setData(PATH_ROLE, str(data.image_path))
                 item.setData(CAPTION_ROLE, text)
-                item.setFlags(item.flags() | Qt.ItemIsEditable)
+                # Only the start of an over-long caption file is read: saving an edit would cut the file to it.
+                editable = not getattr(data, "caption_truncated", False)
+                if editable:
+                    item.setFlags(item.flags() | Qt.ItemIsEditable)
                 source = {"missing": "no caption file yet", "empty": "caption file is empty"}.get(data.caption_source, "")
+                hint = ("Double-click to edit the caption." if editable else
+                        "The caption file is far too long; only its start is used. Edit it in a text editor.")
                 item.setToolTip(f"{data.image_path.name} · {data.width} × {data.height} px · {data.repeats}× per epoch"
-                                + (f"\n{source}" if source else "") + "\nDouble-click to edit the caption.")
+                                + (f"\n{source}" if source else "") + "\n" + hint)
                 if data.image_path in self._thumbs:
                     item.setIcon(self._thumbs[data.image_path])
                 else:
