@@ -654,7 +654,7 @@ class MetricsWriter:
 
 def _step_of(line: str) -> int:
     try:
-        return int(json.loads(line)["step"])
+        return int(parse_json(line, METRICS_FILE)["step"])
     except (ValueError, KeyError, TypeError):
         return 1 << 62  # a half-written last line (killed mid-write) is dropped
 
@@ -668,7 +668,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         with contextlib.suppress(ValueError):
             if line.strip():
-                out.append(json.loads(line))
+                out.append(parse_json(line, str(path)))
     return out
 
 

@@ -26,8 +26,8 @@ from studio.ui.widgets.gallery import ImageDialog
 
 FORMATS = {
     "a1111": ("A1111 / ComfyUI file (.safetensors)",
-              "The usual LoRA file: works in AUTOMATIC1111, Forge, ComfyUI, InvokeAI and diffusers (for SDXL "
-              "text-encoder LoRAs, with transformers 5.10.2 or newer: older 5.x silently skip the second encoder)."),
+              "The usual LoRA file: works in AUTOMATIC1111, Forge, ComfyUI, InvokeAI and diffusers (SDXL "
+              "text-encoder LoRAs need transformers 5.10.2 or newer there)."),
     "diffusers": ("Diffusers folder",
                   "PEFT layout for diffusers' load_lora_weights(folder); A1111 cannot read it."),
     "merged": ("Merged checkpoint (.safetensors)",
