@@ -400,8 +400,9 @@ def _safetensors_layout_problem(path: Path) -> str | None:
         return f"cannot be read ({exc})"
     if not isinstance(header, dict):
         return "is damaged (its header is not a table)"
-    ends = [e.get("data_offsets", [0, 0])[1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)]
-    if any(not isinstance(end, int) for end in ends) or 8 + n + max(ends, default=0) != size:
+    offsets = [e.get("data_offsets") if isinstance(e, dict) else None for k, e in header.items() if k != "__metadata__"]
+    ends = [o[1] for o in offsets if isinstance(o, list) and len(o) == 2]
+    if len(ends) != len(offsets) or any(not isinstance(end, int) for end in ends) or 8 + n + max(ends, default=0) != size:
         return f"is {size:,} bytes, which is not what its header describes (cut off or damaged)"
     return None
 
