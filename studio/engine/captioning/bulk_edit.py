@@ -32,7 +32,7 @@ def tag_frequency(captions: Mapping[K, str]) -> list[tuple[str, int]]:
     """(tag, number of captions holding it), most frequent first; a tag twice in one caption counts once."""
     counts: Counter[str] = Counter()
     for text in captions.values():
-        counts.update(dict.fromkeys(_norm(t) for t in split_tags(text)))
+        counts.update({_norm(t) for t in split_tags(text)})
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
