@@ -248,3 +248,13 @@ def test_the_offer_lists_the_hub_files_and_sizes(monkeypatch):
     offer = hub.download_offer("SmilingWolf/wd-vit-tagger-v3")
     assert seen["online"] and offer.source == "hub" and offer.exact
     assert offer.files == (("model.onnx", 100), ("selected_tags.csv", 5)) and offer.total_bytes == 105
+
+
+@pytest.mark.parametrize("kind", ["blip", "florence2"])
+def test_a_length_past_the_models_position_table_is_capped_not_an_error(kind, tiny_captioners, tmp_path):
+    from fixtures_data import make_dataset
+
+    folder = make_dataset(tmp_path / "one", count=1)
+    events = run(CaptionRequest(folder, str(tiny_captioners[kind]), kind,
+                                CaptionOptions(mode="replace", max_tokens=1024, beams=1)))
+    assert isinstance(events[-1], CaptioningFinished) and events[-1].proposed == 1, events

@@ -39,6 +39,11 @@ class Florence2Captioner:
         self.model.to(self.device).eval()
         self.folder = folder
 
+    def token_limit(self, wanted: int) -> int:
+        """``wanted``, but never past the text model's position table (generating past it fails on every image)."""
+        table = getattr(self.model.config.text_config, "max_position_embeddings", None) or wanted + 8
+        return max(1, min(wanted, table - 8))  # room for the start token and the prompt's own tokens
+
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
         size = f"{params / 1e6:,.0f} M" if params >= 1e6 else f"{params:,}"
@@ -54,7 +59,7 @@ class Florence2Captioner:
                 input_ids=inputs["input_ids"].to(self.device),
                 pixel_values=inputs["pixel_values"].to(self.device, self.dtype),
                 attention_mask=inputs["attention_mask"].to(self.device),
-                max_new_tokens=options.max_tokens, num_beams=options.beams, do_sample=False)
+                max_new_tokens=self.token_limit(options.max_tokens), num_beams=options.beams, do_sample=False)
         # Caption tasks answer in plain text; the special tokens (<s>, </s>, <pad>) are all that needs removing.
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [CaptionOutput(" ".join(t.split())) for t in texts]

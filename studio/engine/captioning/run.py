@@ -154,7 +154,7 @@ def run_captioning(request: CaptionRequest, stop: threading.Event | None = None,
                     current=item.caption, proposed=compose_proposal(item.caption, output.text, options),
                     exists=item.caption_source != "missing")
                 yield CaptionProposed(done, len(todo), proposal, per_image)
-        yield CaptioningFinished(done, skipped, time.monotonic() - started, model_s / max(1, done))
+        yield CaptioningFinished(done, skipped, time.monotonic() - started, model_s / done if done else 0.0)
     except Exception as exc:  # the consumer must always get a terminal event
         yield CaptioningFailed(f"Captioning stopped because of an unexpected error: {exc}",
                                "".join(traceback.format_exception(exc)))
