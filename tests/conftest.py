@@ -86,3 +86,21 @@ def pytest_sessionfinish(session, exitstatus):
     if skipped and os.environ.get("CI") and exitstatus == 0:
         reporter.write_line(f"FAILED: {skipped} test(s) were skipped; CI must run every test", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_captioners(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random captioning models: {"tagger": ONNX tagger folder, "blip": ..., "florence2": ...}."""
+    from fixtures_captioning import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("captioners"))
+
+
+@pytest.fixture
+def demo_copy(tmp_path) -> Path:
+    """A copy of the bundled demo dataset (8 captioned shapes) that a test may change."""
+    import shutil
+
+    from studio.paths import resource_path
+
+    return Path(shutil.copytree(resource_path("demo", "dataset"), tmp_path / "demo"))

@@ -98,8 +98,30 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
         path = out / f"{name}.png"
         window.grab().save(str(path))
         saved.append(path)
+    saved += _render_captioning(window, out, pump)
     window.shutdown()
     window.close()
     for path in saved:
         print(path)
     return 0
+
+
+def _render_captioning(window, out: Path, pump: Callable) -> list[Path]:
+    """The Dataset page's Tags tab and its Caption… dialog (with no model downloaded: what a new user sees)."""
+    page = window.dataset_page
+    window.go_to("dataset")
+    page.tabs.setCurrentWidget(page.tag_panel)
+    pump(lambda: False, 0.3)
+    tags = out / "dataset_tags.png"
+    window.grab().save(str(tags))
+    page.tabs.setCurrentIndex(0)
+    dialog = page.open_caption_dialog()
+    if dialog is None:
+        return [tags]
+    pump(lambda: not dialog.tasks.is_running("caption-models") and bool(dialog.entries), 60)
+    pump(lambda: False, 0.3)
+    path = out / "caption_dialog.png"
+    dialog.grab().save(str(path))
+    dialog.close()
+    return [tags, path]
+

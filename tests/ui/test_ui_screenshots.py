@@ -13,6 +13,7 @@ def test_screenshots_command_renders_every_page(qtbot, tmp_path, monkeypatch):
     out = tmp_path / "shots"
     assert main(["screenshots", str(out), "--no-train", "--size", "1000x700"]) == 0
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == ["dataset.png", "model.png", "settings.png", "train.png", "try_and_export.png"]
+    assert names == ["caption_dialog.png", "dataset.png", "dataset_tags.png", "model.png", "settings.png", "train.png",
+                     "try_and_export.png"]
     image = QImage(str(out / "dataset.png"))
     assert (image.width(), image.height()) == (1000, 700)

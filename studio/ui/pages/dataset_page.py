@@ -13,15 +13,17 @@ from PySide6.QtWidgets import (
     QVBoxLayout, QWidget,
 )
 
-from studio.ui import backend, theme
+from studio.ui import backend, caption_backend, theme
 from studio.ui.format import plural
 from studio.ui.images import pil_to_pixmap
 from studio.ui.job_model import JobModel
 from studio.ui.pages.base import ATTENTION, DONE, PENDING, Page, card, page_for_field
 from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
+from studio.ui.widgets.caption_dialog import CaptionDialog
 from studio.ui.widgets.drop_zone import DropZone, folder_only
 from studio.ui.widgets.fields import FieldEditor
+from studio.ui.widgets.tag_editor import TagEditorPanel
 
 PATH_ROLE = Qt.UserRole
 CAPTION_ROLE = Qt.UserRole + 1
@@ -44,7 +46,10 @@ class DatasetPage(Page):
         "<p>Sub-folders can be weighted with <b>repeats</b> (kohya's <i>10_name</i> folders work too). The "
         "<b>Problems</b> tab lists every file that is skipped or looks wrong, and what happens to it; "
         "<b>Buckets</b> shows how images are grouped by shape instead of being cropped square.</p>"
-        "<p>Double-click a caption to edit it; it is saved to its .txt file when you press Enter.</p>")
+        "<p>Double-click a caption to edit it; it is saved to its .txt file when you press Enter.</p>"
+        "<p><b>Caption…</b> proposes captions with a WD14 tagger, BLIP or Florence-2 running on your computer; "
+        "you check them before anything is written. The <b>Tags</b> tab changes a tag in every caption at once "
+        "(add, remove, replace, move to the front) and can undo each change.</p>")
 
     def __init__(self, model: JobModel, tasks, parent: QWidget | None = None):
         super().__init__(parent)
@@ -54,6 +59,10 @@ class DatasetPage(Page):
         self.scan_error = ""
         self._thumbs: dict[Path, QPixmap] = {}
         self._items: dict[Path, QListWidgetItem] = {}
+        from studio.engine.captioning.bulk_edit import UndoJournal
+
+        self.journal = UndoJournal()  # bulk edits and written captions of this folder, newest last
+        self.caption_dialog: CaptionDialog | None = None
         s = theme.SPACING
 
         self.stack = QStackedWidget()
@@ -101,6 +110,10 @@ class DatasetPage(Page):
         self.progress.hide()
         row.addWidget(self.summary, 1)
         row.addWidget(self.busy)
+        self.caption_button = QPushButton(theme.icon("wand"), "Caption…")
+        self.caption_button.setToolTip("Propose captions with a tagger or captioner model, check them, then write them.")
+        self.caption_button.clicked.connect(self.open_caption_dialog)
+        row.addWidget(self.caption_button)
         top_layout.addLayout(row)
         top_layout.addWidget(self.progress)
         form = QFormLayout()
@@ -142,11 +155,15 @@ class DatasetPage(Page):
         self.problems.header().setSectionResizeMode(QHeaderView.Interactive)
         self.problems.header().setStretchLastSection(True)
         self.tabs.addTab(self.problems, "Problems")
-        self.tags = QTreeWidget()
-        self.tags.setHeaderLabels(["Tag", "Images"])
-        self.tags.header().setStretchLastSection(False)
-        self.tags.header().setSectionResizeMode(0, QHeaderView.Stretch)
-        self.tabs.addTab(self.tags, "Tags")
+        self.tag_panel = TagEditorPanel()
+        self.tags = self.tag_panel.table
+        self.tag_panel.add_requested.connect(self.add_tag)
+        self.tag_panel.remove_requested.connect(self.remove_tag)
+        self.tag_panel.replace_requested.connect(self.replace_tag)
+        self.tag_panel.front_requested.connect(self.move_tag_to_front)
+        self.tag_panel.trigger_requested.connect(self.insert_trigger)
+        self.tag_panel.undo_requested.connect(self.undo)
+        self.tabs.addTab(self.tag_panel, "Tags")
         self.buckets = QTreeWidget()
         self.buckets.setHeaderLabels(["Bucket (width × height)", "Images"])
         self.buckets.setRootIsDecorated(False)
@@ -334,20 +351,15 @@ class DatasetPage(Page):
         self.tabs.setTabIcon(1, theme.icon("warning") if n else theme.icon("state-done"))
 
     def _fill_tags(self, report: Any) -> None:
-        self.tags.clear()
-        freq = report.tag_frequency()
-        single = len(freq) == 1
-        for folder, counts in freq.items():
-            parent = self.tags.invisibleRootItem()
-            if not single:
-                parent = QTreeWidgetItem([folder, ""])
-                self.tags.addTopLevelItem(parent)
-                parent.setExpanded(True)
-            for tag, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                row = QTreeWidgetItem([tag, str(n)])
-                row.setTextAlignment(1, Qt.AlignRight | Qt.AlignVCenter)
-                parent.addChild(row)
-        self.tags.setRootIsDecorated(not single)
+        from studio.engine.captioning.bulk_edit import tag_frequency
+
+        totals: dict[str, int] = {}
+        for counts in report.tag_frequency().values():  # as trained (trigger applied), over every folder
+            for tag, n in counts.items():
+                totals[tag] = totals.get(tag, 0) + n
+        in_files = {tag for tag, _ in tag_frequency({i: item.caption for i, item in enumerate(report.items)})}
+        self.tag_panel.fill(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])), set(totals) - in_files)
+        self.tag_panel.set_undo(self.journal.next_label)
 
     def _fill_buckets(self, buckets: dict[tuple[int, int], int]) -> None:
         self.buckets.clear()
@@ -415,6 +427,123 @@ class DatasetPage(Page):
         item.setData(CAPTION_ROLE, text)
         self.grid.blockSignals(False)
 
+    # -------------------------------------------------------------------------------------- captioning
+
+    def open_caption_dialog(self) -> CaptionDialog | None:
+        path = self.model.value("dataset.path")
+        if not path or not Path(path).expanduser().is_dir():
+            return None
+        if self.caption_dialog is not None:
+            self.caption_dialog.close()
+            self.caption_dialog.deleteLater()
+        dialog = CaptionDialog(Path(path).expanduser(), self.model.value("dataset.caption_extension"),
+                               self.model.value("dataset.trigger_word"), self.tasks, self._thumbs, parent=self)
+        dialog.captions_written.connect(self._on_captions_written)
+        dialog.setWindowModality(Qt.WindowModal)
+        dialog.show()
+        self.caption_dialog = dialog
+        return dialog
+
+    def _on_captions_written(self, result: Any) -> None:
+        self.journal.push(result.edit)
+        self.tag_panel.set_undo(self.journal.next_label)
+        self.rescan()  # the doctor re-reads every caption
+
+    # ------------------------------------------------------------------------------------------ bulk edit
+
+    def _file_captions(self) -> dict[Path, str]:
+        """{caption file: its text} for every usable image (files that do not exist yet included, as "")."""
+        from studio.engine.dataset import caption_path_for
+
+        if self.scan is None:
+            return {}
+        ext = self.model.value("dataset.caption_extension")
+        return {caption_path_for(item.image_path, ext): item.caption for item in self.scan.report.items}
+
+    def bulk_edit(self, label: str, change: Any) -> bool:
+        """Apply ``change`` ({caption file: text} → the changed ones) to every caption; False if nothing changes."""
+        if self.scan is None or self.tasks.is_running("bulk-edit") or self.scanning:
+            return False
+        changes = change(self._file_captions())
+        if not changes:
+            self.banner.show_message("info", f"{label}: no caption needed changing.")
+            return False
+        self.tag_panel.set_busy(True)
+        self.busy.start(f"{label}…")
+        self.tasks.run("bulk-edit", caption_backend.write_edit, changes, label, what=label,
+                       on_done=self._on_edited, on_error=self._on_edit_failed, on_finished=self._edit_finished)
+        return True
+
+    def add_tag(self, tag: str, front: bool = False) -> bool:
+        from studio.engine.captioning.bulk_edit import add_tag
+
+        return self.bulk_edit(f"Add “{tag}”", lambda c: add_tag(c, tag, front=front))
+
+    def remove_tag(self, tag: str) -> bool:
+        from studio.engine.captioning.bulk_edit import remove_tag
+
+        return self.bulk_edit(f"Remove “{tag}”", lambda c: remove_tag(c, tag))
+
+    def replace_tag(self, old: str, new: str) -> bool:
+        from studio.engine.captioning.bulk_edit import replace_tag
+
+        return self.bulk_edit(f"Replace “{old}” with “{new}”", lambda c: replace_tag(c, old, new))
+
+    def move_tag_to_front(self, tag: str) -> bool:
+        from studio.engine.captioning.bulk_edit import move_to_front
+
+        return self.bulk_edit(f"Move “{tag}” to the front", lambda c: move_to_front(c, tag))
+
+    def insert_trigger(self) -> bool:
+        from studio.engine.captioning.bulk_edit import insert_trigger
+
+        trigger = self.model.value("dataset.trigger_word").strip()
+        if not trigger:
+            self.banner.show_message("info", "Set a trigger word first; it is then written first into every caption.")
+            return False
+        return self.bulk_edit(f"Insert trigger word “{trigger}”", lambda c: insert_trigger(c, trigger))
+
+    def undo(self) -> bool:
+        if not self.journal.can_undo or self.tasks.is_running("bulk-edit"):
+            return False
+        label = self.journal.next_label
+        self.tag_panel.set_busy(True)
+        self.busy.start(f"Undoing {label}…")
+        self.tasks.run("bulk-edit", caption_backend.undo, self.journal, what="Undo",
+                       on_done=self._on_undone, on_error=self._on_edit_failed, on_finished=self._edit_finished)
+        return True
+
+    def _on_edited(self, edit: Any) -> None:
+        self.journal.push(edit)
+        n = len(edit.changes)
+        if edit.failed:
+            names = "; ".join(f"{p.name}: {why}" for p, why in edit.failed[:5])
+            self.banner.show_message("error", f"{edit.label}: {plural(len(edit.failed), 'caption')} could not be "
+                                              f"changed ({names}); {plural(n, 'other was', 'others were')} changed.")
+        else:
+            self.banner.show_message("success", f"{edit.label}: {plural(n, 'caption')} changed. Undo puts them back.")
+
+    def _on_undone(self, outcome: Any) -> None:
+        if outcome is None:
+            return
+        edit, result = outcome
+        text = f"Undid {edit.label}: {plural(len(result.restored), 'caption')} put back."
+        if result.kept:
+            names = "; ".join(f"{p.name}: {why}" for p, why in result.kept[:5])
+            self.banner.show_message("warning", f"{text} Not restored: {names}.")
+        else:
+            self.banner.show_message("success", text)
+
+    def _on_edit_failed(self, message: str, details: str) -> None:
+        self.banner.show_message("error", message, details)
+
+    def _edit_finished(self) -> None:
+        self.tag_panel.set_busy(False)
+        self.tag_panel.set_undo(self.journal.next_label)
+        if not self.scanning:
+            self.busy.stop()
+        self.rescan()  # the doctor re-runs after each change
+
     # ------------------------------------------------------------------------------------------ model
 
     def _on_changed(self, path: str, value: Any) -> None:
@@ -433,6 +562,7 @@ class DatasetPage(Page):
         path = self.model.value("dataset.path")
         self.scan = None
         self.scan_error = ""
+        self.journal.clear()  # undo belongs to the folder it was made in
         self.tasks.cancel("scan")
         self.tasks.cancel("thumbs")
         self.banner.hide()
