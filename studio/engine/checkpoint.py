@@ -203,11 +203,14 @@ def _scheduler(config_dir: Path, prediction: str, zero_snr: bool = False) -> Any
 def _tokenizers(config_dir: Path, family: Family) -> list[Any]:
     from transformers import CLIPTokenizer
 
+    from studio.engine.tokenizers import load_tokenizer
+
     out = []
-    for index, fallback in enumerate(family.tokenizer_dirs):
+    for index, bundled in enumerate(family.tokenizer_dirs):
         sub = config_dir / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}")
-        source = sub if (sub / "vocab.json").is_file() else resource_path("tokenizers", fallback)
-        out.append(CLIPTokenizer.from_pretrained(source, local_files_only=True))
+        # A config folder the user chose may carry its own tokenizer; the bundled folders do not.
+        out.append(CLIPTokenizer.from_pretrained(sub, local_files_only=True) if (sub / "vocab.json").is_file()
+                   else load_tokenizer(bundled))
     return out
 
 

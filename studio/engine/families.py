@@ -17,7 +17,7 @@ class Family:
     kohya_te_prefixes: tuple[str, ...]  # one per text encoder
     # Which hidden state of each text encoder conditions the UNet: SDXL uses the penultimate layer.
     penultimate_hidden: bool
-    tokenizer_dirs: tuple[str, ...]  # under resources/tokenizers
+    tokenizer_dirs: tuple[str, ...]  # bundled tokenizers (studio.engine.tokenizers)
 
     @property
     def is_sdxl(self) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from studio.engine.families import Family, get_family
-from studio.paths import resource_path
+from studio.engine.tokenizers import load_tokenizer, write_tokenizer
 
 TINY_RESOLUTION = 64
 _TEXT_DIM = 32
@@ -68,13 +68,13 @@ def _vae(family: Family):
 def build_tiny_pipeline(family_name: str, prediction_type: str = "epsilon", seed: int = 0):
     """A random diffusers pipeline of the family's architecture, small enough to train on a CPU in seconds."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     family = get_family(family_name)
     torch.manual_seed(seed)
     unet, vae = _unet(family), _vae(family)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG, prediction_type=prediction_type)
-    tokenizers = [CLIPTokenizer.from_pretrained(resource_path("tokenizers", d)) for d in family.tokenizer_dirs]
+    tokenizers = [load_tokenizer(name) for name in family.tokenizer_dirs]
     if family.is_sdxl:
         return StableDiffusionXLPipeline(
             vae=vae, text_encoder=CLIPTextModel(_text_config(False)),
@@ -97,5 +97,5 @@ def save_tiny_model(folder: Path, family_name: str, prediction_type: str = "epsi
     # file also costs ~100 ms of GIL-holding JSON parsing per load, which the window's thread would feel.
     for sub, name in zip(("tokenizer", "tokenizer_2"), get_family(family_name).tokenizer_dirs):
         shutil.rmtree(Path(folder) / sub)
-        shutil.copytree(resource_path("tokenizers", name), Path(folder) / sub)
+        write_tokenizer(name, Path(folder) / sub)
     return Path(folder)

@@ -76,8 +76,8 @@ def test_bundled_configs_match_their_generator(tmp_path):
     ("sd1", 859.5, [123.1]), ("sd2", 865.9, [340.4]), ("sd2-v", 865.9, [340.4]), ("sdxl", 2567.5, [123.1, 694.7]),
 ])
 def test_bundled_configs_build_the_real_architectures(name, unet_m, text_m):
-    from transformers import CLIPTokenizer
-
+    from studio.engine.families import get_family
+    from studio.engine.tokenizers import load_tokenizer
     from test_checkpoint_support import architecture
 
     unet, vae, encoders = architecture(name)
@@ -85,11 +85,12 @@ def test_bundled_configs_build_the_real_architectures(name, unet_m, text_m):
     assert millions(unet) == unet_m and millions(vae) == 83.7
     assert [millions(e) for e in encoders] == text_m
     folder = Path(bundled_config_dir("sd2", "v_prediction") if name == "sd2-v" else bundled_config_dir(name))
-    for sub in ("tokenizer", "tokenizer_2"):
-        if (folder / sub).is_dir():
-            tok = CLIPTokenizer.from_pretrained(folder / sub)
-            assert tok.model_max_length == 77
-            assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert not list(folder.glob("tokenizer*")), "bundled config folders name their tokenizer, they hold no copy"
+    pads = {"clip-l": 49407, "clip-g": 0}
+    for tok_name in get_family(name.removesuffix("-v")).tokenizer_dirs:
+        tok = load_tokenizer(tok_name)
+        assert tok.model_max_length == 77 and tok.pad_token_id == pads[tok_name]
+        assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == ("v_prediction" if name == "sd2-v" else "epsilon")
 
