@@ -40,6 +40,7 @@ import torch
 
 from studio.engine.families import Family, get_family
 from studio.engine.fileio import atomic_write_with
+from studio.engine.ldm import unet_module_path
 from studio.engine.lora import ADAPTER_NAME, components, lora_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,52 +66,6 @@ class NotALoraError(LoraFileError):
 # ------------------------------------------------------------------------------------------------ key names
 
 
-def _resnet_ldm(rest: list[str]) -> list[str]:
-    mapping = {"conv1": ["in_layers", "2"], "conv2": ["out_layers", "3"], "time_emb_proj": ["emb_layers", "1"],
-               "conv_shortcut": ["skip_connection"]}
-    if not rest or rest[0] not in mapping:
-        raise ValueError(f"no LDM name for resnet part {'.'.join(rest)}")
-    return mapping[rest[0]] + rest[1:]
-
-
-def _layers_per_block(unet_config: Any) -> int:
-    layers = unet_config.layers_per_block if hasattr(unet_config, "layers_per_block") else unet_config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError("UNets with a different number of layers per block have no standard LDM names")
-    return layers
-
-
-def ldm_unet_path(path: str, unet_config: Any) -> str:
-    """A diffusers UNet module path in the original (LDM/SGM) layout, e.g. ``input_blocks.4.1.proj_in``."""
-    per = _layers_per_block(unet_config)
-    get = (lambda k: getattr(unet_config, k)) if hasattr(unet_config, "layers_per_block") else unet_config.__getitem__
-    p = path.split(".")
-    if p[0] == "down_blocks":
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets":
-            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "0", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "1", *rest])
-        if kind == "downsamplers" and rest == ["conv"]:
-            return f"input_blocks.{(i + 1) * (per + 1)}.0.op"
-    elif p[0] == "mid_block":
-        kind, j, rest = p[1], int(p[2]), p[3:]
-        if kind == "resnets":
-            return ".".join(["middle_block", "0" if j == 0 else "2", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["middle_block", "1", *rest])
-    elif p[0] == "up_blocks":
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets":
-            return ".".join(["output_blocks", str(i * (per + 1) + j), "0", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["output_blocks", str(i * (per + 1) + j), "1", *rest])
-        if kind == "upsamplers" and rest == ["conv"]:
-            has_attention = "CrossAttn" in get("up_block_types")[i]
-            return f"output_blocks.{i * (per + 1) + per}.{2 if has_attention else 1}.conv"
-    raise ValueError(f"no LDM name for UNet module '{path}'")
-
-
 def kohya_module_name(family: Family | str, component: str, module_path: str, unet_config: Any = None) -> str:
     """The kohya LoRA name (key without ``.lora_down.weight`` etc.) of one adapted module."""
     family = family if isinstance(family, Family) else get_family(family)
@@ -118,7 +73,7 @@ def kohya_module_name(family: Family | str, component: str, module_path: str, un
         if family.is_sdxl:
             if unet_config is None:
                 raise ValueError("SDXL UNet names need the UNet config (for the LDM block numbers)")
-            module_path = ldm_unet_path(module_path, unet_config)
+            module_path = unet_module_path(module_path, unet_config)
         return "lora_unet_" + module_path.replace(".", "_")
     index = {"text_encoder": 0, "text_encoder_2": 1}.get(component)
     if index is None or index >= len(family.kohya_te_prefixes):
