@@ -81,7 +81,7 @@ def build_small_model(spec: dict, folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from studio.engine.tiny import SCHEDULER_CONFIG
+    from studio.engine.families.sd import SCHEDULER_CONFIG
     from studio.engine.tokenizers import load_tokenizer
 
     def build(tmp: Path) -> None:
@@ -117,6 +117,8 @@ def build_full_size_model(family: str, folder: Path, seed: int = 0, dtype: torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from studio.engine.families import get_family
+    from studio.engine.tokenizers import write_tokenizer
     from studio.paths import resource_path
 
     configs = resource_path("model_configs", family)
@@ -126,7 +128,10 @@ def build_full_size_model(family: str, folder: Path, seed: int = 0, dtype: torch
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
-        shutil.copytree(configs, tmp, dirs_exist_ok=True)  # model_index, scheduler, tokenizers, configs
+        shutil.copytree(configs, tmp, dirs_exist_ok=True)  # model_index, scheduler, configs
+        spec = get_family(family)
+        for encoder, tokenizer in zip(spec.text_encoder_names, spec.tokenizer_names):  # the bundled ones, by name
+            write_tokenizer(tokenizer, tmp / encoder.replace("text_encoder", "tokenizer", 1))
         with torch.device(device):
             parts: dict[str, Any] = {
                 "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),
