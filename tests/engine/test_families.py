@@ -23,12 +23,6 @@ from test_trainer import collect, tiny_job
 TINY = [(name, prediction) for name in names() for prediction in get_family(name).tiny_prediction_types]
 
 
-def _tiny(tmp_path_factory, name: str, prediction: str) -> Path:
-    from conftest import tiny_model_dir
-
-    return tiny_model_dir(tmp_path_factory, name, prediction)
-
-
 # ------------------------------------------------------------------------------------------- the protocol
 
 
@@ -90,10 +84,10 @@ def test_the_meta_denoiser_runs_on_its_example_inputs():
 
 
 @pytest.mark.parametrize("name, prediction", TINY)
-def test_every_family_tiny_model_is_found_loads_encodes_and_trains_a_step(name, prediction, tmp_path_factory,
-                                                                        tiny_dataset, tmp_path):
+def test_every_family_tiny_model_is_found_loads_encodes_and_trains_a_step(name, prediction, tiny_model, tiny_dataset,
+                                                                        tmp_path):
     family = get_family(name)
-    folder = _tiny(tmp_path_factory, name, prediction)
+    folder = tiny_model(name, prediction)
     assert families.family_of_folder(folder) is family
     from studio.engine.checkpoint import load_model
 
