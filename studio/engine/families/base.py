@@ -278,9 +278,10 @@ class Family(abc.ABC):
         """The whole model in the single-file layout other tools load (merge, conversions)."""
         raise NotImplementedError(f"{self.label} models cannot be written as one checkpoint file yet")
 
-    def single_file_extras(self, bundle: ModelBundle, original: Path | None, written: set[str]) -> dict[str, "torch.Tensor"]:
+    def single_file_extras(self, bundle: ModelBundle, original: Path | None, written: set[str],
+                           dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
         """Tensors a written checkpoint should also carry: markers (v-prediction …) and keys of the original file
-        the conversion does not produce but the original loaders expect."""
+        the conversion does not produce but the original loaders expect (those cast to ``dtype``)."""
         return {}
 
     def kohya_index(self, bundle: ModelBundle) -> dict[str, tuple[str, Any]]:
