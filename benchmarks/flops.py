@@ -36,17 +36,6 @@ def _counted(fn) -> tuple[int, int]:
     return flops.get_total_flops(), ops.ops
 
 
-def _unet_inputs(config: dict, batch: int, height: int, width: int) -> tuple[Any, ...]:
-    x = torch.empty(batch, config["in_channels"], height, width)
-    t = torch.zeros(batch, dtype=torch.long)
-    ctx = torch.empty(batch, 77, config["cross_attention_dim"])
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
-    return x, t, ctx, added
-
-
 def count_step(model_dir: Path, job: Any) -> dict[str, Any]:
     """FLOPs and ops of one optimizer step of ``job`` on the model in ``model_dir``, at square ``resolution``.
 
@@ -54,34 +43,34 @@ def count_step(model_dir: Path, job: Any) -> dict[str, Any]:
     checkpointing when on, so its recomputation is counted). VAE encoding and text encoding are added when the
     job does them every step (caching off).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from studio.engine.families import family_of_unet_config
+    from studio.engine.families import family_of_folder
     from studio.engine.lora import lora_config
 
     model_dir = Path(model_dir)
     t, d = job.training, job.dataset
     batch = t.batch_size
-    unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
+    family = family_of_folder(model_dir)
+    unet_cfg = family.denoiser_config(model_dir)
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     h = w = d.resolution // down
     out: dict[str, Any] = {}
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
-        encoders = [d_ for d_ in ("text_encoder", "text_encoder_2") if (model_dir / d_).is_dir()]
-        family = family_of_unet_config(unet.config, len(encoders))
+        unet = family.meta_denoiser(unet_cfg)
+        encoders = [d_ for d_ in family.text_encoder_names if (model_dir / d_).is_dir()]
         unet.requires_grad_(False)
-        unet.add_adapter(lora_config(job.lora, family, "unet", unet))
+        unet.add_adapter(lora_config(job.lora, family, family.denoiser_name, unet))
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        x, ts, ctx, added = _unet_inputs(unet_cfg, batch, h, w)
+        args, kwargs = family.denoiser_example_inputs(unet_cfg, batch, h, w)
     holder: dict[str, torch.Tensor] = {}
 
     def forward() -> None:
-        holder["pred"] = unet(x, ts, ctx, added_cond_kwargs=added).sample
+        holder["pred"] = unet(*args, **kwargs).sample
 
     def backward() -> None:
         holder.pop("pred").float().pow(2).mean().backward()

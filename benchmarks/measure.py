@@ -26,9 +26,9 @@ WRAPPED = {
     ("studio.engine.dataset", "scan_dataset"): "scan",
     ("studio.engine.dataset", "load_image"): "image_decode",
     ("studio.engine.dataset", "prepare_image"): "image_resize",
-    ("studio.engine.trainer", "_encode_latent"): "vae_encode",  # includes decode + resize when caching is off
-    ("studio.engine.trainer", "_encode_text"): "text_encode",
-    ("studio.engine.trainer", "_batch_inputs"): "batch_inputs",  # everything a step does before the UNet
+    ("studio.engine.run_data", "_encode_latent"): "vae_encode",  # includes decode + resize when caching is off
+    ("studio.engine.run_data", "encode_text"): "text_encode",
+    ("studio.engine.run_data", "batch_inputs"): "batch_inputs",  # everything a step does before the denoiser
 }
 
 

@@ -79,10 +79,10 @@ def _atomic_folder(folder: Path, build) -> Path:
 def build_small_model(spec: dict, folder: Path, seed: int = 0) -> Path:
     """Write an SD1-layout diffusers folder with random weights described by ``spec`` (see SMALL)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from studio.engine.tiny import SCHEDULER_CONFIG
-    from studio.paths import resource_path
+    from studio.engine.families.sd import SCHEDULER_CONFIG
+    from studio.engine.tokenizers import load_tokenizer
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
@@ -99,7 +99,7 @@ def build_small_model(spec: dict, folder: Path, seed: int = 0) -> Path:
             hidden_act="quick_gelu", projection_dim=spec["text"]["hidden_size"], **spec["text"],
         ))
         pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(resource_path("tokenizers", "clip-l")),
+            vae=vae, text_encoder=text, tokenizer=load_tokenizer("clip-l"),
             unet=unet, scheduler=DDPMScheduler(**SCHEDULER_CONFIG, prediction_type="epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
@@ -117,6 +117,8 @@ def build_full_size_model(family: str, folder: Path, seed: int = 0, dtype: torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from studio.engine.families import get_family
+    from studio.engine.tokenizers import write_tokenizer
     from studio.paths import resource_path
 
     configs = resource_path("model_configs", family)
@@ -126,7 +128,10 @@ def build_full_size_model(family: str, folder: Path, seed: int = 0, dtype: torch
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
-        shutil.copytree(configs, tmp, dirs_exist_ok=True)  # model_index, scheduler, tokenizers, configs
+        shutil.copytree(configs, tmp, dirs_exist_ok=True)  # model_index, scheduler, configs
+        spec = get_family(family)
+        for encoder, tokenizer in zip(spec.text_encoder_names, spec.tokenizer_names):  # the bundled ones, by name
+            write_tokenizer(tokenizer, tmp / encoder.replace("text_encoder", "tokenizer", 1))
         with torch.device(device):
             parts: dict[str, Any] = {
                 "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")),

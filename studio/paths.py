@@ -21,7 +21,7 @@ def _resources_root() -> Path:
 
 
 def resource_path(*parts: str) -> Path:
-    """Path of a bundled resource, e.g. ``resource_path("tokenizers", "clip-l")``."""
+    """Path of a bundled resource, e.g. ``resource_path("tokenizers", "clip")``."""
     return _resources_root().joinpath(*parts)
 
 

@@ -57,6 +57,12 @@ def tiny_model_dir(tmp_path_factory, family: str, prediction_type: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Any registered family's tiny model: ``tiny_model(family, prediction_type)`` → its folder (built once)."""
+    return lambda family, prediction_type: tiny_model_dir(tmp_path_factory, family, prediction_type)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd1(tmp_path_factory) -> Path:
     """A tiny random SD1-architecture diffusers folder (epsilon prediction)."""
     return tiny_model_dir(tmp_path_factory, "sd1", "epsilon")

@@ -2,7 +2,9 @@
 
 The values are those of the reference models' own configs (runwayml/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-2-1-base, stabilityai/stable-diffusion-2-1, stabilityai/stable-diffusion-xl-base-1.0);
-only the safety checker is left out. Tokenizer files are copied from ``resources/tokenizers``. Run::
+only the safety checker and the tokenizers are left out: every family uses a bundled CLIP tokenizer from
+``resources/tokenizers`` (the family module names it, see studio/engine/families/), so the vocabulary is not
+stored once per folder. Run::
 
     python resources/model_configs/make_model_configs.py
 
@@ -12,13 +14,10 @@ and commit the result; tests/engine/test_checkpoint.py checks the folders match 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOKENIZERS = HERE.parent / "tokenizers"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 _UNET_COMMON = {
     "_class_name": "UNet2DConditionModel",
@@ -190,12 +189,12 @@ MODEL_INDEX = {
     },
 }
 
-# (text encoder subfolder, config, tokenizer subfolder, resources/tokenizers source)
+# (text encoder subfolder, config)
 TEXT = {
-    "sd1": [("text_encoder", CLIP_L, "tokenizer", "clip-l")],
-    "sd2": [("text_encoder", OPENCLIP_H, "tokenizer", "clip-g")],
-    "sd2-v": [("text_encoder", OPENCLIP_H, "tokenizer", "clip-g")],
-    "sdxl": [("text_encoder", CLIP_L, "tokenizer", "clip-l"), ("text_encoder_2", OPENCLIP_BIGG, "tokenizer_2", "clip-g")],
+    "sd1": [("text_encoder", CLIP_L)],
+    "sd2": [("text_encoder", OPENCLIP_H)],
+    "sd2-v": [("text_encoder", OPENCLIP_H)],
+    "sdxl": [("text_encoder", CLIP_L), ("text_encoder_2", OPENCLIP_BIGG)],
 }
 
 NAMES = ("sd1", "sd2", "sd2-v", "sdxl")
@@ -213,11 +212,8 @@ def write_configs(root: Path) -> None:
         _write_json(folder / "unet" / "config.json", UNET[name])
         _write_json(folder / "vae" / "config.json", VAE[name])
         _write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER[name])
-        for te_dir, te_config, tok_dir, tok_source in TEXT[name]:
+        for te_dir, te_config in TEXT[name]:
             _write_json(folder / te_dir / "config.json", te_config)
-            (folder / tok_dir).mkdir(parents=True, exist_ok=True)
-            for file in TOKENIZER_FILES:
-                shutil.copyfile(TOKENIZERS / tok_source / file, folder / tok_dir / file)
 
 
 if __name__ == "__main__":

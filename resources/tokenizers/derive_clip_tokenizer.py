@@ -6,8 +6,10 @@ The vocabulary ships (MIT licence) inside the ``open_clip_torch`` wheel as
 
     python resources/tokenizers/derive_clip_tokenizer.py path/to/open_clip_torch-*.whl
 
-It writes ``clip-l/`` (CLIP ViT-L, pads with ``<|endoftext|>``: SD1 and SDXL's first tokenizer) and
-``clip-g/`` (OpenCLIP, pads with ``!``: SD2 and SDXL's second tokenizer) next to this script.
+It writes ``clip/`` next to this script: the vocabulary and merges every SD1/SD2/SDXL text encoder uses, with
+CLIP ViT-L's configuration (pads with ``<|endoftext|>``). OpenCLIP's variant (pads with ``!``: SD2 and SDXL's
+second tokenizer) is the same files with another pad token; studio/engine/tokenizers.py makes it, so the
+vocabulary is stored once.
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ def main(argv: list[str]) -> int:
     vocab = build_vocab(merges)
     assert len(vocab) == 49408, len(vocab)
     here = Path(__file__).resolve().parent
-    write_tokenizer(here / "clip-l", vocab, merges, pad_token="<|endoftext|>")
-    write_tokenizer(here / "clip-g", vocab, merges, pad_token="!")
+    write_tokenizer(here / "clip", vocab, merges, pad_token="<|endoftext|>")
     print(f"wrote {len(vocab)} tokens, {len(merges)} merges to {here}")
     return 0
 

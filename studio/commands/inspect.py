@@ -34,7 +34,8 @@ def format_bytes(n: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from studio.engine.checkpoint import ModelLoadError, inspect_path
+    from studio.engine.inspection import inspect_path
+    from studio.engine.safe_load import ModelLoadError
 
     try:
         info = inspect_path(args.path, hashes=not args.no_hash, load=args.load)
@@ -130,7 +131,7 @@ def _describe_lora(info: dict[str, Any]) -> str:
     family = info.get("family")
     rows: list[tuple[str, Any]] = [
         ("Kind", f"LoRA ({info.get('network_type', 'lora')}, {info.get('layout', '?')} layout)"),
-        ("For", {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}.get(family, family or "unknown")),
+        ("For", info.get("family_label") or family or "unknown"),
         ("Rank", info.get("rank")),
         ("Alpha", f"{info['alpha']:g}" if isinstance(info.get("alpha"), (int, float)) else info.get("alpha")),
     ]

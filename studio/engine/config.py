@@ -14,6 +14,8 @@ from typing import Any, Iterator, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from studio.engine.families import names as family_names
+
 SCHEMA_VERSION = 1
 BUILTIN_DEMO_MODEL = "builtin:demo"
 
@@ -45,7 +47,7 @@ class ModelSection:
         label="Base model",
     )
     family: str = option(
-        "auto", "Model family. 'auto' detects it from the weights.", choices=("auto", "sd1", "sd2", "sdxl"), advanced=True
+        "auto", "Model family. 'auto' detects it from the weights.", choices=("auto", *family_names()), advanced=True
     )
     prediction_type: str = option(
         "auto",

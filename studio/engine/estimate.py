@@ -1,11 +1,11 @@
 """Pre-flight estimate of time per step and GPU memory, from counted FLOPs, the cost model and a calibration.
 
-FLOPs are counted exactly by running the UNet's forward on the meta device (no weights, no memory) under
-torch's FLOP counter, with the job's LoRA adapters in place; a LoRA step costs ~2.1 forwards (+34 % with
+FLOPs are counted exactly by running the family's denoiser forward on the meta device (no weights, no memory)
+under torch's FLOP counter (the family builds it and its inputs); a LoRA step costs ~2.1 forwards (+34 % with
 gradient checkpointing), as counted for SD1.5 and SDXL (shared/FACTS.md, "Cost model"; benchmarks/RESULTS.md
 re-counts it for every benchmark run). Without caches the VAE encoder and the text encoders are counted too.
 LoRA adapters add ~1 % to the FLOPs and are left out; their parameter count (for memory) is exact.
-The device's throughput comes from a short matmul calibration, discounted by the fraction of it that a UNet
+The device's throughput comes from a short matmul calibration, discounted by the fraction of it that a denoiser
 step was measured to reach (benchmarks/RESULTS.md). On GPUs a step also cannot be faster than launching its
 kernels one by one (eager PyTorch at small batches is launch-bound), so the op count sets a floor.
 """
@@ -25,9 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from studio.engine.config import BUILTIN_DEMO_MODEL, Job
 from studio.engine.devices import device_problem, format_bytes, pick_device
+from studio.engine.families import DEFAULT_FAMILY, Family, get_family
 from studio.engine.jsonfile import JsonFileError, read_json_object
-from studio.engine.model_configs import UNET_CONFIG, read_config
-from studio.paths import resource_path
 
 # Counted on the meta device with the FLOP counter: a LoRA step (kohya-default targets, forward + backward)
 # over a plain forward is 2.17 on SD1.5 at 512 px and 2.12 on SDXL at 1024 px; gradient checkpointing
@@ -53,9 +52,8 @@ ENCODER_FRACTION = {"cuda": 0.30, "mps": 0.20, "cpu": 0.80}
 # Host-side cost of one eager op (dispatch + kernel launch), seconds: the floor of a launch-bound step.
 # Typical eager PyTorch figures; uncalibrated until a GPU benchmark runs.
 OP_OVERHEAD_S = {"cuda": 10e-6, "mps": 20e-6, "cpu": 0.0}
-# Activation memory kept for backward per image at the family's native resolution (bf16), GiB:
-# (without, with gradient checkpointing), FACTS.md.
-ACTIVATION_GIB = {"sd1": (0.84, 0.14), "sd2": (1.9, 0.32), "sdxl": (6.0, 0.45)}
+# Activation memory per image and the reference parameter counts are the family's (Family.activation_gib,
+# Family.full_size_parameters: FACTS.md "Cost model").
 CONTEXT_OVERHEAD = 0.6 * 2**30  # CUDA context and kernels
 ALLOCATOR_SLACK = 1.10  # the caching allocator reserves more than is allocated (fragmentation)
 TIGHT = 0.90  # above this share of the card, warn that the run may not fit
@@ -96,7 +94,7 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes} min"
 
 
-def _config_folder(job: Job, family: str) -> Path:
+def _config_folder(job: Job, family: Family) -> Path:
     """The diffusers config folder describing the job's model: its own, or the bundled one for the family."""
     path = job.model.path
     if path == BUILTIN_DEMO_MODEL:
@@ -104,11 +102,11 @@ def _config_folder(job: Job, family: str) -> Path:
 
         return demo_model_path()
     folder = Path(path).expanduser()
-    if (folder / "unet" / "config.json").is_file():
+    if (folder / family.denoiser_name / "config.json").is_file():
         return folder
     if job.model.config_dir:
         return Path(job.model.config_dir).expanduser()
-    return resource_path("model_configs", {"sd2": "sd2-v" if job.model.prediction_type != "epsilon" else "sd2"}.get(family, family))
+    return family.bundled_config_dir(None if job.model.prediction_type == "auto" else job.model.prediction_type)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -126,27 +124,17 @@ def _vae_factor(vae: dict | None) -> int:
 
 
 def guess_family(job: Job) -> str:
+    """The job's family: set, or told by the model file/folder (the default family when nothing tells)."""
     if job.model.family != "auto":
         return job.model.family
     if job.model.path == BUILTIN_DEMO_MODEL:
-        return "sd1"
+        return DEFAULT_FAMILY
     try:
-        from studio.engine.checkpoint import inspect_path
+        from studio.engine.inspection import inspect_path
 
-        return inspect_path(job.model.path).get("family") or "sd1"
+        return inspect_path(job.model.path).get("family") or DEFAULT_FAMILY
     except Exception:  # an estimate must never fail the form it is shown on
-        return "sd1"
-
-
-def _unet_inputs(config: dict, batch: int, height: int, width: int) -> tuple:
-    x = torch.empty(batch, config["in_channels"], height, width)
-    t = torch.zeros(batch, dtype=torch.long)
-    ctx = torch.empty(batch, 77, config["cross_attention_dim"])
-    added = None
-    if config.get("addition_embed_type") == "text_time":
-        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        added = {"text_embeds": torch.empty(batch, pooled), "time_ids": torch.empty(batch, 6)}
-    return x, t, ctx, added
+        return DEFAULT_FAMILY
 
 
 class _OpCounter(TorchDispatchMode):
@@ -162,49 +150,47 @@ class _OpCounter(TorchDispatchMode):
 
 
 @functools.lru_cache(maxsize=4)
-def _meta_unet(config_json: str):
-    """The UNet of this config on the meta device: shapes only, no memory; built once, never mutated."""
-    from diffusers import UNet2DConditionModel
-
+def _meta_denoiser(family: str, config_json: str):
+    """The family's denoiser of this config on the meta device: shapes only, no memory; built once, never mutated."""
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(json.loads(config_json)).eval()
+        return get_family(family).meta_denoiser(json.loads(config_json))
 
 
 @functools.lru_cache(maxsize=16)
-def unet_cost(config_json: str, width: int, height: int, batch: int = 1, down: int = 8) -> tuple[int, int]:
-    """(FLOPs, aten ops) of one UNet forward at this pixel size (``down`` = the VAE's factor), on the meta device.
+def denoiser_cost(family: str, config_json: str, width: int, height: int, batch: int = 1, down: int = 8) -> tuple[int, int]:
+    """(FLOPs, aten ops) of one denoiser forward at this pixel size (``down`` = the VAE's factor), on the meta device.
 
-    Counted at batch 1 and scaled: every UNet op works per sample, so FLOPs grow exactly with the batch and
+    Counted at batch 1 and scaled: every denoiser op works per sample, so FLOPs grow exactly with the batch and
     the op count does not grow at all (which is why small batches are launch-bound).
     """
     if batch != 1:
-        flops, ops = unet_cost(config_json, width, height, 1, down)
+        flops, ops = denoiser_cost(family, config_json, width, height, 1, down)
         return flops * batch, ops
     from torch.utils.flop_counter import FlopCounterMode
 
     config = json.loads(config_json)
-    unet = _meta_unet(config_json)
+    denoiser = _meta_denoiser(family, config_json)
     with torch.device("meta"):
-        x, t, ctx, added = _unet_inputs(config, 1, height // down, width // down)
+        args, kwargs = get_family(family).denoiser_example_inputs(config, 1, height // down, width // down)
     counter = _OpCounter()
     with FlopCounterMode(display=False) as flops, counter, torch.no_grad():
-        unet(x, t, ctx, added_cond_kwargs=added)
+        denoiser(*args, **kwargs)
     return flops.get_total_flops(), counter.ops
 
 
 @functools.lru_cache(maxsize=16)
-def lora_param_count(config_json: str, targets: str, rank: int, conv_rank: int = 0) -> int:
-    """Exact LoRA parameter count of the UNet for these targets and ranks, from the modules peft would wrap.
+def lora_param_count(family: str, config_json: str, targets: str, rank: int, conv_rank: int = 0) -> int:
+    """Exact LoRA parameter count of the denoiser for these targets and ranks, from the modules peft would wrap.
 
     peft's adapters: Linear in→out gets A (rank×in) and B (out×rank); a k×k Conv2d gets A (rank×in×k×k) and a
     1×1 B (out×rank), with the conv rank for spatial convolutions (kohya's conv_dim).
     """
     from studio.engine.lora import matching_modules, target_modules
 
-    unet = _meta_unet(config_json)
-    modules = dict(unet.named_modules())
+    denoiser = _meta_denoiser(family, config_json)
+    modules = dict(denoiser.named_modules())
     total = 0
-    for name in matching_modules(unet, target_modules("sd1", targets, "unet")):
+    for name in matching_modules(denoiser, target_modules(family, targets, get_family(family).denoiser_name)):
         module = modules[name]
         if isinstance(module, torch.nn.Linear):
             total += rank * (module.in_features + module.out_features)
@@ -214,11 +200,6 @@ def lora_param_count(config_json: str, targets: str, rank: int, conv_rank: int =
             kh, kw = module.kernel_size
             total += r * module.in_channels * kh * kw + r * module.out_channels
     return total
-
-
-def unet_forward_flops(config_json: str, width: int, height: int, batch: int, down: int = 8) -> int:
-    """Exact FLOPs of one UNet forward at this pixel size (``down`` = the VAE's factor), counted on the meta device."""
-    return unet_cost(config_json, width, height, batch, down)[0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -234,22 +215,6 @@ def vae_encode_flops(config_json: str, width: int, height: int, batch: int = 1) 
         pixels = torch.empty(batch, 3, height, width)
     with FlopCounterMode(display=False) as flops, torch.no_grad():
         vae.encode(pixels)
-    return flops.get_total_flops()
-
-
-@functools.lru_cache(maxsize=8)
-def text_encoder_flops(config_dir: str, batch: int = 1) -> int:
-    """FLOPs of one CLIP text encoder (config folder) over ``batch`` 77-token captions."""
-    if batch != 1:
-        return text_encoder_flops(config_dir, 1) * batch
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir))
-        ids = torch.zeros(batch, 77, dtype=torch.long)
-    with FlopCounterMode(display=False) as flops, torch.no_grad():
-        model(ids)
     return flops.get_total_flops()
 
 
@@ -316,9 +281,10 @@ def _compute_dtype(job: Job, device_type: str) -> torch.dtype | None:
 
 def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> Estimate:
     t, d = job.training, job.dataset
-    family = guess_family(job)
+    family = get_family(guess_family(job))
     folder = _config_folder(job, family)
-    config = read_config(folder, UNET_CONFIG)  # raises JsonFileError naming the file
+    # Raises JsonFileError naming the file (missing, damaged, not an object).
+    config = read_json_object(folder / family.denoiser_name / "config.json", what=f"the {family.denoiser_name} configuration")
     vae_config = _read_json(folder / "vae" / "config.json")
     warnings: list[str] = []
     requested = device or t.device
@@ -329,23 +295,21 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
     dev = pick_device(requested)
     down = _vae_factor(vae_config)
     config_json = json.dumps(config, sort_keys=True)
-    fwd, fwd_ops = unet_cost(config_json, d.resolution, d.resolution, t.batch_size, down)
-    unet_flops = fwd * STEP_OVER_FORWARD * (CHECKPOINTING_OVERHEAD if t.gradient_checkpointing else 1.0)
+    fwd, fwd_ops = denoiser_cost(family.name, config_json, d.resolution, d.resolution, t.batch_size, down)
+    denoiser_flops = fwd * STEP_OVER_FORWARD * (CHECKPOINTING_OVERHEAD if t.gradient_checkpointing else 1.0)
     step_ops = fwd_ops * OPS_STEP_OVER_FORWARD * t.gradient_accumulation
     encode_flops = 0
     if not t.cache_latents and vae_config:
         encode_flops += vae_encode_flops(json.dumps(vae_config, sort_keys=True), d.resolution, d.resolution, t.batch_size)
     if not _text_cached(job):
-        for name in ("text_encoder", "text_encoder_2"):
-            if (folder / name / "config.json").is_file():
-                encode_flops += text_encoder_flops(str(folder / name), t.batch_size)
-    unet_flops *= t.gradient_accumulation
+        encode_flops += family.text_encoder_flops(folder, t.batch_size)
+    denoiser_flops *= t.gradient_accumulation
     encode_flops *= t.gradient_accumulation
-    step_flops = unet_flops + encode_flops
+    step_flops = denoiser_flops + encode_flops
     fallback = {"cpu": 0.05, "cuda": 300.0, "mps": 10.0}
     peak = calibrate_tflops(dev.type, _compute_dtype(job, dev.type)) if calibrate else fallback.get(dev.type, 0.05)
     fraction = ACHIEVED_FRACTION.get(dev.type, 0.2) * min(t.batch_size, 8) ** BATCH_EXPONENT.get(dev.type, 0.0)
-    compute_s = (unet_flops / fraction + encode_flops / ENCODER_FRACTION.get(dev.type, 0.2)) / (peak * 1e12)
+    compute_s = (denoiser_flops / fraction + encode_flops / ENCODER_FRACTION.get(dev.type, 0.2)) / (peak * 1e12)
     launch_s = step_ops * OP_OVERHEAD_S.get(dev.type, 0.0)
     per_step = max(compute_s, launch_s)
     total_steps = planned_steps(job)
@@ -355,7 +319,7 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
         props = torch.cuda.get_device_properties(dev)
         name = props.name
         gpu_total = props.total_memory
-        lora_params = lora_param_count(config_json, job.lora.targets, job.lora.rank, job.lora.conv_rank)
+        lora_params = lora_param_count(family.name, config_json, job.lora.targets, job.lora.rank, job.lora.conv_rank)
         gpu_bytes = gpu_memory(job, family, lora_params)
         if gpu_bytes > gpu_total:
             warnings.append(f"this will likely not fit in the {format_bytes(gpu_total)} of GPU memory (needs ≈ "
@@ -387,14 +351,15 @@ def _memory_advice(job: Job) -> str:
     return ", ".join(steps)
 
 
-def gpu_memory(job: Job, family: str, lora_params: int) -> int:
+def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     """Peak GPU memory of training, bytes: weights + optimizer state + activations kept for backward + overheads."""
     t, d = job.training, job.dataset
-    unet_params = {"sd1": 859.5e6, "sd2": 865.9e6, "sdxl": 2567.5e6}.get(family, 859.5e6)
-    te_params = {"sd1": 123.1e6, "sd2": 340.4e6, "sdxl": 123.1e6 + 694.7e6}.get(family, 123.1e6)
+    family = get_family(family)
+    sizes = family.full_size_parameters()
+    denoiser_params, te_params = sizes["denoiser"], sizes["text_encoders"]
     weight_bytes = 4 if t.mixed_precision == "no" else 2
-    native = {"sd1": 512, "sd2": 768, "sdxl": 1024}.get(family, 512)
-    per_img = ACTIVATION_GIB.get(family, ACTIVATION_GIB["sd1"])[1 if t.gradient_checkpointing else 0] * 2**30
+    native = family.native_resolution(None)
+    per_img = family.activation_gib(t.gradient_checkpointing) * 2**30
     per_img *= weight_bytes / 2  # the table is for bf16 activations; fp32 keeps twice as much
     activations = per_img * t.batch_size * (d.resolution / native) ** 2
     lora = lora_params * 16  # fp32 weight + grad + two Adam moments
@@ -402,5 +367,5 @@ def gpu_memory(job: Job, family: str, lora_params: int) -> int:
         lora += te_params * 0.01 * 16  # text-encoder adapters: ~1 % of its weights at usual ranks
     # Frozen text encoders with fixed captions are encoded once, then moved off the GPU until previews.
     te_resident = 0 if _text_cached(job) else te_params * weight_bytes
-    vae = 83.7e6 * 4  # the VAE stays in fp32 (SDXL's overflows in fp16)
-    return int((unet_params * weight_bytes + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)
+    vae = sizes["vae"] * 4  # the VAE stays in fp32 (SDXL's overflows in fp16)
+    return int((denoiser_params * weight_bytes + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)

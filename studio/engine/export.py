@@ -1,23 +1,8 @@
 """LoRA files: trained adapters → kohya/A1111/ComfyUI keys with metadata and hashes; the diffusers layout; reading."""
 
-# Key layout (checked against each consumer's loader, see FACTS.md "Which LoRA file format travels"):
-#
-# * SD1.x / SD2.x UNet: ``lora_unet_<diffusers module path, '.' → '_'>``, e.g.
-#   ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``. This is what kohya's sd-scripts
-#   itself writes for SD1/SD2 (it trains the diffusers UNet there). A1111 converts these names to its LDM
-#   modules (``convert_diffusers_name_to_compvis``), ComfyUI maps them through ``unet_to_diffusers``, and
-#   diffusers' SD1 loader expects them (it does not remap LDM block numbers for SD1/SD2).
-# * SDXL UNet: ``lora_unet_<LDM/SGM module path>``, e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``.
-#   kohya trains SDXL on the SGM UNet, so every SDXL LoRA in the wild uses these names: A1111 applies them
-#   directly, ComfyUI maps them from the model's own keys, and diffusers' SDXL loader renumbers them with
-#   ``_maybe_map_sgm_blocks_to_diffusers`` (given the UNet config). The diffusers-path variant is *not* safe
-#   for SDXL: A1111's converter assumes SD1's layout for up-samplers (``output_blocks_2_1_conv``), which is
-#   wrong for SDXL, whose first up block has attentions (``output_blocks_2_2_conv``).
-# * Text encoders: ``lora_te_`` (SD1/SD2) or ``lora_te1_``/``lora_te2_`` (SDXL) followed by
-#   ``text_model_encoder_layers_N_…``. transformers ≥ 5.6 dropped ``text_model.`` from CLIPTextModel's module
-#   names (CLIPTextModelWithProjection kept it); every consumer expects the segment, so it is normalised here.
-# * ``.alpha`` is the alpha the module was trained with (conv alpha for LoCon convolutions): every consumer
-#   scales by ``alpha / rank`` exactly like peft's ``lora_alpha / r``.
+# Key names are the family's (Family.kohya_name, e.g. families/sd.py explains SD1/SD2/SDXL's and why); every
+# consumer scales a module by ``alpha / rank`` exactly like peft's ``lora_alpha / r``, and ``.alpha`` is the
+# alpha the module was trained with (conv alpha for LoCon convolutions).
 #
 # DoRA is refused in this layout. peft's DoRA normalises each *output* row of ``W + ΔW``. diffusers drops
 # ``dora_scale`` keys with a warning (the LoRA then loads as plain LoRA), A1111 only implements LyCORIS'
@@ -30,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import functools
 import hashlib
 import json
 import re
@@ -38,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from studio.engine import families
 from studio.engine.families import Family, get_family
 from studio.engine.fileio import atomic_write_with
 from studio.engine.jsonfile import JsonFileError, parse_json
 from studio.engine.lora import ADAPTER_NAME, components, lora_layers
 
 if TYPE_CHECKING:  # pragma: no cover
-    from studio.engine.checkpoint import ModelBundle
+    from studio.engine.families import ModelBundle
     from studio.engine.config import Job
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -66,72 +53,15 @@ class NotALoraError(LoraFileError):
 # ------------------------------------------------------------------------------------------------ key names
 
 
-def _resnet_ldm(rest: list[str]) -> list[str]:
-    mapping = {"conv1": ["in_layers", "2"], "conv2": ["out_layers", "3"], "time_emb_proj": ["emb_layers", "1"],
-               "conv_shortcut": ["skip_connection"]}
-    if not rest or rest[0] not in mapping:
-        raise ValueError(f"no LDM name for resnet part {'.'.join(rest)}")
-    return mapping[rest[0]] + rest[1:]
-
-
-def _layers_per_block(unet_config: Any) -> int:
-    layers = unet_config.layers_per_block if hasattr(unet_config, "layers_per_block") else unet_config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise ValueError("UNets with a different number of layers per block have no standard LDM names")
-    return layers
-
-
-def ldm_unet_path(path: str, unet_config: Any) -> str:
-    """A diffusers UNet module path in the original (LDM/SGM) layout, e.g. ``input_blocks.4.1.proj_in``."""
-    per = _layers_per_block(unet_config)
-    get = (lambda k: getattr(unet_config, k)) if hasattr(unet_config, "layers_per_block") else unet_config.__getitem__
-    p = path.split(".")
-    if p[0] == "down_blocks":
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets":
-            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "0", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["input_blocks", str(1 + i * (per + 1) + j), "1", *rest])
-        if kind == "downsamplers" and rest == ["conv"]:
-            return f"input_blocks.{(i + 1) * (per + 1)}.0.op"
-    elif p[0] == "mid_block":
-        kind, j, rest = p[1], int(p[2]), p[3:]
-        if kind == "resnets":
-            return ".".join(["middle_block", "0" if j == 0 else "2", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["middle_block", "1", *rest])
-    elif p[0] == "up_blocks":
-        i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-        if kind == "resnets":
-            return ".".join(["output_blocks", str(i * (per + 1) + j), "0", *_resnet_ldm(rest)])
-        if kind == "attentions":
-            return ".".join(["output_blocks", str(i * (per + 1) + j), "1", *rest])
-        if kind == "upsamplers" and rest == ["conv"]:
-            has_attention = "CrossAttn" in get("up_block_types")[i]
-            return f"output_blocks.{i * (per + 1) + per}.{2 if has_attention else 1}.conv"
-    raise ValueError(f"no LDM name for UNet module '{path}'")
-
-
-def kohya_module_name(family: Family | str, component: str, module_path: str, unet_config: Any = None) -> str:
-    """The kohya LoRA name (key without ``.lora_down.weight`` etc.) of one adapted module."""
-    family = family if isinstance(family, Family) else get_family(family)
-    if component == "unet":
-        if family.is_sdxl:
-            if unet_config is None:
-                raise ValueError("SDXL UNet names need the UNet config (for the LDM block numbers)")
-            module_path = ldm_unet_path(module_path, unet_config)
-        return "lora_unet_" + module_path.replace(".", "_")
-    index = {"text_encoder": 0, "text_encoder_2": 1}.get(component)
-    if index is None or index >= len(family.kohya_te_prefixes):
-        raise ValueError(f"{family.label} has no text encoder component '{component}'")
-    path = module_path.removeprefix("text_model.")
-    return f"{family.kohya_te_prefixes[index]}_text_model_{path.replace('.', '_')}"
+def kohya_module_name(family: Family | str, component: str, module_path: str, denoiser_config: Any = None) -> str:
+    """The kohya LoRA name (key without ``.lora_down.weight`` etc.) of one adapted module (the family's naming)."""
+    return get_family(family).kohya_name(component, module_path, denoiser_config)
 
 
 def kohya_module_names(bundle: "ModelBundle") -> dict[str, list[str]]:
     """Per component, the kohya names of every module that carries the LoRA (module order)."""
     return {
-        key: [kohya_module_name(bundle.family, key, name, bundle.unet.config) for name in lora_layers(model)]
+        key: [kohya_module_name(bundle.family, key, name, bundle.denoiser.config) for name in lora_layers(model)]
         for key, model in components(bundle).items() if lora_layers(model)
     }
 
@@ -144,7 +74,7 @@ def kohya_export_problem(source: Any) -> str | None:
 
     Lets validation and the trainer say so before training rather than at export.
     """
-    if hasattr(source, "dora") and not hasattr(source, "unet"):
+    if hasattr(source, "dora") and not hasattr(source, "denoiser"):
         dora = bool(source.dora)
     else:
         dora = any(layer.use_dora.get(ADAPTER_NAME, False)
@@ -165,7 +95,7 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16) 
     out: dict[str, torch.Tensor] = {}
     for key, model in components(bundle).items():
         for path, layer in lora_layers(model).items():
-            name = kohya_module_name(bundle.family, key, path, bundle.unet.config)
+            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             if getattr(layer, "use_rslora", {}).get(ADAPTER_NAME, False):
                 raise LoraExportError("rank-stabilised LoRA (scale alpha/√rank) has no kohya equivalent")
             down = layer.lora_A[ADAPTER_NAME].weight
@@ -189,9 +119,10 @@ def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float, weight_shape
 # ------------------------------------------------------------------------------------------------ metadata
 
 
-def _resolution_pair(resolution: int | tuple[int, int] | list[int] | None, family: Family) -> tuple[int, int]:
+def _resolution_pair(resolution: int | tuple[int, int] | list[int] | None, family: Family,
+                     prediction_type: str) -> tuple[int, int]:
     if resolution is None:
-        return family.native_resolution, family.native_resolution
+        return family.native_resolution(prediction_type), family.native_resolution(prediction_type)
     if isinstance(resolution, int):
         return resolution, resolution
     w, h = resolution
@@ -234,9 +165,10 @@ def build_metadata(
     """kohya ``ss_*`` and Stability ``modelspec.*`` metadata; every value is a string."""
     from studio import __version__
 
-    family = family if isinstance(family, Family) else get_family(family)
+    family = get_family(family)
+    ids = family.metadata_ids(prediction_type)
     lo, tr, ds, out = job.lora, job.training, job.dataset, job.output
-    w, h = _resolution_pair(resolution if resolution is not None else ds.resolution, family)
+    w, h = _resolution_pair(resolution if resolution is not None else ds.resolution, family, prediction_type)
     started = _timestamp(training_started)
     finished = _timestamp(training_finished)
     if trigger_words is None:
@@ -260,9 +192,8 @@ def build_metadata(
         "ss_network_dim": network_dim if network_dim is not None else lo.rank,
         "ss_network_alpha": float(network_alpha if network_alpha is not None else lo.alpha),
         "ss_network_dropout": float(lo.dropout),
-        "ss_base_model_version": family.base_model_version(prediction_type),
-        # A1111 lists a LoRA under SD2 only when this is exactly "True".
-        "ss_v2": "True" if family.name == "sd2" else "False",
+        "ss_base_model_version": ids["ss_base_model_version"],  # the family's ids, e.g. "sd_v1"
+        "ss_v2": ids["ss_v2"],
         "ss_sd_model_name": model_name,
         "ss_resolution": f"({w}, {h})",
         "ss_steps": int(steps),
@@ -294,13 +225,13 @@ def build_metadata(
         "ss_training_comment": description or "",
         # Stability's ModelSpec (modelspec.*), read by ComfyUI, Civitai and A1111's version check
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture(prediction_type, w),
-        # kohya's convention: SGM names for SDXL LoRAs, diffusers names for SD1/SD2 (as written here).
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family.is_sdxl else "diffusers",
+        "modelspec.architecture": ids["modelspec.architecture"],
+        # kohya's convention: which layout the names follow (SGM for SDXL LoRAs, diffusers for SD1/SD2).
+        "modelspec.implementation": ids["modelspec.implementation"],
         "modelspec.title": title,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": _dt.datetime.fromtimestamp(int(started)).isoformat(),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": ids["modelspec.prediction_type"],
         "modelspec.trigger_phrase": ", ".join(trigger_words),
         "modelspec.implementation_version": f"lora-studio/{__version__}",
     }
@@ -412,16 +343,7 @@ def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor]
         if not lora_layers(model):
             continue
         for name, value in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False).items():
-            if key != "unet" and not name.startswith("text_model."):
-                # The layout older transformers/diffusers and ComfyUI expect; current diffusers strips it
-                # again for the flattened CLIPTextModel.
-                name = "text_model." + name
-            if key != "unet" and name.endswith(".lora_magnitude_vector"):
-                # transformers' load_adapter inserts the adapter name before the last segment, so a bare
-                # `lora_magnitude_vector` key ends up unexpected and the DoRA magnitudes are silently not
-                # loaded; with `.weight` it lands on `lora_magnitude_vector.<adapter>.weight`.
-                name += ".weight"
-            tensors[f"{key}.{name}"] = value.detach().to("cpu").contiguous()
+            tensors[f"{key}.{bundle.family.diffusers_lora_key(key, name)}"] = value.detach().to("cpu").contiguous()
         config = model.peft_config[ADAPTER_NAME].to_dict()
         for k, v in config.items():
             adapter_meta[f"{key}.{k}"] = sorted(v) if isinstance(v, set) else v
@@ -445,8 +367,28 @@ def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[s
 
 # ------------------------------------------------------------------------------------------------ reading
 
-_KOHYA_WEIGHT = re.compile(r"^(lora_(?:unet|te|te1|te2))_(.+)\.(lora_down|lora_up)\.weight$")
-_PEFT_WEIGHT = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight$")
+@functools.cache
+def _kohya_weight() -> re.Pattern:
+    """kohya-layout weight keys of any registered family: ``lora_unet_…``, ``lora_te1_…`` + lora_down/lora_up."""
+    prefixes = "|".join(re.escape(p) for p in sorted(families.kohya_prefixes(), key=len, reverse=True))
+    return re.compile(rf"^({prefixes})_(.+)\.(lora_down|lora_up)\.weight$")
+
+
+@functools.cache
+def _peft_weight() -> re.Pattern:
+    """diffusers-layout weight keys of any registered family: ``<component>.….lora_A.weight``."""
+    names = "|".join(re.escape(n) for n in sorted(families.component_names(), key=len, reverse=True))
+    return re.compile(rf"^({names})\.(.+)\.(lora_A|lora_B)\.weight$")
+
+
+def _short_component(prefix: str, family: Family | None) -> str:
+    """The short name a component's modules are counted under: unet (the denoiser), te, te1, te2 …"""
+    name = prefix.removeprefix("lora_")
+    if name.startswith("text_encoder"):
+        name = "te" + name.removeprefix("text_encoder").lstrip("_")
+    if name == "te" and family is not None and len(family.text_encoder_names) > 1:
+        name = "te1"  # diffusers calls the first of several text encoders plain text_encoder
+    return name
 _LYCORIS_PARTS = ("hada_w1_a", "lokr_w1", "lokr_w2", "oft_blocks", "oft_diag", "a1.weight", "w_norm", ".diff")
 
 
@@ -468,12 +410,12 @@ def _open(path: Path):
 
 def _classify_keys(keys: list[str], name: str) -> str:
     """'kohya' or 'diffusers'; raises NotALoraError saying what the file looks like otherwise."""
-    if any(_KOHYA_WEIGHT.match(k) for k in keys):
+    if any(_kohya_weight().match(k) for k in keys):
         return "kohya"
-    if any(_PEFT_WEIGHT.match(k) for k in keys):
+    if any(_peft_weight().match(k) for k in keys):
         return "diffusers"
     if any(k.endswith(("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight")) for k in keys):
-        raise NotALoraError(f"'{name}' holds LoRA weights for a model other than Stable Diffusion 1/2/XL "
+        raise NotALoraError(f"'{name}' holds LoRA weights for a model other than {families.supported_text()} "
                             "(unknown key names)")
     if any(k.startswith(("model.diffusion_model.", "conditioner.", "first_stage_model.")) for k in keys):
         raise NotALoraError(f"'{name}' is a full Stable Diffusion checkpoint, not a LoRA; use it as the base model")
@@ -497,46 +439,6 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _family_from_metadata(meta: dict[str, str]) -> tuple[str | None, str | None]:
-    version = meta.get("ss_base_model_version", "")
-    arch = meta.get("modelspec.architecture", "")
-    family = None
-    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        family = "sdxl"
-    elif version.startswith("sd_v2") or meta.get("ss_v2") == "True" or arch.startswith("stable-diffusion-v2"):
-        family = "sd2"
-    elif version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        family = "sd1"
-    prediction = None
-    if meta.get("modelspec.prediction_type") == "v" or version == "sd_v2_v" or "768-v" in arch:
-        prediction = "v_prediction"
-    elif meta.get("modelspec.prediction_type") == "epsilon":
-        prediction = "epsilon"
-    return family, prediction
-
-
-def _family_from_keys(shapes: dict[str, tuple[int, ...]], layout: str) -> str | None:
-    keys = list(shapes)
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys) or any(
-        re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in keys
-    ):
-        return "sdxl"
-    # The cross-attention input width tells the text encoder: CLIP-L 768 (SD1), OpenCLIP-H 1024 (SD2), 2048 (SDXL).
-    down = "lora_down" if layout == "kohya" else "lora_A"
-    widths = {shape[1] for k, shape in shapes.items()
-              if re.search(r"attn2[._]to_k[._]", k) and f"{down}.weight" in k and len(shape) >= 2}
-    for width, family in ((2048, "sdxl"), (1024, "sd2"), (768, "sd1")):
-        if width in widths:
-            return family
-    te_widths = {shape[1] for k, shape in shapes.items()
-                 if re.search(r"self_attn[._]q_proj[._]", k) and f"{down}.weight" in k and len(shape) >= 2}
-    if 1024 in te_widths:
-        return "sd2"
-    if 768 in te_widths:
-        return "sd1"
-    return None
-
-
 def describe_lora(path: Path) -> dict[str, Any]:
     """What a LoRA file is: layout, network type, rank/alpha, modules per component, family, metadata.
 
@@ -554,7 +456,7 @@ def describe_lora(path: Path) -> dict[str, Any]:
     modules: dict[str, dict[str, Any]] = {}
     dora = False
     for key, shape in shapes.items():
-        m = _KOHYA_WEIGHT.match(key) if layout == "kohya" else _PEFT_WEIGHT.match(key)
+        m = _kohya_weight().match(key) if layout == "kohya" else _peft_weight().match(key)
         if m:
             prefix, rest, part = m.groups()
             module = f"{prefix}_{rest}" if layout == "kohya" else f"{prefix}.{rest}"
@@ -566,16 +468,10 @@ def describe_lora(path: Path) -> dict[str, Any]:
         elif key.endswith(("dora_scale", "lora_magnitude_vector")):
             dora = True
 
-    component_names = {"lora_unet": "unet", "unet": "unet", "lora_te": "te", "lora_te1": "te1", "lora_te2": "te2",
-                       "text_encoder": "te", "text_encoder_2": "te2"}
-    family_meta, prediction = _family_from_metadata(metadata)
-    family = family_meta or _family_from_keys(shapes, layout)
+    family, prediction, family_source = families.lora_family(metadata, shapes, layout)
     counts: dict[str, int] = collections.Counter()
     for entry in modules.values():
-        name = component_names[entry["component"]]
-        if family == "sdxl" and name == "te":
-            name = "te1"  # diffusers calls SDXL's first text encoder plain text_encoder
-        counts[name] += 1
+        counts[_short_component(entry["component"], family)] += 1
 
     linear = [e for e in modules.values() if not e.get("spatial")]
     spatial = [e for e in modules.values() if e.get("spatial")]
@@ -614,9 +510,12 @@ def describe_lora(path: Path) -> dict[str, Any]:
         "alpha": alpha,
         "ranks": sorted(set(ranks) | set(conv_ranks)),
         "module_count": len(modules),
-        "modules": dict(sorted(counts.items(), key=lambda kv: ["unet", "te", "te1", "te2"].index(kv[0]))),
-        "family": family,
-        "family_source": "metadata" if family_meta else ("keys" if family else None),
+        # The denoiser first, then the text encoders in order.
+        "modules": dict(sorted(counts.items(), key=lambda kv: (kv[0].startswith("te"), kv[0]))),
+        "family": family.name if family else None,
+        "family_label": family.label if family else None,
+        "family_short_label": family.short_label if family else None,
+        "family_source": family_source,
         "prediction_type": prediction,
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "title": metadata.get("modelspec.title") or metadata.get("ss_output_name"),

@@ -75,17 +75,30 @@ def _kept(last_good: Path | None, checkpoint: Path | None, run_dir: Path | None)
     return " Nothing was saved before this; set output.save_every to keep intermediate LoRAs and checkpoints."
 
 
+def _vae_hint(*families: Any) -> str:
+    """What the family knows about its VAE overflowing ("" when nothing), for the loaded or the configured family."""
+    from studio.engine.families import get_family, names
+
+    for family in families:
+        if family and (not isinstance(family, str) or family in names()):
+            hint = get_family(family).vae_overflow_hint
+            if hint:
+                return hint
+    return ""
+
+
 class NonFiniteLoss(TrainingError):
     """The loss (or the gradients, or the weights) became NaN/inf; nothing after the last good state is kept."""
 
     def __init__(self, step: int, job: Job, last_good: Path | None, *, what: str = "the loss",
-                 checkpoint: Path | None = None, run_dir: Path | None = None, family: str = ""):
+                 checkpoint: Path | None = None, run_dir: Path | None = None, family: Any = None):
         t = job.training
         causes = [f"the learning rate ({t.lr:g}) is too high — try a tenth of it (training.lr)"]
         if t.mixed_precision == "fp16":
             causes.append("fp16 overflows — use bf16, or 'no', for training.mixed_precision")
-        if family == "sdxl" or job.model.family == "sdxl":
-            causes.append("SDXL's VAE overflows in fp16 — use the original fp32 VAE or 'sdxl-vae-fp16-fix' (model.vae)")
+        hint = _vae_hint(family, job.model.family)
+        if hint:
+            causes.append(hint)
         if job.lora.alpha > 2 * job.lora.rank:
             causes.append(f"lora.alpha ({job.lora.alpha:g}) far above lora.rank ({job.lora.rank}) scales updates up")
         causes.append("a broken image or base model — check the dataset report and the model")
@@ -95,9 +108,9 @@ class NonFiniteLoss(TrainingError):
 
 
 class NonFiniteLatent(TrainingError):
-    def __init__(self, image: str, family: str):
-        hint = (" SDXL's original VAE overflows in fp16: use the fp32 VAE or 'sdxl-vae-fp16-fix' (model.vae)."
-                if family == "sdxl" else " The VAE (model.vae, or the checkpoint's own) is probably damaged.")
+    def __init__(self, image: str, family: Any = None):
+        hint = _vae_hint(family)
+        hint = f" {hint[0].upper()}{hint[1:]}." if hint else " The VAE (model.vae, or the checkpoint's own) is probably damaged."
         super().__init__(f"The VAE turned '{image}' into NaN/infinite latents.{hint}")
 
 

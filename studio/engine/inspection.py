@@ -6,14 +6,13 @@ import collections
 import os
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection
-from studio.engine.detect import COMPONENT_PREFIXES, detect
-from studio.engine.families import FAMILIES, family_of_unet_config
-from studio.engine.model_configs import INDEX, SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG, read_folder_configs
+from studio.engine.detect import detect
+from studio.engine.families import family_label, family_of_folder, get_family, registered, supported_text
+from studio.engine.model_configs import INDEX, SCHEDULER_CONFIG, VAE_CONFIG, read_folder_configs
 from studio.engine.safe_load import ModelLoadError, cached_file_hashes, open_weights, read_safetensors_header, sniff_format
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -22,14 +21,26 @@ _METADATA_VALUE_LIMIT = 2000  # kohya's tag frequencies can be megabytes; a desc
 
 
 def _family_label(family: str | None) -> str | None:
-    return FAMILIES[family].label if family in FAMILIES else None
+    return family_label(family)
+
+
+def _component_prefixes(family: str | None) -> dict[str, tuple[str, ...]]:
+    """Component → key prefixes of a single file: its family's, or every family's when it has none."""
+    if family is not None:
+        return dict(get_family(family).file_component_prefixes())
+    merged: dict[str, tuple[str, ...]] = {}
+    for f in registered():
+        for component, prefixes in f.file_component_prefixes().items():
+            merged.setdefault(component, prefixes)
+    return merged
 
 
 def _trim(metadata: dict[str, str]) -> dict[str, str]:
     return {k: (v if len(v) <= _METADATA_VALUE_LIMIT else v[:_METADATA_VALUE_LIMIT] + "…") for k, v in metadata.items()}
 
 
-def _components(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> dict[str, dict[str, Any]]:
+def _components(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+                prefixes_of: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Any]]:
     """Parameters and dominant dtype per component, from names and shapes alone (EMA copies and buffers left out)."""
     counts: dict[str, int] = collections.Counter()
     kinds: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -37,7 +48,7 @@ def _components(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> d
         dtype = dtypes.get(key, "")
         if key.startswith("model_ema.") or not (dtype.startswith(("float", "bfloat"))):
             continue
-        for component, prefixes in COMPONENT_PREFIXES.items():
+        for component, prefixes in prefixes_of.items():
             if key.startswith(prefixes):
                 n = 1
                 for d in shape:
@@ -45,7 +56,7 @@ def _components(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> d
                 counts[component] += n
                 kinds[component][dtype] += n
                 break
-    return {c: {"parameters": counts[c], "dtype": kinds[c].most_common(1)[0][0]} for c in COMPONENT_PREFIXES if counts[c]}
+    return {c: {"parameters": counts[c], "dtype": kinds[c].most_common(1)[0][0]} for c in prefixes_of if counts[c]}
 
 
 def _dominant_dtype(components: dict[str, dict[str, Any]]) -> str | None:
@@ -58,11 +69,11 @@ def _dominant_dtype(components: dict[str, dict[str, Any]]) -> str | None:
 def _file_info(path: Path) -> dict[str, Any]:
     w = open_weights(path)
     det = detect(w.shapes, w.metadata, path.name, tensor=w.tensor)
-    components = _components(w.shapes, w.dtypes)
+    components = _components(w.shapes, w.dtypes, _component_prefixes(det.family))
     problem = det.problem
     if det.kind == "checkpoint" and not problem and not det.standard_size:
-        problem = ("the layout is Stable Diffusion's but the sizes are unusual: loading needs model.config_dir "
-                   "pointing to this model's diffusers configs")
+        problem = (f"the layout is {_family_label(det.family) or det.architecture}'s but the sizes are unusual: "
+                   "loading needs model.config_dir pointing to this model's diffusers configs")
     kind = det.kind if det.kind in ("lora", "vae", "embedding") else "checkpoint" if det.kind in ("checkpoint", "other") else "unknown"
     return {
         "kind": kind,
@@ -103,21 +114,20 @@ def _component_weights(folder: Path) -> Path | None:
 def _folder_info(path: Path) -> dict[str, Any]:
     found = read_folder_configs(path)  # every config checked, so a broken one is reported, not "ready"
     index = found.get(INDEX) or {}
-    unet_config = found.get(UNET_CONFIG)
     problem = "; ".join(found.problems) or None
-    family = None
+    family = None if problem else family_of_folder(path)  # a broken config's values are not to be trusted
+    denoiser_config = None
     if problem:
-        unet_config = None  # its values are not to be trusted for anything below
-    elif unet_config is None:
-        problem = f"this is a {index.get('_class_name', 'diffusers')} folder; LoRA Studio trains Stable Diffusion 1.x, 2.x and SDXL"
+        pass
+    elif family is None:
+        problem = f"this is a {index.get('_class_name', 'diffusers')} folder; LoRA Studio trains {supported_text()}"
     else:
-        family = family_of_unet_config(types.SimpleNamespace(**unet_config), 2 if (path / "text_encoder_2").is_dir() else 1).name
-        if unet_config.get("in_channels", 4) != 4:
-            problem = (f"this is an inpainting or image-editing model (its UNet takes {unet_config['in_channels']} input "
-                       "channels); use the text-to-image version")
+        denoiser_config = family.denoiser_config(path)
+        problem = family.folder_problem(path)
     prediction = (found.get(SCHEDULER_CONFIG) or {}).get("prediction_type", "epsilon")
     components: dict[str, dict[str, Any]] = {}
-    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+    parts = (*family.component_names(), "vae") if family else tuple(k for k in index if (path / k).is_dir())
+    for component in parts:
         weights = _component_weights(path / component)
         if weights is None:
             continue
@@ -133,11 +143,12 @@ def _folder_info(path: Path) -> dict[str, Any]:
             components[component] = {"parameters": sum(kinds.values()), "dtype": kinds.most_common(1)[0][0]}
     native = None
     try:
-        # The UNet's latent size times the VAE's downscale: 64 × 8 = 512 for SD1.5, 96 × 8 = 768 for SD2.1-768.
+        # The denoiser's latent size times the VAE's downscale: 64 × 8 = 512 for SD1.5, 96 × 8 = 768 for SD2.1-768.
         vae_config = found.get(VAE_CONFIG)
-        native = int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)  # type: ignore[index]
+        native = int(denoiser_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)  # type: ignore[index]
     except (ValueError, KeyError, TypeError):
-        native = {"sd1": 512, "sd2": 768 if prediction == "v_prediction" else 512, "sdxl": 1024}.get(family or "")
+        native = family.native_resolution(prediction) if family else None
+    family_name = family.name if family else None
     return {
         "kind": "checkpoint",
         "path": str(path),
@@ -145,13 +156,13 @@ def _folder_info(path: Path) -> dict[str, Any]:
         "format": "diffusers",
         "format_label": "diffusers folder",
         "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-        "architecture": _family_label(family) or index.get("_class_name"),
-        "family": family,
-        "family_label": _family_label(family),
+        "architecture": _family_label(family_name) or index.get("_class_name"),
+        "family": family_name,
+        "family_label": _family_label(family_name),
         "prediction_type": prediction,
         "prediction_source": "the folder's scheduler config",
         "native_resolution": native,
-        "in_channels": unet_config.get("in_channels") if unet_config else None,
+        "in_channels": denoiser_config.get("in_channels") if denoiser_config else None,
         "components": components,
         "parameters": sum(c["parameters"] for c in components.values()),
         "dtype": _dominant_dtype(components),

@@ -1,4 +1,4 @@
-"""diffusers → original (LDM/SGM) key layout: the single-file checkpoints A1111, ComfyUI and Forge load."""
+"""The one diffusers ↔ original (LDM/SGM) name map of SD-style models: the single files A1111, ComfyUI and Forge load."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Any, Mapping
 
 import torch
 
-from studio.engine.detect import UNET, VAE
-
-# Where each text encoder goes in an original checkpoint, per family.
-TEXT_ENCODER_PREFIXES = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# Where each component's weights live in the original (LDM/SGM) layout (the families name their text encoders'
+# exact prefixes: SD1 ``cond_stage_model.transformer.``, SD2 ``cond_stage_model.model.``, SDXL the embedders).
+COMPONENT_PREFIXES = {
+    "unet": (UNET,),
+    "vae": (VAE,),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+    "text_encoder_2": ("conditioner.embedders.1.",),
 }
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -187,12 +189,16 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dic
     return out
 
 
-def ldm_state_dict(family: str, unet: Any, vae: Any, text_encoders: list[Any],
+def ldm_state_dict(text_encoder_prefixes: tuple[str, ...], unet: Any, vae: Any, text_encoders: list[Any],
                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole model in the original layout, e.g. from a ModelBundle's modules. ``dtype`` casts float weights."""
-    prefixes = TEXT_ENCODER_PREFIXES[family]
+    """The whole model in the original layout, e.g. from a ModelBundle's modules. ``dtype`` casts float weights.
+
+    ``text_encoder_prefixes``: where each text encoder goes (the family's ``ldm_text_encoder_prefixes``); a
+    prefix ending in ``.transformer.`` is an OpenAI CLIP, one ending in ``.model.`` an OpenCLIP model.
+    """
+    prefixes = text_encoder_prefixes
     if len(text_encoders) != len(prefixes):
-        raise ValueError(f"{family} has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
+        raise ValueError(f"the model has {len(prefixes)} text encoder(s), got {len(text_encoders)}")
     out = unet_to_ldm(unet.state_dict(), unet.config)
     out.update(vae_to_ldm(vae.state_dict(), vae.config))
     for encoder, prefix in zip(text_encoders, prefixes):
@@ -214,25 +220,3 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
     path = Path(path)
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
     return path
-
-
-def diffusers_folder_to_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
-                                    dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
-                                    extra: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Convert a diffusers folder (e.g. a tiny test model) into one original-layout .safetensors file."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from studio.engine.families import family_of_unet_config
-
-    folder = Path(folder)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-    encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)]
-    if (folder / "text_encoder_2").is_dir():
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",
-                                                                    local_files_only=True))
-    family = family_of_unet_config(unet.config, len(encoders)).name
-    state = ldm_state_dict(family, unet, vae, encoders, dtype)
-    state.update(extra or {})
-    return save_safetensors(state, out, metadata)

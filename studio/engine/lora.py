@@ -10,54 +10,19 @@ import torch
 from studio.engine.families import Family, get_family
 
 if TYPE_CHECKING:  # pragma: no cover
-    from studio.engine.checkpoint import ModelBundle
+    from studio.engine.families import ModelBundle
     from studio.engine.config import LoraSection
 
 ADAPTER_NAME = "default"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PRESETS = ("attention", "kohya-default", "+conv")
-
-# Module paths below are diffusers/transformers names; peft full-matches `target_modules` (a string) against
-# every module name. kohya's own LoRA picks layers by the class of their parent (Transformer2DModel,
-# CLIPAttention/CLIPMLP, and with conv_dim also ResnetBlock2D/Downsample2D/Upsample2D); these expressions
-# select exactly the Linear/Conv2d children of those parents, so counts match kohya's (SD1.5: 192 UNet +
-# 72 text encoder modules; SD2: 192 + 138; SDXL: 722 + 264; "+conv" on SD1.5: 278 UNet modules).
-_UNET_BLOCK = r"(?:down_blocks\.\d+\.|mid_block\.|up_blocks\.\d+\.)"
-_UNET_ATTENTION = _UNET_BLOCK + r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0)"
-_UNET_TRANSFORMER = (
-    _UNET_BLOCK + r"attentions\.\d+\.(?:proj_in|proj_out|transformer_blocks\.\d+\."
-    r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.(?:0\.proj|2)))"
-)
-# LoCon as kohya does it: every Linear/Conv2d inside ResnetBlock2D (conv1, conv2, the 1x1 conv_shortcut and
-# the Linear time_emb_proj) and the down/upsampler convs.
-_UNET_CONV = (
-    _UNET_BLOCK + r"(?:resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)|downsamplers\.0\.conv|upsamplers\.0\.conv)"
-)
-# transformers >= 5.6 dropped the `text_model.` segment from CLIPTextModel's module names but kept it in
-# CLIPTextModelWithProjection, so it is optional here.
-_TE_PREFIX = r"(?:text_model\.)?encoder\.layers\.\d+\."
-_TE_ATTENTION = _TE_PREFIX + r"self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"
-_TE_ALL = _TE_PREFIX + r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))"
-
-
-def _family(family: Family | str) -> Family:
-    return family if isinstance(family, Family) else get_family(family)
 
 
 def target_modules(family: Family | str, preset: str, component: str) -> str:
-    """The peft ``target_modules`` expression (full-match regex) for a preset and a component."""
-    _family(family)  # validates the name; the module names are the same in every family
+    """The peft ``target_modules`` expression (full-match regex) for a preset and a component (the family's)."""
+    family = get_family(family)
     if preset not in PRESETS:
         raise ValueError(f"unknown LoRA target preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    if component == "unet":
-        if preset == "attention":
-            return _UNET_ATTENTION
-        if preset == "kohya-default":
-            return _UNET_TRANSFORMER
-        return f"(?:{_UNET_TRANSFORMER}|{_UNET_CONV})"
-    if component in ("text_encoder", "text_encoder_2"):
-        return _TE_ATTENTION if preset == "attention" else _TE_ALL
-    raise ValueError(f"unknown model component '{component}'; expected one of: {', '.join(COMPONENTS)}")
+    return family.lora_targets(preset, component)
 
 
 def matching_modules(model: torch.nn.Module, pattern: str) -> list[str]:
@@ -75,11 +40,8 @@ def _is_spatial_conv(module: torch.nn.Module) -> bool:
 
 
 def components(bundle: "ModelBundle") -> dict[str, torch.nn.Module]:
-    """The bundle's LoRA-capable parts by component key: ``unet``, ``text_encoder``, ``text_encoder_2``."""
-    out = {"unet": bundle.unet}
-    for key, encoder in zip(COMPONENTS[1:], bundle.text_encoders):
-        out[key] = encoder
-    return out
+    """The bundle's LoRA-capable parts by the family's component names (denoiser first, then text encoders)."""
+    return bundle.components()
 
 
 def lora_config(lora: "LoraSection", family: Family | str, component: str, model: torch.nn.Module) -> Any:
@@ -89,7 +51,7 @@ def lora_config(lora: "LoraSection", family: Family | str, component: str, model
     pattern = target_modules(family, lora.targets, component)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    if lora.targets == "+conv" and component == "unet":
+    if lora.targets == "+conv" and component == get_family(family).denoiser_name:
         conv_rank = lora.conv_rank or lora.rank
         conv_alpha = lora.conv_alpha or lora.alpha
         modules = dict(model.named_modules())
@@ -114,11 +76,11 @@ def lora_config(lora: "LoraSection", family: Family | str, component: str, model
 
 
 def inject_lora(bundle: "ModelBundle", lora: "LoraSection", *, train_text_encoder: bool) -> dict[str, list[torch.nn.Parameter]]:
-    """Add LoRA adapters to the UNet (and the text encoders if chosen); return the trainable params per component."""
+    """Add LoRA adapters to the denoiser (and the text encoders if chosen); return the trainable params per component."""
     from diffusers.training_utils import cast_training_params
 
     parts = components(bundle)
-    chosen = {k: m for k, m in parts.items() if k == "unet" or train_text_encoder}
+    chosen = {k: m for k, m in parts.items() if k == bundle.family.denoiser_name or train_text_encoder}
     for key, model in parts.items():
         if lora_layers(model):
             raise ValueError(f"the {key} already has a LoRA adapter; load a fresh model before injecting another")

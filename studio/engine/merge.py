@@ -1,33 +1,33 @@
-"""Bake a kohya-format LoRA into a base model and save one original-layout checkpoint that A1111/ComfyUI load."""
+"""Bake a kohya-format LoRA into a base model and save one single-file checkpoint that A1111/ComfyUI load; conversions."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from studio.engine import families
 from studio.engine.config import ModelSection
 from studio.engine.detect import detect
-from studio.engine.ldm import TEXT_ENCODER_PREFIXES, ldm_state_dict, save_safetensors, unet_module_path, unet_prefix_map
+from studio.engine.families import ModelBundle
+from studio.engine.families import lora_family as lora_family_of
+from studio.engine.ldm import save_safetensors
 from studio.engine.safe_load import ModelLoadError, open_weights
 
-_KOHYA = re.compile(r"^(lora_(?:unet|te|te1|te2)_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|lora_mid\.weight|dora_scale)$")
 
-ARCHITECTURES = {  # Stability's modelspec names for full checkpoints
-    ("sd1", "epsilon"): "stable-diffusion-v1",
-    ("sd2", "epsilon"): "stable-diffusion-v2-512",
-    ("sd2", "v_prediction"): "stable-diffusion-v2-768-v",
-    ("sdxl", "epsilon"): "stable-diffusion-xl-v1-base",
-}
-IMPLEMENTATIONS = {"sd1": "https://github.com/CompVis/stable-diffusion",
-                   "sd2": "https://github.com/Stability-AI/stablediffusion",
-                   "sdxl": "https://github.com/Stability-AI/generative-models"}
+@functools.cache
+def _kohya_key() -> re.Pattern:
+    """Keys of a kohya-layout LoRA of any registered family: ``<prefix>_<module>.<part>``."""
+    prefixes = "|".join(re.escape(p) for p in sorted(families.kohya_prefixes(), key=len, reverse=True))
+    return re.compile(rf"^((?:{prefixes})_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|lora_mid\.weight|dora_scale)$")
 
 
 @dataclass
@@ -62,7 +62,7 @@ def read_kohya_lora(path: str | Path) -> tuple[dict[str, KohyaModule], dict[str,
         raise ModelLoadError(f"'{path.name}' is a LyCORIS network (LoHa/LoKr/OFT); only plain LoRA/LoCon can be baked")
     parts: dict[str, dict[str, str]] = {}
     for key in w.shapes:
-        m = _KOHYA.match(key)
+        m = _kohya_key().match(key)
         if m:
             parts.setdefault(m.group(1), {})[m.group(2)] = key
     if not parts:
@@ -85,40 +85,9 @@ def read_kohya_lora(path: str | Path) -> tuple[dict[str, KohyaModule], dict[str,
     return modules, w.metadata
 
 
-def kohya_module_index(family: str, unet: Any, text_encoders: list[Any]) -> dict[str, tuple[str, torch.nn.Module]]:
-    """Every kohya name a layer may carry → (component, module); both UNet naming styles are accepted.
-
-    kohya's SD1/SD2 LoRAs name UNet layers by diffusers paths, its SDXL LoRAs by the original (SGM) paths;
-    text-encoder names include ``text_model_`` except in some files written via diffusers on transformers ≥ 5.6.
-    """
-    index: dict[str, tuple[str, torch.nn.Module]] = {}
-    rows = unet_prefix_map(unet.config)
-    for name, module in unet.named_modules():
-        if not isinstance(getattr(module, "weight", None), torch.Tensor) or not name:
-            continue
-        index["lora_unet_" + name.replace(".", "_")] = ("unet", module)
-        try:
-            index["lora_unet_" + unet_module_path(name, unet.config, rows).replace(".", "_")] = ("unet", module)
-        except ValueError:
-            pass
-    prefixes = ["lora_te1", "lora_te2"] if family == "sdxl" else ["lora_te"]
-    for i, (encoder, prefix) in enumerate(zip(text_encoders, prefixes)):
-        component = "text_encoder" if i == 0 else "text_encoder_2"
-        aliases = [prefix] + (["lora_te1"] if family != "sdxl" else [])
-        for name, module in encoder.named_modules():
-            if not isinstance(getattr(module, "weight", None), torch.Tensor) or not name:
-                continue
-            path = name.removeprefix("text_model.").replace(".", "_")
-            for alias in aliases:
-                index[f"{alias}_text_model_{path}"] = (component, module)
-                index.setdefault(f"{alias}_{path}", (component, module))
-    return index
-
-
-def apply_kohya_lora(family: str, unet: Any, text_encoders: list[Any], modules: dict[str, KohyaModule],
-                     strength: float) -> dict[str, Any]:
+def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, KohyaModule], strength: float) -> dict[str, Any]:
     """Add each module's update to the model's weights in place; returns counts per component and misses."""
-    index = kohya_module_index(family, unet, text_encoders)
+    index = bundle.family.kohya_index(bundle)
     counts: dict[str, int] = {}
     unmatched = []
     for name, lora in modules.items():
@@ -137,32 +106,6 @@ def apply_kohya_lora(family: str, unet: Any, text_encoders: list[Any], modules: 
             weight.copy_((weight.float() + delta).to(weight.dtype))
         counts[component] = counts.get(component, 0) + 1
     return {"by_component": counts, "unmatched": unmatched}
-
-
-def _lora_family(metadata: dict[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    arch = metadata.get("modelspec.architecture", "")
-    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return "sdxl"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True" or arch.startswith("stable-diffusion-v2"):
-        return "sd2"
-    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "sd1"
-    return None
-
-
-def _carried_keys(base_path: Path, written: set[str], family: str) -> dict[str, torch.Tensor]:
-    """Weights of the original file the conversion does not produce but the original loaders know.
-
-    E.g. SD2's unused last OpenCLIP layer, ``text_projection`` and ``logit_scale``: A1111 builds the full
-    OpenCLIP model and would otherwise report them missing. UNet/VAE/CLIP-L are always written in full.
-    """
-    if not base_path.is_file():
-        return {}
-    w = open_weights(base_path)
-    open_clip = [p for p in TEXT_ENCODER_PREFIXES[family] if p.endswith(".model.")]
-    keep = [k for k in w.shapes if k not in written and k.startswith(tuple(open_clip)) and not k.startswith("model_ema.")]
-    return w.tensors(keep) if keep else {}
 
 
 def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, strength: float, out_path: str | Path,
@@ -186,32 +129,29 @@ def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, streng
     modules, lora_meta = read_kohya_lora(lora_path)
     say("Loading the base model")
     bundle = load_model(base, dtype=dtype)
-    family = bundle.family.name
-    lora_family = _lora_family(lora_meta)
-    if lora_family and lora_family != family:
-        raise ModelLoadError(f"'{lora_path.name}' was trained for {lora_family.upper()} but the base model is "
-                             f"{bundle.family.label}; choose a matching base model")
+    family = bundle.family
+    lora_family, _, _ = lora_family_of(lora_meta)
+    if lora_family is not None and lora_family is not family:
+        raise ModelLoadError(f"'{lora_path.name}' was trained for {lora_family.short_label} but the base model is "
+                             f"{family.label}; choose a matching base model")
     say(f"Baking {len(modules)} LoRA modules at strength {strength:g}")
-    applied = apply_kohya_lora(family, bundle.unet, bundle.text_encoders, modules, strength)
+    applied = apply_kohya_lora(bundle, modules, strength)
     merged = sum(applied["by_component"].values())
     if merged == 0:
         raise ModelLoadError(f"none of the {len(modules)} modules in '{lora_path.name}' exist in this "
-                             f"{bundle.family.label} model; the LoRA was made for another model")
+                             f"{family.label} model; the LoRA was made for another model")
     say("Writing the checkpoint")
-    state = ldm_state_dict(family, bundle.unet, bundle.vae, bundle.text_encoders, dtype)
-    state.update({k: v.to(dtype) if v.is_floating_point() else v
-                  for k, v in _carried_keys(resolve_model_path(base.path), set(state), family).items()})
-    if bundle.prediction_type == "v_prediction":
-        state["v_pred"] = torch.zeros(0)  # ComfyUI's marker for v-prediction checkpoints; others ignore it
-    if bundle.noise_scheduler.config.get("rescale_betas_zero_snr"):
-        state["ztsnr"] = torch.zeros(0)
-    resolution = (bundle.unet.config.sample_size or 64) * 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    state = family.single_file_state_dict(bundle, dtype)
+    # Keys of the original file the conversion does not write, and the markers other tools read.
+    state.update(family.single_file_extras(bundle, resolve_model_path(base.path), set(state), dtype))
+    resolution = _resolution(bundle)
+    ids = family.checkpoint_metadata_ids(bundle.prediction_type)
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES.get((family, bundle.prediction_type), f"stable-diffusion-{family}"),
-        "modelspec.implementation": IMPLEMENTATIONS[family],
+        "modelspec.architecture": ids["modelspec.architecture"],
+        "modelspec.implementation": ids["modelspec.implementation"],
         "modelspec.title": out_path.stem,
-        "modelspec.prediction_type": "v" if bundle.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": ids["modelspec.prediction_type"],
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": _dt.date.today().isoformat(),
         "lora_studio.merge": json.dumps({"base": Path(base.path).name, "lora": lora_path.name, "strength": strength,
@@ -220,7 +160,7 @@ def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, streng
     save_safetensors(state, out_path, metadata)
     return {
         "path": str(out_path),
-        "family": family,
+        "family": family.name,
         "prediction_type": bundle.prediction_type,
         "strength": strength,
         "dtype": str(dtype).removeprefix("torch."),
@@ -231,3 +171,25 @@ def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, streng
         "size_bytes": out_path.stat().st_size,
         "time_s": time.perf_counter() - started,
     }
+
+
+def _resolution(bundle: ModelBundle) -> int:
+    """The model's native size: the denoiser's latent size times the VAE's downscale (64 × 8 = 512 for SD1.5)."""
+    size = getattr(bundle.denoiser.config, "sample_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not size:
+        return bundle.family.native_resolution(bundle.prediction_type)
+    return int(size) * 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+
+
+def diffusers_folder_to_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
+                                    dtype: torch.dtype | None = None, metadata: Mapping[str, str] | None = None,
+                                    extra: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Convert a diffusers folder (e.g. a tiny test model) into one single-file checkpoint in its family's layout."""
+    from studio.engine.checkpoint import load_model
+
+    bundle = load_model(ModelSection(path=str(folder)))
+    state = bundle.family.single_file_state_dict(bundle, dtype)
+    state.update(extra or {})
+    return save_safetensors(state, out, metadata)

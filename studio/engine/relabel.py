@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from studio.engine.export import _write_chunks, export_diffusers_lora, read_lora, serialize_with_hashes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from studio.engine.checkpoint import ModelBundle
+    from studio.engine.families import ModelBundle
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_weights(folder) looks for
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
-from studio.engine.checkpoint import ModelBundle
+from studio.engine.families import ModelBundle
 from studio.engine.config import SamplingSection
 from studio.engine.fileio import atomic_write_with
 
@@ -38,21 +38,18 @@ def render(
     """One image from the bundle's current weights (LoRA layers included, if any are active)."""
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    device = bundle.unet.device
+    denoiser = bundle.denoiser
     generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same image on every device
-    kwargs: dict[str, Any] = {}
-    if cross_attention_scale is not None:
-        kwargs["cross_attention_kwargs"] = {"scale": cross_attention_scale}
-    was_training = bundle.unet.training
-    bundle.unet.eval()
+    kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
+                                                           lora_scale=cross_attention_scale)
+    was_training = denoiser.training
+    denoiser.eval()
     try:
-        with _autocast(device, autocast_dtype):
-            out = pipe(
-                prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance,
-                width=width, height=height, generator=generator, output_type="pil", **kwargs,
-            )
+        with _autocast(denoiser.device, autocast_dtype):
+            out = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
+                       output_type="pil", **kwargs)
     finally:
-        bundle.unet.train(was_training)
+        denoiser.train(was_training)
     return out.images[0]
 
 
@@ -90,7 +87,7 @@ def native_resolution(bundle: ModelBundle) -> int:
     size = getattr(bundle.vae.config, "sample_size", None)
     if isinstance(size, (list, tuple)):
         size = size[0]
-    return int(size) if size else bundle.family.native_resolution
+    return int(size) if size else bundle.family.native_resolution(bundle.prediction_type)
 
 
 def _adapter_name(lora_path: Path) -> str:

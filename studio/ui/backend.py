@@ -32,18 +32,15 @@ def warm_up_engine() -> None:
         if _warmed_up:
             return
         import accelerate  # noqa: F401
-        import diffusers
+        import diffusers  # noqa: F401
         import peft  # noqa: F401
-        import transformers
+        import transformers  # noqa: F401
 
-        # Touch the lazily imported names the engine uses, so later uses are plain attribute look-ups.
-        for module, names in ((diffusers, ("AutoencoderKL", "DDPMScheduler", "EulerDiscreteScheduler",
-                                            "UNet2DConditionModel", "StableDiffusionPipeline",
-                                            "StableDiffusionXLPipeline")),
-                              (transformers, ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection",
-                                              "CLIPTokenizer"))):
-            for name in names:
-                getattr(module, name)
+        from studio.engine.families import registered
+
+        # Touch the lazily imported names each family uses, so later uses are plain attribute look-ups.
+        for family in registered():
+            family.warm_up()
         import studio.engine.checkpoint  # noqa: F401
         import studio.engine.export  # noqa: F401
         import studio.engine.sampling  # noqa: F401
@@ -63,9 +60,11 @@ def _dataset_module():
 def inspect_model(path: str) -> dict:
     """What the engine can tell about a base model without loading it (family, prediction type, size, dtype)."""
     if path == BUILTIN_DEMO_MODEL:
-        return {"kind": "checkpoint", "family": "sd1", "prediction_type": "epsilon", "native_resolution": 64,
-                "dtype": "float32", "builtin": True, "path": path}
-    from studio.engine.checkpoint import inspect_path
+        from studio.engine.families import DEFAULT_FAMILY, family_label
+
+        return {"kind": "checkpoint", "family": DEFAULT_FAMILY, "family_label": family_label(DEFAULT_FAMILY),
+                "prediction_type": "epsilon", "native_resolution": 64, "dtype": "float32", "builtin": True, "path": path}
+    from studio.engine.inspection import inspect_path
 
     return inspect_path(Path(path).expanduser())
 

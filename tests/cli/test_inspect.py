@@ -14,7 +14,7 @@ import torch
 from studio.cli import main
 from studio.engine.checkpoint import load_model
 from studio.engine.config import ModelSection
-from studio.engine.ldm import diffusers_folder_to_single_file
+from studio.engine.merge import diffusers_folder_to_single_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 from test_checkpoint_support import random_kohya_lora, write_sparse_safetensors, ldm_shapes  # noqa: E402
@@ -97,8 +97,8 @@ def test_merge_command(capsys, tiny_sd1, tiny_single, tmp_path):
     assert code == 0, err
     assert "modules baked at strength 0.8" in out and out_file.is_file()
     merged = load_model(ModelSection(path=str(out_file), config_dir=str(tiny_sd1)))
-    assert merged.family.name == "sd1" and merged.unet.dtype == torch.float32
-    assert {p.dtype for p in merged.unet.parameters()} == {torch.float32}
+    assert merged.family.name == "sd1" and merged.denoiser.dtype == torch.float32
+    assert {p.dtype for p in merged.denoiser.parameters()} == {torch.float32}
     code, _, err = run_cli(capsys, "merge", str(tiny_single), str(lora), "--out", str(out_file), "--config-dir", str(tiny_sd1))
     assert code == 2 and "exists" in err
     code, _, err = run_cli(capsys, "merge", str(tiny_single), str(tiny_single), "--out", str(tmp_path / "x.safetensors"),

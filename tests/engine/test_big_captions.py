@@ -34,10 +34,9 @@ def big_caption_dataset(root: Path, megabytes: int = BIG_MB) -> Path:
 MEASURE = """
 import json, resource, sys, time
 from studio.engine.dataset import scan_dataset
-from studio.engine.families import tokenize
-from studio.paths import resource_path
-from transformers import CLIPTokenizer
-tok = CLIPTokenizer.from_pretrained(resource_path("tokenizers", "clip-l"))
+from studio.engine.families.sd import tokenize
+from studio.engine.tokenizers import load_tokenizer
+tok = load_tokenizer("clip-l")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 report = scan_dataset(sys.argv[1], workers=1)

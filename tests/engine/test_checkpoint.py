@@ -12,13 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.engine.checkpoint import (
-    ModelLoadError, bundled_config_dir, cached_hub_models, inspect_checkpoint, inspect_path, load_model,
-    resolve_model_path,
-)
+from studio.engine.checkpoint import ModelLoadError, bundled_config_dir, cached_hub_models, load_model, resolve_model_path
+from studio.engine.inspection import inspect_checkpoint, inspect_path
 from studio.engine.config import ModelSection
 from studio.engine.detect import detect
-from studio.engine.ldm import diffusers_folder_to_single_file
+from studio.engine.merge import diffusers_folder_to_single_file
 from studio.engine.safe_load import open_weights
 from test_checkpoint_support import (
     apply_with_peft, ldm_shapes, random_kohya_lora, write_lightning_ckpt, write_sparse_safetensors,
@@ -40,7 +38,7 @@ def _folder(request, family: str) -> Path:
 
 
 def assert_same_weights(a, b) -> None:
-    for part_a, part_b in [(a.unet, b.unet), (a.vae, b.vae), *zip(a.text_encoders, b.text_encoders)]:
+    for part_a, part_b in [(a.denoiser, b.denoiser), (a.vae, b.vae), *zip(a.text_encoders, b.text_encoders)]:
         sa, sb = part_a.state_dict(), part_b.state_dict()
         assert sa.keys() == sb.keys()
         for key in sa:
@@ -76,8 +74,8 @@ def test_bundled_configs_match_their_generator(tmp_path):
     ("sd1", 859.5, [123.1]), ("sd2", 865.9, [340.4]), ("sd2-v", 865.9, [340.4]), ("sdxl", 2567.5, [123.1, 694.7]),
 ])
 def test_bundled_configs_build_the_real_architectures(name, unet_m, text_m):
-    from transformers import CLIPTokenizer
-
+    from studio.engine.families import get_family
+    from studio.engine.tokenizers import load_tokenizer
     from test_checkpoint_support import architecture
 
     unet, vae, encoders = architecture(name)
@@ -85,11 +83,12 @@ def test_bundled_configs_build_the_real_architectures(name, unet_m, text_m):
     assert millions(unet) == unet_m and millions(vae) == 83.7
     assert [millions(e) for e in encoders] == text_m
     folder = Path(bundled_config_dir("sd2", "v_prediction") if name == "sd2-v" else bundled_config_dir(name))
-    for sub in ("tokenizer", "tokenizer_2"):
-        if (folder / sub).is_dir():
-            tok = CLIPTokenizer.from_pretrained(folder / sub)
-            assert tok.model_max_length == 77
-            assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert not list(folder.glob("tokenizer*")), "bundled config folders name their tokenizer, they hold no copy"
+    pads = {"clip-l": 49407, "clip-g": 0}
+    for tok_name in get_family(name.removesuffix("-v")).tokenizer_names:
+        tok = load_tokenizer(tok_name)
+        assert tok.model_max_length == 77 and tok.pad_token_id == pads[tok_name]
+        assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == ("v_prediction" if name == "sd2-v" else "epsilon")
 
@@ -146,10 +145,10 @@ def test_loads_straight_into_the_training_dtype(tiny_sd1, single_files, tmp_path
     source = {k: v.to(file_dtype) if v.is_floating_point() else v for k, v in load_file(single_files["sd1"]).items()}
     save_file(source, str(tmp_path / "half.safetensors"))
     bundle = load_model(ModelSection(path=str(tmp_path / "half.safetensors"), config_dir=str(tiny_sd1)), dtype=dtype)
-    for part in (bundle.unet, bundle.vae, *bundle.text_encoders):
+    for part in (bundle.denoiser, bundle.vae, *bundle.text_encoders):
         assert {p.dtype for p in part.parameters()} == {dtype}
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    assert torch.equal(bundle.unet.conv_in.weight, source[key].to(dtype))
+    assert torch.equal(bundle.denoiser.conv_in.weight, source[key].to(dtype))
 
 
 def test_old_sd1_merges_without_text_model_prefix_load(tiny_sd1, single_files, tmp_path):
@@ -222,7 +221,7 @@ def test_half_precision_variant_folder_loads(tiny_sd1, tmp_path):
         save_file({k: v.half() for k, v in tensors.items()}, str(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors"))))
         weights.unlink()
     bundle = load_model(ModelSection(path=str(folder)), dtype=torch.float16)
-    assert bundle.unet.dtype == torch.float16
+    assert bundle.denoiser.dtype == torch.float16
 
 
 def test_inpainting_folder_is_refused(tiny_sd1, tmp_path):
@@ -356,15 +355,15 @@ def test_inspect_path_dispatches(tiny_sd1, tiny_dataset, single_files, tmp_path)
 
 def _unet_out(bundle, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    config = bundle.unet.config
+    config = bundle.denoiser.config
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 7, config.cross_attention_dim, generator=g)
     added = None
-    if bundle.family.is_sdxl:
+    if bundle.family.name == "sdxl":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         added = {"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
     with torch.no_grad():
-        return bundle.unet(x, torch.tensor([500]), ctx, added_cond_kwargs=added).sample
+        return bundle.denoiser(x, torch.tensor([500]), ctx, added_cond_kwargs=added).sample
 
 
 def _te_out(bundle) -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from studio.engine.checkpoint import inspect_path
+from studio.engine.inspection import inspect_path
 from studio.engine.ldm import save_safetensors
 from test_checkpoint_support import ldm_tensors, write_lightning_ckpt
 
@@ -27,7 +27,6 @@ from transformers import CLIPTextModel
 from studio.engine.checkpoint import load_model
 from studio.engine.config import Job, ModelSection
 from studio.engine.inspection import peak_rss_bytes
-from studio.engine.ldm import ldm_state_dict
 from studio.engine.safe_load import open_weights
 
 path, data, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -39,10 +38,10 @@ result["family"], result["prediction_type"] = bundle.family.name, bundle.predict
 
 # Weights equal the source: one key checked by hand, then every tensor through the original layout.
 w = open_weights(path)
-direct = bundle.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+direct = bundle.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
 result["direct_equal"] = torch.equal(
     direct.half(), w.tensor("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"))
-back = ldm_state_dict("sd1", bundle.unet, bundle.vae, bundle.text_encoders)
+back = bundle.family.single_file_state_dict(bundle)
 source = {k for k in w.shapes if not k.endswith("position_ids")}
 result["missing"] = sorted(source - set(back))[:5]
 result["mismatched"] = [k for k in sorted(source & set(back)) if not torch.equal(back[k].half(), w.tensor(k))][:5]

@@ -226,7 +226,7 @@ def random_kohya_lora(bundle, path: Path, *, rank: int = 4, alpha: float = 2.0, 
             spatial = tuple(weight.shape[2:])
             down = torch.randn((rank, in_features, *([1] * len(spatial))), generator=g) * 0.1
             up = torch.randn((out_features, rank, *([1] * len(spatial))), generator=g) * 0.1
-            name = kohya_module_name(bundle.family, component, module_path, bundle.unet.config)
+            name = kohya_module_name(bundle.family, component, module_path, bundle.denoiser.config)
             tensors[f"{name}.lora_down.weight"] = down
             tensors[f"{name}.lora_up.weight"] = up
             tensors[f"{name}.alpha"] = torch.tensor(alpha)

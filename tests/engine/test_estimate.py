@@ -12,6 +12,7 @@ import torch
 from studio.engine import estimate as est
 from studio.engine.config import Job
 from studio.engine.estimate import Estimate, estimate, format_duration, planned_steps
+from studio.engine.families import get_family
 
 GB = 10**9
 
@@ -88,7 +89,7 @@ def test_lora_parameter_count_is_exact():
     from peft.tuners.lora import LoraLayer
 
     config = json.loads((resource_path("model_configs", "sd1") / "unet" / "config.json").read_text())
-    count = est.lora_param_count(json.dumps(config, sort_keys=True), "kohya-default", 16)
+    count = est.lora_param_count("sd1", json.dumps(config, sort_keys=True), "kohya-default", 16)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         unet.requires_grad_(False)
@@ -110,7 +111,7 @@ def test_lora_parameter_count_matches_peft(tiny_sd1, targets):
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(LoraSection(rank=4, targets=targets, conv_rank=2), "sd1", "unet", unet))
     real = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    assert est.lora_param_count(json.dumps(config, sort_keys=True), targets, 4, 2) == real
+    assert est.lora_param_count("sd1", json.dumps(config, sort_keys=True), targets, 4, 2) == real
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_cost_model_constants_match_a_counted_sd15_lora_step():
     from studio.paths import resource_path
 
     config = json.loads((resource_path("model_configs", "sd1") / "unet" / "config.json").read_text())
-    forward, forward_ops = est.unet_cost(json.dumps(config, sort_keys=True), 512, 512, 1, 8)
+    forward, forward_ops = est.denoiser_cost("sd1", json.dumps(config, sort_keys=True), 512, 512, 1, 8)
     counted = {}
     for ckpt in (False, True):
         with torch.device("meta"):
@@ -135,7 +136,7 @@ def test_cost_model_constants_match_a_counted_sd15_lora_step():
             if ckpt:
                 unet.enable_gradient_checkpointing()
             unet.train()
-            x, t, ctx, _ = est._unet_inputs(config, 1, 64, 64)
+            (x, t, ctx), _ = get_family("sd1").denoiser_example_inputs(config, 1, 64, 64)
         ops = est._OpCounter()
         with FlopCounterMode(display=False) as flops, ops:
             unet(x, t, ctx).sample.float().pow(2).mean().backward()
@@ -158,7 +159,7 @@ def test_uncached_steps_add_the_counted_vae_and_text_encoder(tiny_sd1):
     nothing = estimate(job, device="cpu", calibrate=False)
     vae_config = json.loads((tiny_sd1 / "vae" / "config.json").read_text())
     vae = est.vae_encode_flops(json.dumps(vae_config, sort_keys=True), 64, 64, 1)
-    te = est.text_encoder_flops(str(tiny_sd1 / "text_encoder"), 1)
+    te = get_family("sd1").text_encoder_flops(tiny_sd1, 1)
     assert vae > 0 and te > 0
     assert no_latents.step_tflop * 1e12 == pytest.approx(cached.step_tflop * 1e12 + vae, rel=1e-6)
     assert nothing.step_tflop * 1e12 == pytest.approx(no_latents.step_tflop * 1e12 + te, rel=1e-6)

@@ -57,7 +57,7 @@ REQUIRED_METADATA = (
 
 def _selected_kohya_names(bundle, preset: str) -> list[str]:
     return sorted(
-        kohya_module_name(bundle.family, key, name, bundle.unet.config)
+        kohya_module_name(bundle.family, key, name, bundle.denoiser.config)
         for key, model in components(bundle).items()
         for name in matching_modules(model, target_modules(bundle.family, preset, key))
     )
@@ -183,8 +183,8 @@ def test_diffusers_loader_maps_full_size_kohya_names_back_to_the_trained_modules
         sd.update({f"{n}.lora_down.weight": torch.zeros(1, 1), f"{n}.lora_up.weight": torch.zeros(1, 1),
                    f"{n}.alpha": torch.tensor(1.0)})
     modules = len(sd) // 3  # the loader consumes the dict
-    if bundle.family.is_sdxl:
-        converted, alphas = StableDiffusionXLPipeline.lora_state_dict(sd, unet_config=bundle.unet.config)
+    if bundle.family.name == "sdxl":
+        converted, alphas = StableDiffusionXLPipeline.lora_state_dict(sd, unet_config=bundle.denoiser.config)
     else:
         converted, alphas = StableDiffusionPipeline.lora_state_dict(sd)
     assert len(alphas) == modules
@@ -216,8 +216,8 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_the_trained_model(reque
     with _load_messages() as messages:
         pipe.load_lora_weights(str(path), adapter_name="studio")
     assert not _key_problems(messages), _key_problems(messages)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if bundle.family.is_sdxl else [])
-    assert count_lora_modules(pipe.unet) == count_lora_modules(bundle.unet) > 0
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if bundle.family.name == "sdxl" else [])
+    assert count_lora_modules(pipe.unet) == count_lora_modules(bundle.denoiser) > 0
     for ours, theirs in zip(bundle.text_encoders, encoders):
         assert count_lora_modules(theirs) == count_lora_modules(ours) == 12
 
@@ -231,7 +231,7 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_the_trained_model(reque
     # What every consumer merges (up @ down * alpha / rank) is peft's delta on the live model.
     for key, model in components(bundle).items():
         for module_path, layer in lora_layers(model).items():
-            name = kohya_module_name(bundle.family, key, module_path, bundle.unet.config)
+            name = kohya_module_name(bundle.family, key, module_path, bundle.denoiser.config)
             expected_alpha = 1.0 if layer.r["default"] == 4 else 4.0
             assert tensors[f"{name}.alpha"].item() == layer.lora_alpha["default"] == expected_alpha
             delta = kohya_delta(tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"],
@@ -240,8 +240,8 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_the_trained_model(reque
 
     info = describe_lora(path)
     assert info["family"] == bundle.family.name and info["network_type"] == ("locon" if lora.targets == "+conv" else "lora")
-    te_keys = ["te1", "te2"] if bundle.family.is_sdxl else ["te"]
-    assert info["modules"] == {"unet": count_lora_modules(bundle.unet), **{k: 12 for k in te_keys}}
+    te_keys = ["te1", "te2"] if bundle.family.name == "sdxl" else ["te"]
+    assert info["modules"] == {"unet": count_lora_modules(bundle.denoiser), **{k: 12 for k in te_keys}}
 
 
 # ------------------------------------------------------------------------------------------------ metadata & hashes
@@ -269,7 +269,7 @@ def test_metadata_alpha_dtype_and_file_hashes(tiny_sd1, tmp_path):
     assert meta["ss_num_train_images"] == "4" and meta["studio_note"] == "x"
 
     alphas = [t for k, t in tensors.items() if k.endswith(".alpha")]
-    assert len(alphas) == count_lora_modules(bundle.unet) and all(a.item() == 4.0 and a.dim() == 0 for a in alphas)
+    assert len(alphas) == count_lora_modules(bundle.denoiser) and all(a.item() == 4.0 and a.dim() == 0 for a in alphas)
     assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
     assert all(k.startswith("lora_unet_") for k in tensors)  # the text encoder was not trained
 
@@ -364,7 +364,7 @@ def test_dora_is_refused_in_kohya_layout_and_round_trips_in_the_diffusers_layout
     path = export_diffusers_lora(bundle, tmp_path / "dora-diffusers.safetensors", metadata={"modelspec.title": "d"})
     info = describe_lora(path)
     assert (info["layout"], info["network_type"], info["rank"], info["alpha"]) == ("diffusers", "dora", 4, 2.0)
-    assert info["modules"] == {"unet": count_lora_modules(bundle.unet), "te": 12} and info["title"] == "d"
+    assert info["modules"] == {"unet": count_lora_modules(bundle.denoiser), "te": 12} and info["title"] == "d"
 
     pipe = _fresh_pipeline(tiny_sd1)
     with _load_messages() as messages:
@@ -373,7 +373,7 @@ def test_dora_is_refused_in_kohya_layout_and_round_trips_in_the_diffusers_layout
     torch.manual_seed(0)
     x, t, ctx, ids = torch.randn(1, 4, 32, 32), torch.tensor([300]), torch.randn(1, 77, 32), torch.randint(0, 49406, (1, 77))
     with torch.no_grad():
-        torch.testing.assert_close(pipe.unet(x, t, ctx).sample, bundle.unet(x, t, ctx).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pipe.unet(x, t, ctx).sample, bundle.denoiser(x, t, ctx).sample, rtol=1e-5, atol=1e-5)
         # The DoRA magnitudes of the text encoder load too (transformers drops bare `lora_magnitude_vector` keys).
         torch.testing.assert_close(pipe.text_encoder(ids)[0], bundle.text_encoders[0](ids)[0], rtol=1e-5, atol=1e-5)
 
@@ -390,7 +390,7 @@ def test_diffusers_layout_has_diffusers_own_keys_and_adapter_config(tiny_sdxl, t
         return get_peft_model_state_dict(model, save_embedding_layers=False)
 
     StableDiffusionXLPipeline.save_lora_weights(
-        tmp_path / "ref", unet_lora_layers=peft_sd(bundle.unet), text_encoder_lora_layers=peft_sd(bundle.text_encoders[0]),
+        tmp_path / "ref", unet_lora_layers=peft_sd(bundle.denoiser), text_encoder_lora_layers=peft_sd(bundle.text_encoders[0]),
         text_encoder_2_lora_layers=peft_sd(bundle.text_encoders[1]),
     )
     reference, _ = read_lora(tmp_path / "ref" / "pytorch_lora_weights.safetensors")
@@ -400,7 +400,7 @@ def test_diffusers_layout_has_diffusers_own_keys_and_adapter_config(tiny_sdxl, t
     assert {k.replace(".text_model.", ".") for k in tensors} == {k.replace(".text_model.", ".") for k in reference}
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["unet.r"] == 4 and adapter["unet.lora_alpha"] == 8.0 and adapter["text_encoder_2.r"] == 4
-    assert describe_lora(path)["modules"] == {"unet": count_lora_modules(bundle.unet), "te1": 12, "te2": 12}
+    assert describe_lora(path)["modules"] == {"unet": count_lora_modules(bundle.denoiser), "te1": 12, "te2": 12}
 
 
 # ------------------------------------------------------------------------------------------------ reading & describing
@@ -413,8 +413,8 @@ def test_describe_reports_locon_rank_alpha_and_metadata(tiny_sd1, tmp_path):
     info = describe_lora(path)
     assert info["layout"] == "kohya" and info["network_type"] == "locon"
     assert (info["rank"], info["alpha"], info["conv_rank"], info["conv_alpha"]) == (4, 2.0, 2, 1.0)
-    assert info["modules"] == {"unet": count_lora_modules(bundle.unet), "te": 12}
-    assert info["module_count"] == count_lora_modules(bundle.unet) + 12
+    assert info["modules"] == {"unet": count_lora_modules(bundle.denoiser), "te": 12}
+    assert info["module_count"] == count_lora_modules(bundle.denoiser) + 12
     assert (info["family"], info["family_source"], info["prediction_type"]) == ("sd1", "metadata", "epsilon")
     assert (info["steps"], info["title"], info["trigger_phrase"], info["dtype"]) == (33, "tiny", "sks", "F16")
     assert info["metadata"]["ss_network_dim"] == "4" and info["size_bytes"] == path.stat().st_size

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import studio.engine.recovery as recovery
+import studio.engine.run_data as run_data
 import studio.engine.trainer as trainer
 from studio.cli import main
 from studio.engine.events import LogMessage, RunFailed, RunFinished, RunStarted
@@ -225,7 +227,7 @@ def test_the_disk_failing_mid_run_gives_a_clear_error_and_leaves_no_partial_file
         state["armed"] = True
         return folder
 
-    monkeypatch.setattr(trainer, "save_checkpoint", arm_after_first)
+    monkeypatch.setattr(recovery, "save_checkpoint", arm_after_first)
     _fail_writes_under(monkeypatch, out, code, when=lambda: state["armed"], stages=(stage,))
     job = tiny_job(tiny_sd1, tiny_dataset, out, training__steps=6, output__save_every=2)
     event = failed(list(run_training(job)))
@@ -337,13 +339,13 @@ def test_dora_is_refused_up_front_unless_the_diffusers_layout_is_wanted(tiny_sd1
 
 
 def test_a_vae_giving_nan_latents_is_named_while_caching(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
-    real_encode = trainer._encode_latent
+    real_encode = run_data._encode_latent
 
     def nan_latents(run, index, flip):
         value = real_encode(run, index, flip)
         return {**value, "mean": value["mean"] * float("nan")}
 
-    monkeypatch.setattr(trainer, "_encode_latent", nan_latents)
+    monkeypatch.setattr(run_data, "_encode_latent", nan_latents)
     job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run", training__cache_to_disk=False)
     event = failed(list(run_training(job)))
     assert "The VAE turned 'img_00.png' into NaN/infinite latents" in event.message and "model.vae" in event.message

@@ -69,12 +69,12 @@ def test_peft_wraps_exactly_the_selected_modules_with_conv_rank_and_alpha():
     lora = LoraSection(rank=8, alpha=4.0, targets="+conv", conv_rank=2, conv_alpha=1.0)
     selected = {key: matching_modules(model, target_modules("sdxl", "+conv", key)) for key, model in components(bundle).items()}
     params = inject_lora(bundle, lora, train_text_encoder=True)
-    assert count_lora_modules(bundle.unet) == 788
+    assert count_lora_modules(bundle.denoiser) == 788
     assert [count_lora_modules(te) for te in bundle.text_encoders] == [72, 192]
     for key, model in components(bundle).items():
         # The cheap selection (used by the golden key tests) is exactly what peft wrapped.
         assert list(lora_layers(model)) == selected[key]
-    layers = lora_layers(bundle.unet)
+    layers = lora_layers(bundle.denoiser)
     for name, layer in layers.items():
         base = layer.get_base_layer()
         spatial = isinstance(base, torch.nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
@@ -90,7 +90,7 @@ def test_peft_wraps_exactly_the_selected_modules_with_conv_rank_and_alpha():
 def test_conv_rank_zero_means_the_lora_rank():
     bundle = arch.meta_bundle("sd1")
     inject_lora(bundle, LoraSection(rank=6, alpha=3.0, targets="+conv"), train_text_encoder=False)
-    layer = lora_layers(bundle.unet)["down_blocks.0.resnets.0.conv1"]
+    layer = lora_layers(bundle.denoiser)["down_blocks.0.resnets.0.conv1"]
     assert (layer.r["default"], layer.lora_alpha["default"]) == (6, 3.0)
 
 
@@ -108,11 +108,11 @@ def test_inject_freezes_base_and_keeps_lora_params_fp32_on_a_half_precision_mode
     assert set(params) == {"unet"}
     assert count_lora_modules(bundle.text_encoders[0]) == 0
     assert params["unet"] and all(p.dtype == torch.float32 and p.requires_grad for p in params["unet"])
-    trainable = {n for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in bundle.denoiser.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert not any(p.requires_grad for p in bundle.vae.parameters())
     assert not any(p.requires_grad for p in bundle.text_encoders[0].parameters())
-    base = [p for n, p in bundle.unet.named_parameters() if "lora_" not in n]
+    base = [p for n, p in bundle.denoiser.named_parameters() if "lora_" not in n]
     assert base and all(p.dtype == torch.float16 for p in base)
     with pytest.raises(ValueError, match="already has a LoRA"):
         inject_lora(bundle, LoraSection(rank=4, alpha=2.0), train_text_encoder=False)
@@ -125,16 +125,16 @@ def test_untrained_lora_changes_nothing_and_dora_adds_trainable_magnitudes(tiny_
     x, t, ctx = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.randn(1, 77, 32)
     ids = torch.randint(0, 49406, (1, 77))
     with torch.no_grad():
-        before = bundle.unet(x, t, ctx).sample, bundle.text_encoders[0](ids)[0]
+        before = bundle.denoiser(x, t, ctx).sample, bundle.text_encoders[0](ids)[0]
     params = inject_lora(bundle, LoraSection(rank=4, alpha=8.0, dora=True), train_text_encoder=True)
     with torch.no_grad():
-        after = bundle.unet(x, t, ctx).sample, bundle.text_encoders[0](ids)[0]
+        after = bundle.denoiser(x, t, ctx).sample, bundle.text_encoders[0](ids)[0]
     # kohya's init (B = 0) and DoRA's magnitude = ‖W‖ leave the model unchanged until training moves them.
     torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-5)
-    names = {n for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    names = {n for n, p in bundle.denoiser.named_parameters() if p.requires_grad}
     assert any("lora_magnitude_vector" in n for n in names)
-    assert len(params["unet"]) == 3 * count_lora_modules(bundle.unet)
+    assert len(params["unet"]) == 3 * count_lora_modules(bundle.denoiser)
     assert len(params["text_encoder"]) == 3 * 12
 
 

@@ -10,7 +10,8 @@ ENGINE = Path(__file__).resolve().parents[2] / "studio" / "engine"
 
 
 def test_engine_imports_without_qt():
-    modules = sorted(f"studio.engine.{p.stem}" for p in ENGINE.glob("*.py") if p.stem != "__init__")
+    modules = sorted(".".join(p.relative_to(ENGINE.parent.parent).with_suffix("").parts).removesuffix(".__init__")
+                     for p in ENGINE.rglob("*.py"))
     code = (
         "import sys\n"
         "class Block:\n"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from studio.cli import main
-from studio.engine.checkpoint import ModelLoadError, inspect_checkpoint, load_model
+from studio.engine.checkpoint import ModelLoadError, load_model
+from studio.engine.inspection import inspect_checkpoint
 from studio.engine.config import ModelSection
 from studio.engine.events import RunFailed, RunFinished
 from studio.engine.trainer import run_training

@@ -49,7 +49,7 @@ def test_a_failed_start_leaves_no_run_folder_and_the_next_start_gets_the_same_na
 
 
 def test_a_failed_resume_and_a_folder_with_anything_else_in_it_are_kept(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
-    import studio.engine.trainer as trainer
+    import studio.engine.run_setup as run_setup
     from studio.engine.checkpoint import ModelLoadError
 
     out = tmp_path / "run"
@@ -68,7 +68,7 @@ def test_a_failed_resume_and_a_folder_with_anything_else_in_it_are_kept(tiny_sd1
     def no_model(*args, **kwargs):
         raise ModelLoadError("the model went away")
 
-    monkeypatch.setattr(trainer, "load_model", no_model)
+    monkeypatch.setattr(run_setup, "load_model", no_model)
     failed = list(run_training(job, resume_dir=out))[-1]
     assert isinstance(failed, RunFailed) and failed.run_dir == out
     after = sorted(p.relative_to(out) for p in out.rglob("*"))

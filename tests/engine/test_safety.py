@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.engine.checkpoint import ModelLoadError, inspect_path, load_model
+from studio.engine.checkpoint import ModelLoadError, load_model
+from studio.engine.inspection import inspect_path
 from studio.engine.config import ModelSection
-from studio.engine.ldm import diffusers_folder_to_single_file
+from studio.engine.merge import diffusers_folder_to_single_file
 from studio.engine.safe_load import (
     LightningModelCheckpoint, load_pickle, open_weights, read_safetensors_header,
 )

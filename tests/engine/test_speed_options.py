@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from studio.engine import devices, trainer
+from studio.engine import devices, run_data, run_setup, trainer
 from studio.engine.config import Job
 from studio.engine.events import RunFailed, RunFinished, StepCompleted
 from studio.engine.optim import OptimizerUnavailable, adamw_kernel_options, make_optimizer
@@ -62,11 +62,13 @@ def tiny_unet(tiny_sd1):
 
 
 def fake_run(unet, **training) -> SimpleNamespace:
-    """Just what trainer._apply_speed_options reads: the job and the bundle's modules."""
+    """Just what run_setup.apply_speed_options reads: the job and the bundle's family and modules."""
+    from studio.engine.families import get_family
+
     job = Job()
     for key, value in training.items():
         setattr(job.training, key, value)
-    return SimpleNamespace(job=job, bundle=SimpleNamespace(unet=unet, text_encoders=[]))
+    return SimpleNamespace(job=job, bundle=SimpleNamespace(family=get_family("sd1"), denoiser=unet, text_encoders=[]))
 
 
 # ------------------------------------------------------------------------------------- the switches
@@ -75,7 +77,7 @@ def fake_run(unet, **training) -> SimpleNamespace:
 def test_default_switches_leave_sdpa_and_eager_modules(tiny_unet):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    trainer._apply_speed_options(fake_run(tiny_unet))
+    run_setup.apply_speed_options(fake_run(tiny_unet))
     assert {type(p) for p in tiny_unet.attn_processors.values()} == {AttnProcessor2_0}
     assert not tiny_unet.is_gradient_checkpointing
     assert tiny_unet.conv_in.weight.is_contiguous()
@@ -84,7 +86,7 @@ def test_default_switches_leave_sdpa_and_eager_modules(tiny_unet):
 def test_classic_attention_checkpointing_and_channels_last_reach_the_unet(tiny_unet):
     from diffusers.models.attention_processor import AttnProcessor
 
-    trainer._apply_speed_options(fake_run(tiny_unet, attention="classic", gradient_checkpointing=True,
+    run_setup.apply_speed_options(fake_run(tiny_unet, attention="classic", gradient_checkpointing=True,
                                           channels_last=True))
     assert {type(p) for p in tiny_unet.attn_processors.values()} == {AttnProcessor}
     assert tiny_unet.is_gradient_checkpointing
@@ -93,7 +95,7 @@ def test_classic_attention_checkpointing_and_channels_last_reach_the_unet(tiny_u
 
 def test_compile_wraps_each_transformer_block_not_the_whole_unet(tiny_unet):
     """Compilation itself is lazy (first call); here only that the blocks are marked, which costs nothing."""
-    trainer._apply_speed_options(fake_run(tiny_unet, compile=True))
+    run_setup.apply_speed_options(fake_run(tiny_unet, compile=True))
     blocks = [m for m in tiny_unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     assert getattr(tiny_unet, "_compiled_call_impl", None) is None
@@ -102,7 +104,7 @@ def test_compile_wraps_each_transformer_block_not_the_whole_unet(tiny_unet):
 def test_all_cpu_switches_together_still_train(tiny_sd1, tiny_dataset, tmp_path, monkeypatch, fresh_accelerate_state):
     """bf16 autocast on the CPU, classic attention, checkpointing, channels_last and the loop optimizer."""
     seen = {}
-    real_apply, real_make = trainer._apply_speed_options, trainer.make_optimizer
+    real_apply, real_make = run_setup.apply_speed_options, run_setup.make_optimizer
 
     def spy_apply(run):
         real_apply(run)
@@ -113,8 +115,8 @@ def test_all_cpu_switches_together_still_train(tiny_sd1, tiny_dataset, tmp_path,
         seen["optimizer"] = opt = real_make(params, job, device)
         return opt
 
-    monkeypatch.setattr(trainer, "_apply_speed_options", spy_apply)
-    monkeypatch.setattr(trainer, "make_optimizer", spy_make)
+    monkeypatch.setattr(run_setup, "apply_speed_options", spy_apply)
+    monkeypatch.setattr(run_setup, "make_optimizer", spy_make)
     job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run", mixed_precision="bf16", attention="classic",
                    gradient_checkpointing=True, channels_last=True, fused_optimizer=False, batch_size=2)
     events = list(trainer.run_training(job))
@@ -249,15 +251,15 @@ def _rss_after_gc() -> int:
 def test_two_runs_in_one_process_do_not_leak(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     """What the app does when a user trains twice: the first run's model must be gone, and RSS must not grow."""
     loaded: list[weakref.ref] = []
-    real_load = trainer.load_model
+    real_load = run_setup.load_model
 
     def spy_load(*args, **kwargs):
         bundle = real_load(*args, **kwargs)
         loaded.append(weakref.ref(bundle))
-        loaded.append(weakref.ref(bundle.unet))
+        loaded.append(weakref.ref(bundle.denoiser))
         return bundle
 
-    monkeypatch.setattr(trainer, "load_model", spy_load)
+    monkeypatch.setattr(run_setup, "load_model", spy_load)
     rss = []
     for n in range(3):
         events = list(trainer.run_training(tiny_job(tiny_sd1, tiny_dataset, tmp_path / f"run{n}")))
@@ -271,14 +273,14 @@ def test_two_runs_in_one_process_do_not_leak(tiny_sd1, tiny_dataset, tmp_path, m
 
 def test_a_failed_run_releases_its_model_too(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     loaded: list[weakref.ref] = []
-    real_load = trainer.load_model
+    real_load = run_setup.load_model
 
     def spy_load(*args, **kwargs):
         bundle = real_load(*args, **kwargs)
-        loaded.append(weakref.ref(bundle.unet))
+        loaded.append(weakref.ref(bundle.denoiser))
         return bundle
 
-    monkeypatch.setattr(trainer, "load_model", spy_load)
+    monkeypatch.setattr(run_setup, "load_model", spy_load)
     job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run", optimizer="adamw8bit", device="cpu")
     events = list(trainer.run_training(job))
     assert isinstance(events[-1], RunFailed)
@@ -294,9 +296,9 @@ def test_sampling_pipeline_shares_the_training_modules(tiny_sdxl):
 
     bundle = load_model(ModelSection(path=str(tiny_sdxl)))
     pipe = bundle.pipeline()
-    assert pipe.unet is bundle.unet and pipe.vae is bundle.vae
+    assert pipe.unet is bundle.denoiser and pipe.vae is bundle.vae
     assert pipe.text_encoder is bundle.text_encoders[0] and pipe.text_encoder_2 is bundle.text_encoders[1]
-    ours = {p.data_ptr() for m in (bundle.unet, bundle.vae, *bundle.text_encoders) for p in m.parameters()}
+    ours = {p.data_ptr() for m in (bundle.denoiser, bundle.vae, *bundle.text_encoders) for p in m.parameters()}
     theirs = {p.data_ptr() for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters()}
     assert theirs == ours
 
@@ -304,7 +306,20 @@ def test_sampling_pipeline_shares_the_training_modules(tiny_sdxl):
 # ------------------------------------------------------------------------------- host syncs
 
 
-HOT_PATH = ("_train_step", "_loss", "_batch_inputs", "_next_batch", "_latent", "_cached_text")
+def _hot_path() -> list:
+    """Every function a training step runs: the loop's, the data's, and each registered family's objective."""
+    from studio.engine.families import registered
+
+    functions = [trainer._train_step, trainer._loss, run_data.batch_inputs, run_data.next_batch, run_data._latent,
+                 run_data._cached_text]
+    for family in registered():
+        functions += [type(family).training_loss, type(family).example_conditioning]
+        if hasattr(family, "added_cond_kwargs"):
+            functions.append(type(family).added_cond_kwargs)
+    return functions
+
+
+
 # Reads that block until the device is done (or copy to the host). In the hot path only CPU tensors may be read:
 # the latent cache's crop/size entries, which the cache keeps on the CPU.
 SYNCING = re.compile(r"\.item\(\)|\.cpu\(\)|\.tolist\(\)|\.numpy\(\)|torch\.cuda\.synchronize|\.synchronize\(\)")
@@ -319,8 +334,8 @@ def _reads(line: str) -> list[str]:
 def test_the_step_reads_no_device_values():
     """The loss is read at flush cadence in _flush (a few times a second); nothing in the per-step path reads a
     device tensor back. A tripwire: a new .item() in the step costs a GPU pipeline stall every step."""
-    found = [f"{name}: {line.strip()}" for name in HOT_PATH
-             for line in inspect.getsource(getattr(trainer, name)).splitlines()
+    found = [f"{fn.__qualname__}: {line.strip()}" for fn in _hot_path()
+             for line in inspect.getsource(fn).splitlines()
              if SYNCING.search(line) and not all(m in ALLOWED for m in _reads(line))]
     assert found == []
     assert "tolist()" in inspect.getsource(trainer._flush)  # the one batched read of the losses

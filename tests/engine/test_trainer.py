@@ -158,7 +158,6 @@ def test_learning_is_real(tiny_sd1, tmp_path):
     from fixtures_data import make_dataset
     from studio.engine.checkpoint import load_model
     from studio.engine.dataset import load_image, prepare_image
-    from studio.engine.families import encode_prompts
 
     data = make_dataset(tmp_path / "data", count=4)
     job = tiny_job(tiny_sd1, data, tmp_path / "run", training__steps=150, training__lr=5e-3, lora__rank=8, lora__targets="+conv",
@@ -167,14 +166,13 @@ def test_learning_is_real(tiny_sd1, tmp_path):
     assert isinstance(done, RunFinished), getattr(done, "details", done)
 
     bundle = load_model(job.model)
-    pipe_unet, vae, sched = bundle.unet, bundle.vae, bundle.noise_scheduler
+    pipe_unet, vae, sched = bundle.denoiser, bundle.vae, bundle.noise_scheduler
     items = sorted(data.glob("*.png"))
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         latents = torch.cat([vae.encode(prepare_image(load_image(p), (64, 64))[0][None]).latent_dist.mean for p in items])
         latents = latents * vae.config.scaling_factor
-        cond = encode_prompts(bundle.family, bundle.tokenizers, bundle.text_encoders,
-                              [p.with_suffix(".txt").read_text() for p in items]).hidden_states
+        cond = bundle.family.encode_text(bundle, [p.with_suffix(".txt").read_text() for p in items])["hidden"]
         noise = torch.randn(latents.shape, generator=g)
         timesteps = torch.randint(100, 900, (len(items),), generator=g)
         noisy = sched.add_noise(latents, noise, timesteps)

@@ -97,7 +97,7 @@ def test_linux_one_folder_console_executable_with_resources(monkeypatch, tmp_pat
     assert [name for name, _, _ in analysis.binaries] == ["libtorch_cpu.so"]
 
     bundled = _bundled_resources(ns)
-    for needed in ("tokenizers/clip-l/vocab.json", "tokenizers/clip-g/merges.txt", "model_configs/sd1/model_index.json",
+    for needed in ("tokenizers/clip/vocab.json", "tokenizers/clip/merges.txt", "model_configs/sd1/model_index.json",
                    "model_configs/sdxl/unet/config.json", "demo/dataset/shape_00.png", "demo/dataset/shape_00.txt",
                    "icons/app.svg", "style.qss", "presets/balanced.toml"):
         assert needed in bundled, needed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from packaging_helpers import ROOT
 
-NEEDED = ("tokenizers/clip-l/vocab.json", "tokenizers/clip-l/merges.txt", "tokenizers/clip-g/vocab.json",
+NEEDED = ("tokenizers/clip/vocab.json", "tokenizers/clip/merges.txt", "tokenizers/clip/tokenizer_config.json",
           "model_configs/sd1/model_index.json", "model_configs/sd2-v/scheduler/scheduler_config.json",
           "model_configs/sdxl/unet/config.json", "demo/dataset/shape_00.png", "demo/dataset/shape_00.txt",
           "icons/app.svg", "presets/balanced.toml", "style.qss")
@@ -75,7 +75,7 @@ def test_installed_wheel_resolves_resource_path(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     # -S: no site-packages, so neither the editable install nor the checkout can answer instead of the wheel.
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from studio.paths import resource_path; "
-            "p = resource_path('tokenizers', 'clip-l', 'vocab.json'); print(p); assert p.is_file(), p; "
+            "p = resource_path('tokenizers', 'clip', 'vocab.json'); print(p); assert p.is_file(), p; "
             "assert resource_path('demo', 'dataset', 'shape_00.png').is_file()")
     result = subprocess.run([sys.executable, "-S", "-c", code, str(site)], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)

@@ -14,7 +14,7 @@ from ui_fakes import drop_paths, write_lora_stub
 @pytest.fixture
 def page(window, monkeypatch):
     monkeypatch.setattr(backend, "describe_lora", lambda path: {"rank": 8, "alpha": 4.0, "steps": 300,
-                                                               "family": "sd1", "size_bytes": 9_800_000,
+                                                               "family": "sd1", "family_short_label": "SD 1.x", "size_bytes": 9_800_000,
                                                                "title": "Cats", "trigger_phrase": "zzcat",
                                                                "metadata": {"modelspec.description": "Fluffy."}})
     window.go_to("export")

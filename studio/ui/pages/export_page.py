@@ -333,7 +333,7 @@ class TryExportPage(Page):
             parts.append(f"rank {info['rank']}" + (f", alpha {info['alpha']:g}" if info.get("alpha") is not None else ""))
         if info.get("steps"):
             parts.append(f"{info['steps']} steps")
-        family = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(info.get("family") or "", "")
+        family = info.get("family_short_label") or info.get("family") or ""
         if family:
             parts.append(f"for {family}")
         if info.get("size_bytes"):

@@ -21,7 +21,6 @@ from studio.ui.widgets.drop_zone import DropZone
 from studio.ui.worker import TaskRunner
 
 RECENT_KEY = "models/recent"
-FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 PREDICTION_NAMES = {"epsilon": "noise (epsilon)", "v_prediction": "v-prediction", "v": "v-prediction"}
 DTYPE_NAMES = {"float16": "fp16 (half)", "fp16": "fp16 (half)", "bfloat16": "bf16", "bf16": "bf16",
                "float32": "fp32 (full)", "fp32": "fp32 (full)"}
@@ -295,7 +294,7 @@ class ModelPage(Page):
         self.note.setText("\n".join(notes))
         self.note.setVisible(bool(notes))
         family = info.get("family")
-        self.detail_labels["family"].setText(info.get("family_label") or FAMILY_NAMES.get(family, family or "—"))
+        self.detail_labels["family"].setText(info.get("family_label") or family or "—")
         self.detail_labels["format"].setText("built in" if info.get("builtin") else info.get("format_label") or "—")
         prediction = info.get("prediction_type")
         self.detail_labels["prediction"].setText(PREDICTION_NAMES.get(prediction, prediction or "—"))

@@ -1,0 +1,205 @@
+"""A run's data: cached latents and text embeddings, batches in a reproducible order, the per-step seed."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from studio.engine import failures
+from studio.engine.cache import cache_key
+from studio.engine.events import LogMessage, StatusChanged, TrainEvent
+from studio.engine.families import Conditioning
+from studio.engine.run_state import Run
+
+log = logging.getLogger(__name__)
+
+
+def _latent_key(run: Run, index: int, flip: bool) -> str:
+    item = run.report.items[index]
+    return cache_key("latent-v1", item.sha256, run.buckets[index], flip, run.model_fp)
+
+
+def _encode_latent(run: Run, index: int, flip: bool) -> dict[str, torch.Tensor]:
+    """VAE-encode one image at its bucket size; keep mean and std so each step can draw a fresh sample."""
+    from studio.engine.dataset import load_image, prepare_image
+
+    item = run.report.items[index]
+    pixels, crop_tl, original_hw = prepare_image(load_image(item.image_path), run.buckets[index], flip=flip)
+    with torch.no_grad():
+        mean, std = run.bundle.family.encode_image(run.bundle, pixels.unsqueeze(0))
+    return {
+        "mean": mean[0].float(), "std": std[0].float(),
+        "crop_tl": torch.tensor(crop_tl), "original_hw": torch.tensor(original_hw),
+    }
+
+
+def _checked_latent(run: Run, index: int, flip: bool) -> dict[str, torch.Tensor]:
+    # Caching moves every latent to the host anyway, so checking it here costs no extra sync; a NaN latent
+    # would otherwise surface many steps later as a NaN loss with no hint that the VAE caused it.
+    value = _encode_latent(run, index, flip)
+    if not (torch.isfinite(value["mean"]).all() and torch.isfinite(value["std"]).all()):
+        item = run.report.items[index]
+        raise failures.NonFiniteLatent(_rel(item.image_path, run.report.root), run.bundle.family)
+    return value
+
+
+def _latent(run: Run, index: int, flip: bool) -> dict[str, torch.Tensor]:
+    key = _latent_key(run, index, flip)
+    if run.job.training.cache_latents:
+        return run.latents.get_or_compute(key, lambda: _checked_latent(run, index, flip))
+    return _encode_latent(run, index, flip)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def cache_latents(run: Run) -> Iterator[TrainEvent]:
+    from studio.engine.dataset import DatasetImageError
+
+    flips = (False, True) if run.job.dataset.random_flip else (False,)
+    todo = [(i, f) for i in range(len(run.report.items)) for f in flips]
+    bad: set[int] = set()
+    # With a disk cache the main process encodes first; the others then read what it wrote.
+    for turn in ("main", "others"):
+        if (turn == "main") == run.is_main:
+            started = time.perf_counter()
+            for n, (index, flip) in enumerate(todo):
+                if index in bad:
+                    continue
+                try:
+                    _latent(run, index, flip)
+                except (DatasetImageError, OSError) as exc:
+                    # The scan read it fine, so it changed since (deleted, replaced, on a lost network share):
+                    # skip it like the scan skips bad files, rather than losing the whole run.
+                    bad.add(index)
+                    rel = _rel(run.report.items[index].image_path, run.report.root)
+                    why = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or exc
+                    yield LogMessage("warning", f"{rel}: could not be read any more ({why}); skipped")
+                if n % 8 == 0 or n == len(todo) - 1:
+                    yield StatusChanged("Caching latents", f"{n + 1} / {len(todo)} images", (n + 1) / len(todo))
+            log.info("latent cache: %d entries (%d reused) in %.1f s", len(todo), run.latents.hits,
+                     time.perf_counter() - started)
+        run.accelerator.wait_for_everyone()
+    if bad:
+        keep = [i for i in range(len(run.report.items)) if i not in bad]
+        run.report.items = [run.report.items[i] for i in keep]
+        run.buckets = [run.buckets[i] for i in keep]
+        if not run.report.items:
+            raise failures.NoUsableImages(run.job.dataset.path, run.report)
+
+
+def _text_key(run: Run, caption: str) -> str:
+    return cache_key("text-v1", caption, run.model_fp)
+
+
+def encode_text(run: Run, captions: list[str]) -> Conditioning:
+    return run.bundle.family.encode_text(run.bundle, captions)
+
+
+def _cached_text(run: Run, caption: str) -> Conditioning:
+    def compute() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            cond = encode_text(run, [caption])
+        return {name: value[0].float() for name, value in cond.tensors.items()}
+
+    value = run.text.get_or_compute(_text_key(run, caption), compute)
+    return Conditioning({name: tensor.unsqueeze(0) for name, tensor in value.items()})
+
+
+def cache_text(run: Run) -> Iterator[TrainEvent]:
+    captions = sorted({item_caption(run, i, random.Random(0), dropout=False) for i in range(len(run.report.items))})
+    if run.job.dataset.caption_dropout > 0:
+        captions.append("")
+    for n, caption in enumerate(captions):
+        _cached_text(run, caption)
+        if n % 16 == 0 or n == len(captions) - 1:
+            yield StatusChanged("Caching text embeddings", f"{n + 1} / {len(captions)} captions", (n + 1) / len(captions))
+    # Nothing else needs the frozen text encoders on the accelerator until previews, which move them back.
+    if run.device.type != "cpu":
+        for te in run.bundle.text_encoders:
+            te.to("cpu")
+        run.bundle.extra["text_encoders_offloaded"] = True
+
+
+# ------------------------------------------------------------------------------------------- data order
+
+
+def epoch_batches(run: Run, epoch: int) -> list[list[int]]:
+    """This process's batches for ``epoch``: a seeded shuffle of repeated items, grouped by bucket.
+
+    A pure function of (seed, epoch), so a resumed run sees exactly the batches the killed one would have.
+    """
+    t = run.job.training
+    rng = random.Random(t.seed * 1_000_003 + epoch)
+    order = [i for i, item in enumerate(run.report.items) for _ in range(item.repeats)]
+    rng.shuffle(order)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        by_bucket.setdefault(run.buckets[i], []).append(i)
+    batches = [idx[k:k + t.batch_size] for idx in by_bucket.values() for k in range(0, len(idx), t.batch_size)]
+    rng.shuffle(batches)
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    if world > 1:
+        while len(batches) < world:  # fewer batches than processes: reuse some so every process has work
+            batches += batches[: world - len(batches)]
+        batches = batches[: len(batches) // world * world][rank::world]
+    return batches
+
+
+def next_batch(run: Run, cache: dict) -> list[int]:
+    p = run.position
+    while True:
+        if cache.get("epoch") != p.epoch:
+            cache["epoch"], cache["batches"] = p.epoch, epoch_batches(run, p.epoch)
+        if p.batch_index < len(cache["batches"]):
+            batch = cache["batches"][p.batch_index]
+            p.batch_index += 1
+            return batch
+        p.epoch, p.batch_index = p.epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------- a step's data
+
+
+def step_seed(run: Run, micro: int) -> int:
+    return (run.job.training.seed * 7919 + run.position.step * 104_729 + micro * 31 + run.accelerator.process_index) % (2**63)
+
+
+def item_caption(run: Run, index: int, rng: random.Random, *, dropout: bool = True) -> str:
+    from studio.engine.dataset import compose_caption
+
+    d = run.job.dataset
+    return compose_caption(run.report.items[index].caption, trigger_word=d.trigger_word, shuffle_tags=d.shuffle_tags,
+                           keep_tokens=d.keep_tokens, dropout=d.caption_dropout if dropout else 0.0, rng=rng)
+
+
+def batch_inputs(run: Run, batch: list[int], micro: int) -> tuple[torch.Tensor, Conditioning]:
+    """Latents (freshly sampled from the cached distribution) and the conditioning: text, plus what the family
+    derives per image (e.g. SDXL's size and crop ids)."""
+    seed = step_seed(run, micro)
+    rng = random.Random(seed)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    flips = [run.job.dataset.random_flip and rng.random() < 0.5 for _ in batch]
+    entries = [_latent(run, i, f) for i, f in zip(batch, flips)]
+    mean = torch.stack([e["mean"] for e in entries])
+    std = torch.stack([e["std"] for e in entries])
+    latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(run.device, non_blocking=True)
+    captions = [item_caption(run, i, rng) for i in batch]
+    if run.text_is_static:
+        cond = Conditioning.cat([_cached_text(run, c) for c in captions])
+    else:
+        with torch.no_grad() if not run.job.lora.train_text_encoder else nullcontext():
+            cond = encode_text(run, captions)
+    w, h = run.buckets[batch[0]]
+    cond = cond.with_tensors(**run.bundle.family.example_conditioning(entries, (h, w)))
+    return latents, cond.to(run.device, run.weight_dtype)

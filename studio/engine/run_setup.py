@@ -1,0 +1,168 @@
+"""Everything before a run's first step: the preflight checks, then load, scan, cache, inject, plan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from studio.engine import devices, failures
+from studio.engine.cache import TensorCache, model_fingerprint
+from studio.engine.checkpoint import load_model
+from studio.engine.config import Job, Problem, errors, validate
+from studio.engine.events import LogMessage, StatusChanged, TrainEvent
+from studio.engine.optim import make_optimizer
+from studio.engine.recovery import restore
+from studio.engine.run_data import cache_latents, cache_text, epoch_batches
+from studio.engine.run_state import Cancelled, Run
+from studio.engine.runs import (
+    RunFolder, attach_log_file, claim_run_dir, job_changes, lock_run, resume_problems, saved_job, writable_problems,
+)
+from studio.engine.state import resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def preflight(job: Job, resume_dir: Path | str | None = None) -> list[Problem]:
+    """Every problem with the job, its paths and the run to resume, before anything heavy starts (warnings too)."""
+    problems = validate(job)
+    if errors(problems):
+        return problems
+    if resume_dir is not None:
+        problems += resume_problems(Path(resume_dir), job)
+        if not errors(problems):
+            problems += writable_problems(job, Path(resume_dir))
+    else:
+        problems += writable_problems(job)
+    data = Path(job.dataset.path).expanduser()
+    try:
+        with os.scandir(data):
+            pass
+    except OSError as exc:
+        problems.append(Problem("dataset.path", f"'{data}' cannot be read ({exc.strerror or exc}); check its permissions"))
+    from studio.engine.export import kohya_export_problem
+
+    dora = kohya_export_problem(job.lora)
+    if dora and not job.output.save_diffusers:
+        problems.append(Problem("lora.dora", dora + " (set output.save_diffusers = true to train it anyway)"))
+    return problems
+
+
+
+def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[TrainEvent]:
+    """Everything before the first step, filling ``run``: accelerator, run folder, model, dataset, caches, LoRA,
+    optimizer and schedule (and, when resuming, the saved state)."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    from studio.engine.dataset import plan_buckets, scan_dataset
+    from studio.engine.lora import inject_lora
+
+    t = run.job.training
+    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
+    mixed = devices.resolve_precision(t.mixed_precision, cpu)
+    job = run.job
+    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+
+    # The main process claims the (never overwritten) run folder; the others learn its name.
+    chosen = [str(resume_dir) if resume_dir else str(claim_run_dir(Path(job.output.dir))) if accelerator.is_main_process
+              else ""]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    folder = run.folder = RunFolder(Path(chosen[0]))
+    notes: list[str] = []
+    damaged: list[str] = []
+    if accelerator.is_main_process:
+        run.run_lock = lock_run(folder.root)  # one process per run folder, until recovery.release
+        if resume_dir:
+            latest, damaged = resume_checkpoint(folder.checkpoints)  # verified; damaged newer ones set aside
+            _, notes = job_changes(saved_job(folder.root), job)
+            folder.forget_after(int(latest.name.split("-")[1]) if latest else 0, job.output.name)
+        folder.create(job)  # on resume: the job that continues (only changes job_changes accepts)
+        run.log_handler = attach_log_file(folder)
+    log.info("run folder %s, %d process(es) on %s, precision %s", folder.root, accelerator.num_processes,
+             accelerator.device, mixed)
+    if notes:
+        log.info("resuming with changes: %s", "; ".join(notes))
+        yield LogMessage("info", "Changed since the run started: " + "; ".join(notes))
+    for note in damaged:
+        yield LogMessage("warning", note)
+
+    run.phase = "loading"
+    yield StatusChanged("Loading model", job.model.path)
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    # The VAE runs in fp32: SDXL's VAE overflows in fp16 and the VAE is used only for caching and previews.
+    bundle.vae.to(accelerator.device, torch.float32)
+    log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)
+    yield LogMessage("info", f"Model: {bundle.family.label}, {bundle.prediction_type} prediction, loaded in {bundle.load_time_s:.1f} s")
+
+    run.phase = "scanning"
+    yield StatusChanged("Scanning dataset", job.dataset.path)
+    d = job.dataset
+    report = scan_dataset(d.path, caption_extension=d.caption_extension, trigger_word=d.trigger_word,
+                          repeats=d.repeats, default_repeats=d.default_repeats)
+    for issue in report.issues:
+        if issue.severity in ("error", "warning"):
+            yield LogMessage("warning", f"{issue.file}: {issue.problem} ({issue.action})")
+    if report.usable == 0:
+        raise failures.NoUsableImages(d.path, report)
+    run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
+
+    frozen_te = not job.lora.train_text_encoder
+    static_captions = frozen_te and not d.shuffle_tags
+    run.model_fp = model_fingerprint(bundle.source, job.model.vae, bundle.family.name)
+    run.latents = TensorCache("latents", to_disk=t.cache_to_disk and t.cache_latents)
+    run.text = TensorCache("text", to_disk=t.cache_to_disk and t.cache_text_embeddings)
+    run.text_is_static = static_captions and t.cache_text_embeddings and bundle.family.text_cacheable
+
+    run.phase = "caching"
+    if t.cache_latents:
+        yield from cache_latents(run)
+    if run.text_is_static:
+        yield from cache_text(run)
+    if stop.is_set():
+        raise Cancelled()
+
+    run.phase = "setup"
+    # peft draws LoRA A's initial values from the global RNG: seed it, so the same job gives the same LoRA
+    # (and a run started in a busy process equals one started in a fresh one).
+    torch.manual_seed(t.seed)
+    run.params = inject_lora(bundle, job.lora, train_text_encoder=job.lora.train_text_encoder)
+    apply_speed_options(run)
+    run.optimizer = make_optimizer(run.params, job, accelerator.device)
+    run.steps_per_epoch, run.total_steps = plan_steps(run)
+    from diffusers.optimization import get_scheduler
+
+    schedule = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
+    run.scheduler = get_scheduler(schedule, run.optimizer, num_warmup_steps=t.warmup_steps,
+                                  num_training_steps=run.total_steps)
+    to_prepare = [bundle.denoiser] + ([*bundle.text_encoders] if job.lora.train_text_encoder else [])
+    prepared = accelerator.prepare(*to_prepare, run.optimizer)
+    run.optimizer = prepared[-1]
+    run.denoiser_ddp = prepared[0]
+    run.te_ddp = list(prepared[1:-1])
+
+    if resume_dir is not None:
+        restore(run)
+        yield LogMessage("info", f"Resumed at step {run.position.step} of {run.total_steps} from {resume_dir}")
+    from studio.engine.sampling import preview_prompts
+
+    run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
+
+
+def apply_speed_options(run: Run) -> None:
+    """The job's speed switches, applied the family's way (checkpointing, attention kernel, memory format, compile)."""
+    run.bundle.family.apply_speed_options(run.bundle, run.job.training, run.job.lora.train_text_encoder)
+
+
+def plan_steps(run: Run) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of the job on this dataset."""
+    t = run.job.training
+    per_epoch = max(1, len(epoch_batches(run, 0)) // t.gradient_accumulation)
+    total = t.epochs * per_epoch if t.epochs > 0 else t.steps
+    return per_epoch, total
