@@ -2,9 +2,10 @@
 
     python packaging/install.py [--gpu auto|cuda|cpu] [--dev] [--dry-run]
 
-torch first, from packaging/requirements/<platform>.txt, then the app: pip keeps the torch that is already there
-because it satisfies the app's `torch>=...`, so the build chosen here is the one that stays. Standard library only:
-it runs before anything is installed.
+torch first, from packaging/requirements/<platform>.txt, then the app with packaging/locks/<platform>.txt as
+constraints: pip keeps the torch that is already there because it satisfies the app's `torch>=...` and the lock's
+`torch==X`, so the build chosen here is the one that stays, and every other package gets the version tested with it.
+Standard library only: it runs before anything is installed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-REQUIREMENTS = ROOT / "packaging" / "requirements"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lockfile import REQUIREMENTS, ROOT, lock_for_requirements  # noqa: E402
 
 
 def choose_requirements(system: str, machine: str, has_nvidia: bool, gpu: str = "auto") -> Path:
@@ -40,7 +42,7 @@ def pip_commands(requirements: Path, dev: bool) -> list[list[str]]:
     app = ["-e", f"{ROOT}[test]"] if dev else [str(ROOT)]
     return [
         [sys.executable, "-m", "pip", "install", "-r", str(requirements)],
-        [sys.executable, "-m", "pip", "install", *app],
+        [sys.executable, "-m", "pip", "install", "-c", str(lock_for_requirements(requirements)), *app],
     ]
 
 
