@@ -4,6 +4,7 @@ opens offscreen; on Linux without a display or without an xcb library it says wh
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,21 @@ def test_the_real_plugin_needs_are_what_ldd_sees(tmp_path):
             assert resolved[name] == "not found" or not resolved[name].startswith(str(qt_lib)), (name, resolved[name])
     shipped = [name for name, where in resolved.items() if where.startswith(str(qt_lib))]
     assert shipped and not set(shipped) & set(ours)
+
+
+@linux_only
+def test_readme_system_package_line_matches_what_the_plugin_needs():
+    """The README's apt and dnf lines name packages for libraries the installed xcb plugin really needs (read from
+    its ELF), the same libraries on both lines, and include the xcb-util ones that desktops often lack."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    apt = re.search(r"`sudo apt install ([^`]+)`", readme).group(1).split()
+    dnf = re.search(r"`sudo dnf install ([^`]+)`", readme).group(1).split()
+    needed = display_check.system_libraries(display_check.find_plugin("xcb", {}))
+    by_debian = {display_check.install_commands([lib])[0].split()[-1]: lib for lib in needed}
+    assert set(apt) <= set(by_debian), set(apt) - set(by_debian)
+    libraries = [by_debian[package] for package in apt]
+    assert display_check.install_commands(libraries) == (f"sudo apt install {' '.join(apt)}",
+                                                          f"sudo dnf install {' '.join(dnf)}")
+    often_missing = {"libxcb-cursor.so.0", "libxcb-icccm.so.4", "libxcb-keysyms.so.1", "libxcb-image.so.0",
+                     "libxcb-render-util.so.0", "libxkbcommon-x11.so.0"}
+    assert often_missing <= set(libraries), often_missing - set(libraries)
