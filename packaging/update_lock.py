@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         result = smoke(uv, candidates[host], host, scratch, find_links, "newest")
         hold: list[str] = []
         if not result.ok:
-            report.append(f"The newest allowed set fails: {describe(result.failures)} (log: {result.log})")
+            where = f" (log: {result.log})" if args.keep_scratch else " (--keep-scratch keeps the log)"
+            report.append(f"The newest allowed set fails: {describe(result.failures)}{where}")
             report += ["Moved:", *format_moves(changes)]
             direct = {lockfile.canonical(r.name) for r in direct_dependencies()}
             order = [c for c in changes if c[0] in direct and c[1]] + [c for c in changes if c[0] not in direct and c[1]]
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.ok or hold:
             final = lockfile.read_pins(candidates[host])
             report.append(("All smoke tests pass on the newest allowed set." if result.ok else
-                           f"Written with {hold[0]} held back: pyproject.toml should exclude {hold[0].split('==')[0]} "
-                           f"{newest.get(hold[0].split('==')[0])} until it works."))
+                           f"The newest working set holds {hold[0]} back: pyproject.toml should exclude "
+                           f"{hold[0].split('==')[0]} {newest.get(hold[0].split('==')[0])} until it works."))
             report.append("Resolved for " + host + ": " + ", ".join(f"{p} {final.get(p, '-')}" for p in KEY_PACKAGES))
             report += ["Changes against the committed lock:", *(format_moves(moved(current, final)) or ["  none"])]
             if not args.dry_run:

@@ -142,3 +142,35 @@ def test_update_lock_smoke_tests_exist():
         source = (ROOT / path).read_text(encoding="utf-8")
         assert f"def {name.split('[')[0]}(" in source, node
     assert (PACKAGING / "README.md").read_text(encoding="utf-8").count("update_lock.py") >= 2
+
+
+def test_update_lock_reports_the_run_error_behind_a_failed_assertion():
+    update_lock = load_script("update_lock.py")
+    output = """\
+________________ test_each_family_trains_exports_and_loads_in_diffusers[tiny_sd1-True] ________________
+tests/engine/test_trainer.py:160: in test_each_family_trains_exports_and_loads_in_diffusers
+    assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
+E   AssertionError: Traceback (most recent call last):
+E       raise ValueError(
+E     ValueError: The version of PEFT you are using is not compatible, please use a version >= 0.22.0
+=========================== short test summary info ============================
+FAILED tests/engine/test_trainer.py::test_each_family_trains_exports_and_loads_in_diffusers[tiny_sd1-True] - AssertionError: Traceback (most recent call last):
+"""
+    node = "tests/engine/test_trainer.py::test_each_family_trains_exports_and_loads_in_diffusers[tiny_sd1-True]"
+    assert update_lock.root_cause(output, node) == (
+        "ValueError: The version of PEFT you are using is not compatible, please use a version >= 0.22.0")
+    assert update_lock.root_cause(output, "tests/x.py::test_other") is None
+
+
+def test_update_lock_probes_every_upper_bound_of_pyproject():
+    update_lock = load_script("update_lock.py")
+    probes = {name: (bound, beyond) for name, bound, beyond in update_lock.upper_bound_probes()}
+    assert probes["transformers"] == ("transformers<5.24", "transformers>=5.24")
+    assert probes["peft"] == ("peft<0.22", "peft>=0.22")
+    assert "torch" not in probes  # torch moves by hand, with the torch files and the README
+
+
+def test_update_lock_lists_what_moved():
+    update_lock = load_script("update_lock.py")
+    assert update_lock.moved({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "2.1", "d": "4"}) == [
+        ("b", "2", "2.1"), ("c", "3", None), ("d", None, "4")]
