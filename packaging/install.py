@@ -11,15 +11,26 @@ Standard library only: it runs before anything is installed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lockfile import REQUIREMENTS, ROOT, lock_for_requirements  # noqa: E402
+
+def _sibling(name: str):
+    """packaging/<name>.py by path: putting packaging/ on sys.path would let its scripts shadow real modules."""
+    spec = importlib.util.spec_from_file_location(f"lora_studio_packaging_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and friends look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_lockfile = _sibling("lockfile")
+REQUIREMENTS, ROOT, lock_for_requirements = _lockfile.REQUIREMENTS, _lockfile.ROOT, _lockfile.lock_for_requirements
 
 
 def choose_requirements(system: str, machine: str, has_nvidia: bool, gpu: str = "auto") -> Path:

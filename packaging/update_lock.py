@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import re
@@ -30,10 +31,19 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import install  # noqa: E402  (packaging/install.py: which torch build this computer takes)
-import lockfile  # noqa: E402
+
+def _sibling(name: str):
+    """packaging/<name>.py by path: putting packaging/ on sys.path would let its scripts shadow real modules."""
+    spec = importlib.util.spec_from_file_location(f"lora_studio_packaging_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+install = _sibling("install")  # which torch build this computer takes
+lockfile = _sibling("lockfile")
 
 ROOT = lockfile.ROOT
 BUILD_REQUIREMENTS = lockfile.REQUIREMENTS / "build.txt"
