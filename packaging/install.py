@@ -2,22 +2,35 @@
 
     python packaging/install.py [--gpu auto|cuda|cpu] [--dev] [--dry-run]
 
-torch first, from packaging/requirements/<platform>.txt, then the app: pip keeps the torch that is already there
-because it satisfies the app's `torch>=...`, so the build chosen here is the one that stays. Standard library only:
-it runs before anything is installed.
+torch first, from packaging/requirements/<platform>.txt, then the app with packaging/locks/<platform>.txt as
+constraints: pip keeps the torch that is already there because it satisfies the app's `torch>=...` and the lock's
+`torch==X`, so the build chosen here is the one that stays, and every other package gets the version tested with it.
+Standard library only: it runs before anything is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-REQUIREMENTS = ROOT / "packaging" / "requirements"
+
+
+def _sibling(name: str):
+    """packaging/<name>.py by path: putting packaging/ on sys.path would let its scripts shadow real modules."""
+    spec = importlib.util.spec_from_file_location(f"lora_studio_packaging_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and friends look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+_lockfile = _sibling("lockfile")
+REQUIREMENTS, ROOT, lock_for_requirements = _lockfile.REQUIREMENTS, _lockfile.ROOT, _lockfile.lock_for_requirements
 
 
 def choose_requirements(system: str, machine: str, has_nvidia: bool, gpu: str = "auto") -> Path:
@@ -40,7 +53,7 @@ def pip_commands(requirements: Path, dev: bool) -> list[list[str]]:
     app = ["-e", f"{ROOT}[test]"] if dev else [str(ROOT)]
     return [
         [sys.executable, "-m", "pip", "install", "-r", str(requirements)],
-        [sys.executable, "-m", "pip", "install", *app],
+        [sys.executable, "-m", "pip", "install", "-c", str(lock_for_requirements(requirements)), *app],
     ]
 
 

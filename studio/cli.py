@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
+        from studio.display_check import check_display
+
+        # Before Qt is imported: a missing system library or no display is a sentence and exit 1, not Qt's SIGABRT.
+        problem = check_display()
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
         from studio.ui.app import main as gui_main
 
         return gui_main([])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from studio import app_info  # noqa: E402
+from studio import app_info, display_check  # noqa: E402
 
 LINUX_DIR = ROOT / "packaging" / "linux"
 ICON_SOURCE = ROOT / "resources" / "icons" / "app.svg"
@@ -37,6 +39,44 @@ def _check_bundle(bundle: Path) -> None:
     executable = bundle / app_info.APP_EXECUTABLE
     if not (executable.is_file() and os.access(executable, os.X_OK)):
         raise SystemExit(f"{bundle} is not a PyInstaller bundle: no executable {executable.name} in it")
+
+
+# Libraries that come with PySide6 (Qt and its ICU): a user's system is not expected to have them, so the bundle must.
+_SHIPPED_WITH_QT = re.compile(r"lib(Qt6|icu|pyside6|shiboken6)")
+
+
+def check_platform_plugin(bundle: Path) -> list[str]:
+    """`ldd` on the bundle's xcb platform plugin, with the library path PyInstaller's bootloader sets (_internal/):
+    every Qt library it needs must resolve inside the bundle. Returns the system libraries it takes from the build
+    machine (what users must have, as the README and studio.display_check say); raises SystemExit otherwise."""
+    internal = bundle / "_internal"
+    plugins = sorted(internal.rglob("platforms/libqxcb.so"))
+    if not plugins:
+        raise SystemExit(f"{bundle} has no Qt xcb platform plugin (platforms/libqxcb.so): the window could not open")
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise SystemExit("ldd is needed to check the bundled Qt plugin (it comes with glibc: libc-bin)")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(internal)}
+    listing = subprocess.run([ldd, str(plugins[0])], capture_output=True, text=True, env=env, timeout=120).stdout
+    problems, system = [], []
+    for line in listing.splitlines():
+        name, _, where = line.strip().partition(" => ")
+        where = where.split(" (")[0]
+        if not where:
+            continue
+        # normpath, not resolve(): a library the bundle holds as a symlink still ships with it
+        inside = where != "not found" and Path(os.path.normpath(where)).is_relative_to(internal.absolute())
+        if _SHIPPED_WITH_QT.match(name) and not inside:
+            problems.append(f"{name} {'is missing' if where == 'not found' else f'comes from {where}'}")
+        elif not inside:
+            system.append(name)
+    if problems:
+        raise SystemExit(f"the bundled {plugins[0].relative_to(bundle)} needs Qt libraries the bundle lacks: "
+                         + "; ".join(problems))
+    known = set(display_check.system_libraries(plugins[0]))
+    print(f"platform plugin OK; from the user's system it needs {len(system)} libraries, "
+          f"{len(known & set(system))} of them named by the display check: {', '.join(sorted(known & set(system)))}")
+    return system
 
 
 def dist_name() -> str:
@@ -101,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-archive", action="store_true", help="with --tarball: the folder only, no .tar.gz")
     parser.add_argument("--appdir", action="store_true", help="write an AppDir for appimagetool")
     args = parser.parse_args(argv)
+    check_platform_plugin(args.bundle)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tarball or not args.appdir:
         tree = make_tree(args.bundle, args.out)

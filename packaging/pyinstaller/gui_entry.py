@@ -20,5 +20,6 @@ if __name__ == "__main__":
 
     from studio.cli import main
 
+    # main([]) checks the display before Qt is imported (studio.display_check), as `lora-studio` does.
     # Arguments are ignored on purpose: Finder may pass -psn_..., and a windowed exe could not show usage anyway.
     sys.exit(main([]))

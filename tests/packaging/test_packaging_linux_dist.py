@@ -84,3 +84,31 @@ def test_appdir_links_resolve(make_dist, bundle, tmp_path):
         assert (appdir / link).is_symlink() and (appdir / link).resolve().is_file(), link
     result = subprocess.run([str(appdir / "AppRun")], capture_output=True, text=True, check=True)
     assert app_info.VERSION in result.stdout
+
+
+def _bundle_with_plugin(bundle: Path, with_qt: bool) -> Path:
+    """The real PySide6 xcb plugin where PyInstaller puts it, with (a link to) the real Qt libraries or without."""
+    from studio import display_check
+
+    real = display_check.find_plugin("xcb", {})
+    qt = bundle / "_internal" / "PySide6" / "Qt"
+    (qt / "plugins" / "platforms").mkdir(parents=True)
+    shutil.copy2(real, qt / "plugins" / "platforms" / "libqxcb.so")
+    if with_qt:
+        (qt / "lib").symlink_to(real.parents[2] / "lib", target_is_directory=True)
+    return bundle
+
+
+def test_the_bundled_platform_plugin_finds_qt_inside_the_bundle(make_dist, bundle):
+    system = make_dist.check_platform_plugin(_bundle_with_plugin(bundle, with_qt=True))
+    assert "libxcb.so.1" in system and not [name for name in system if name.startswith("libQt6")]
+
+
+def test_a_bundle_without_qt_libraries_is_refused(make_dist, bundle):
+    with pytest.raises(SystemExit, match=r"needs Qt libraries the bundle lacks: .*libQt6XcbQpa\.so\.6 is missing"):
+        make_dist.check_platform_plugin(_bundle_with_plugin(bundle, with_qt=False))
+
+
+def test_a_bundle_without_the_plugin_is_refused(make_dist, bundle):
+    with pytest.raises(SystemExit, match="no Qt xcb platform plugin"):
+        make_dist.main(["--bundle", str(bundle), "--out", str(bundle.parent / "out")])

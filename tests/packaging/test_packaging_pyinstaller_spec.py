@@ -5,6 +5,7 @@ split per platform."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import py_compile
 import sys
 import types
@@ -146,3 +147,13 @@ def test_entry_scripts_compile(entry, tmp_path):
 def test_spec_lives_where_the_readme_says():
     readme = (PACKAGING / "README.md").read_text(encoding="utf-8")
     assert str(SPEC.relative_to(ROOT).as_posix()) in readme
+
+
+def test_spec_builds_only_from_the_locked_set(monkeypatch, tmp_path):
+    ns = run_spec(monkeypatch, tmp_path, "linux")
+    assert ns["LOCK_TARGET"] in {"linux-cpu", "linux-cuda", "windows-cpu", "windows-cuda", "macos"}
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda dist: "0.0.1" if dist == "diffusers" else real_version(dist))
+    with pytest.raises(SystemExit, match=r"not packaging/locks/.*diffusers 0\.0\.1 is installed, the lock pins"):
+        run_spec(monkeypatch, tmp_path / "again", "linux")
