@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 PAGES = ("model", "dataset", "settings", "train", "export")
 RAIL_NAMES = {"model": "Model", "dataset": "Dataset", "settings": "Settings", "train": "Train", "export": "Try & Export"}
 STATE_ICONS = {DONE: "state-done", ATTENTION: "state-attention", RUNNING: "state-running"}
-RUN_STATE_TEXT = {"idle": "Not started", "starting": "Starting…", "running": "Training", "paused": "Paused",
+RUN_STATE_TEXT = {"idle": "Not started", "starting": "Starting…", "running": "Training", "pausing": "Pausing…",
+                  "paused": "Paused",
                   "stopping": "Stopping…", "finished": "Finished", "failed": "Failed", "cancelled": "Stopped"}
 
 
@@ -162,7 +163,7 @@ class MainWindow(QMainWindow):
         self.job_label.setText(f"Job: {name} — {file}{dirty}")
         state = self.train_page.run_state
         text = RUN_STATE_TEXT.get(state, state)
-        if state in ("running", "paused") and self.train_page.total_steps:
+        if state in ("running", "pausing", "paused") and self.train_page.total_steps:
             text += f" — step {self.train_page.step} / {self.train_page.total_steps}"
         self.run_label.setText(text)
         self.setWindowTitle(f"{name}{' •' if self.model.dirty else ''} — {app_info.APP_NAME}")
@@ -321,17 +322,28 @@ class MainWindow(QMainWindow):
         self.refresh_rail()
 
     def pause_training(self) -> None:
-        self.controller.pause()
+        self.controller.pause()  # the Event is set here, on the click; the engine checks it after the step in flight
+        self.train_page.pausing()
 
     def resume_training(self) -> None:
         self.controller.resume()
+        self.train_page.resuming()
 
     def request_stop(self) -> None:
-        """Esc and the Stop button: ask first, because a stopped run cannot be continued from here."""
+        """Esc and the Stop button: ask first, because a stopped run cannot be continued from here.
+
+        While the question is open the run holds at the end of the step in flight (a pause), so the stop lands
+        where the user clicked rather than however many steps later the question is answered.
+        """
         if not self.controller.running or self.controller.stopping:
             return
+        held = not self.controller.paused
+        if held:
+            self.controller.pause()
         if self.confirm("Stop training?", "Stop at the end of this step? The LoRA of the steps done so far is kept, and the run can be resumed later."):
             self.stop_training()
+        elif held:
+            self.controller.resume()
 
     def stop_training(self) -> None:
         self.controller.stop()

@@ -141,17 +141,30 @@ def test_pause_resume_and_stop_a_real_run(qtbot, make_window, tiny_sd1, tiny_dat
     page = window.train_page
     window.start_training()
     qtbot.waitUntil(lambda: page.step >= 1, timeout=RUN_TIMEOUT_MS)
+    clicked_at = page.step
     qtbot.mouseClick(page.pause_button, Qt.LeftButton)
+    assert page.run_state == "pausing" and page.pause_button.text() == "Pausing…"  # seen at once, not a step later
+    assert not page.pause_button.isEnabled()
     qtbot.waitUntil(lambda: page.run_state == "paused", timeout=RUN_TIMEOUT_MS)
     held = page.step
+    assert held <= clicked_at + 1, f"clicked Pause at step {clicked_at}, paused at {held}"  # only the step in flight
     qtbot.wait(300)
     assert page.step == held and window.controller.running  # the model stays loaded while paused
     qtbot.mouseClick(page.resume_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: page.step > held, timeout=RUN_TIMEOUT_MS)
-    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    assert page.run_state == "running" and page.pause_button.isVisible()
+    qtbot.waitUntil(lambda: page.step > held + 1, timeout=RUN_TIMEOUT_MS)
+
+    def answered_after_reading(*args, **kwargs):
+        qtbot.wait(1500)  # a person reads the question; the run must not train on meanwhile
+        return QMessageBox.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", answered_after_reading)
+    clicked_at = page.step
     qtbot.mouseClick(page.stop_button, Qt.LeftButton)
+    assert page.run_state == "stopping" and not page.stop_button.isEnabled()
     wait_until_done(qtbot, window, "cancelled", "failed", "finished")
     assert page.run_state == "cancelled", page.banner.text.text()
+    assert page.step <= clicked_at + 1, f"clicked Stop at step {clicked_at}, stopped at {page.step}"
     assert page.lora_path is not None and page.lora_path.is_file()
     assert window.export_page.selected_lora() == page.lora_path
 

@@ -6,7 +6,7 @@ import html
 import time
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer, QUrl, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
     QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
@@ -61,7 +61,6 @@ class TrainPage(Page):
         self.checklist.setTextFormat(Qt.RichText)
         self.checklist.linkActivated.connect(lambda page: self.go_to_page.emit(page))
         cl.addWidget(self.checklist)
-        self.layout_.addWidget(self.checklist_card)
 
         # Controls and progress.
         controls_card, cc = card()
@@ -81,8 +80,13 @@ class TrainPage(Page):
         self.stop_button.clicked.connect(self.stop_requested)
         for b in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
             buttons.addWidget(b)
+        self._steady_buttons()
         buttons.addSpacing(2 * s)
         self.phase = BusyIndicator()
+        # The spinner's room stays when it is hidden, so showing it never pushes or squeezes the buttons.
+        policy = self.phase.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)
+        self.phase.setSizePolicy(policy)
         buttons.addWidget(self.phase, 1)
         self.phase_label = QLabel()
         self.phase_label.setObjectName("muted")
@@ -105,7 +109,9 @@ class TrainPage(Page):
         progress_row.addWidget(self.eta_label)
         progress_row.addWidget(self.elapsed_label)
         cc.addLayout(progress_row)
+        # Controls first: the checklist below them comes and goes (hidden during a run) without moving them.
         self.layout_.addWidget(controls_card)
+        self.layout_.addWidget(self.checklist_card)
 
         self.banner = Banner()
         self.try_button = self.banner.add_action(QPushButton(theme.icon("export"), "Try && export"))
@@ -166,10 +172,38 @@ class TrainPage(Page):
         model.problems_changed.connect(lambda _: self.refresh())
         self.refresh()
 
+    # Every text a run-control button shows; each button is as wide as its widest text, Pause and Resume share one
+    # slot, so no state change moves or resizes a button under the pointer.
+    BUTTON_TEXTS = {"start": ("Start training",), "pause": ("Pause", "Pausing…", "Resume"),
+                    "stop": ("Stop", "Stopping…")}
+
+    def _steady_buttons(self) -> None:
+        def widest(button: QPushButton, texts: tuple[str, ...]) -> int:
+            shown = button.text()
+            button.ensurePolished()
+            width = 0
+            for text in texts:
+                button.setText(text)
+                width = max(width, button.sizeHint().width())
+            button.setText(shown)
+            return width
+
+        self.start_button.setFixedWidth(widest(self.start_button, self.BUTTON_TEXTS["start"]))
+        pause = max(widest(self.pause_button, self.BUTTON_TEXTS["pause"]),
+                    widest(self.resume_button, self.BUTTON_TEXTS["pause"]))
+        self.pause_button.setFixedWidth(pause)
+        self.resume_button.setFixedWidth(pause)
+        self.stop_button.setFixedWidth(widest(self.stop_button, self.BUTTON_TEXTS["stop"]))
+
+    def changeEvent(self, event) -> None:
+        super().changeEvent(event)
+        if event.type() in (QEvent.FontChange, QEvent.StyleChange) and hasattr(self, "stop_button"):
+            self._steady_buttons()
+
     # ------------------------------------------------------------------------------------------- state
 
     def state(self) -> tuple[str, str]:
-        if self.run_state in ("starting", "running", "paused", "stopping"):
+        if self.busy:
             return RUNNING, self.progress.text()
         if self.run_state == "finished":
             return DONE, "Training finished."
@@ -181,7 +215,7 @@ class TrainPage(Page):
 
     @property
     def busy(self) -> bool:
-        return self.run_state in ("starting", "running", "paused", "stopping")
+        return self.run_state in ("starting", "running", "pausing", "paused", "stopping")
 
     def set_run_state(self, state: str) -> None:
         self.run_state = state
@@ -194,7 +228,9 @@ class TrainPage(Page):
         self.start_button.setEnabled(not busy and not errors)
         self.pause_button.setEnabled(self.run_state == "running")
         self.resume_button.setEnabled(self.run_state == "paused")
-        self.stop_button.setEnabled(self.run_state in ("starting", "running", "paused"))
+        self.stop_button.setEnabled(self.run_state in ("starting", "running", "pausing", "paused"))
+        self.pause_button.setText("Pausing…" if self.run_state == "pausing" else "Pause")
+        self.stop_button.setText("Stopping…" if self.run_state == "stopping" else "Stop")
         self.pause_button.setVisible(self.run_state != "paused")
         self.resume_button.setVisible(self.run_state == "paused")
         if busy:
@@ -264,11 +300,12 @@ class TrainPage(Page):
         if event.phase.lower() == "paused":
             self.phase.stop()
             self.phase_label.setText(text)
-            self.set_run_state("paused")
+            if self.run_state != "stopping":
+                self.set_run_state("paused")
         else:
             if self.run_state == "paused":
                 self.set_run_state("running")
-            if self.run_state != "stopping":
+            if self.run_state not in ("stopping", "pausing"):
                 self.phase.start(event.phase if event.phase != "Training" else "Training…")
             self.phase_label.setText(event.message)
         self.log("info", text)
@@ -357,6 +394,18 @@ class TrainPage(Page):
     def stopping(self) -> None:
         self.phase.start("Stopping at the end of this step…")
         self.set_run_state("stopping")
+
+    def pausing(self) -> None:
+        """Pause was clicked: say so at once; the run confirms with a "Paused" status at the step's end."""
+        if self.run_state == "running":
+            self.phase.start("Pausing at the end of this step…")
+            self.set_run_state("pausing")
+
+    def resuming(self) -> None:
+        if self.run_state == "paused":
+            self.phase.start("Training…")
+            self.phase_label.setText("")
+            self.set_run_state("running")
 
     # ------------------------------------------------------------------------------------------ helpers
 
