@@ -125,6 +125,8 @@ class MainWindow(QMainWindow):
             self.tasks.run("device", backend.detect_device, what="Detecting the device",
                            on_done=lambda d: self.device_label.setText(f"Device: {d}"),
                            on_error=lambda m, d: self.device_label.setText("Device: unknown"))
+            self.tasks.run("device-type", backend.detect_device_type, what="Detecting the device",
+                           on_done=self.model.set_device_type)
         else:
             self.device_label.setText("Device: CPU")
         QApplication.styleHints().colorSchemeChanged.connect(self._on_scheme_changed)

@@ -113,7 +113,7 @@ class TrainPage(Page):
         self.layout_.addWidget(controls_card)
         self.layout_.addWidget(self.checklist_card)
 
-        self.banner = Banner()
+        self.banner = Banner(rich_text=True)  # every message here is composed HTML with escaped parts
         self.try_button = self.banner.add_action(QPushButton(theme.icon("export"), "Try && export"))
         self.try_button.clicked.connect(self.try_requested)
         self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
@@ -121,7 +121,7 @@ class TrainPage(Page):
         self.layout_.addWidget(self.banner)
 
         self.unfinished = None
-        self.resume_banner = Banner()
+        self.resume_banner = Banner(rich_text=True)
         self.resume_run_button = self.resume_banner.add_action(QPushButton(theme.icon("start"), "Resume it"))
         self.resume_run_button.clicked.connect(lambda: self.resume_run_requested.emit(self.unfinished))
         self.layout_.addWidget(self.resume_banner)

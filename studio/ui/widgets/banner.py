@@ -15,7 +15,9 @@ class Banner(QFrame):
 
     closed = Signal()
 
-    def __init__(self, parent: QWidget | None = None, closable: bool = True):
+    def __init__(self, parent: QWidget | None = None, closable: bool = True, rich_text: bool = False):
+        """``rich_text``: messages are HTML (their parts escaped by the caller), never guessed at by Qt, so an
+        escaped quote in a sentence without tags shows as ' and not as &#x27;."""
         super().__init__(parent)
         self.setObjectName("banner")
         self.kind = "info"
@@ -28,6 +30,7 @@ class Banner(QFrame):
         self.icon.setAlignment(Qt.AlignTop)
         self.text = QLabel()
         self.text.setWordWrap(True)
+        self.text.setTextFormat(Qt.RichText if rich_text else Qt.AutoText)
         self.text.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.LinksAccessibleByMouse)
         self.text.setOpenExternalLinks(False)
         self.actions = QHBoxLayout()
