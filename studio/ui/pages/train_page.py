@@ -24,6 +24,7 @@ from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.gallery import ImageDialog, SampleGallery
 from studio.ui.widgets.loss_plot import LossPlot
+from studio.ui.widgets.message_area import MessageArea
 
 class TrainPage(Page):
     title = "Train"
@@ -118,13 +119,16 @@ class TrainPage(Page):
         self.try_button.clicked.connect(self.try_requested)
         self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
         self.folder_button.clicked.connect(self.open_run_folder)
-        self.layout_.addWidget(self.banner)
+        # One message at a time (the latest, errors first); the others stay one click away.
+        self.messages = MessageArea()
+        self.messages.add(self.banner)
+        self.layout_.addWidget(self.messages)
 
         self.unfinished = None
         self.resume_banner = Banner(rich_text=True)
         self.resume_run_button = self.resume_banner.add_action(QPushButton(theme.icon("start"), "Resume it"))
         self.resume_run_button.clicked.connect(lambda: self.resume_run_requested.emit(self.unfinished))
-        self.layout_.addWidget(self.resume_banner)
+        self.messages.add(self.resume_banner)
 
         # Plot | samples, over the log.
         vertical = QSplitter(Qt.Vertical)
@@ -136,6 +140,8 @@ class TrainPage(Page):
         pl.addWidget(section_label("Loss and learning rate"))
         # Shown (empty) from the start: its first paint is costly and must not fall in the middle of a run.
         self.loss_plot = LossPlot()
+        # Messages and the checklist take their room from the log, never below this from the plot.
+        self.loss_plot.setMinimumHeight(theme.em(self) * 14)
         pl.addWidget(self.loss_plot, 1)
         samples_box = QWidget()
         sl = QVBoxLayout(samples_box)
