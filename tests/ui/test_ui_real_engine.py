@@ -201,7 +201,7 @@ def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tin
 def test_a_stopped_run_is_offered_for_resume_and_finishes(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path):
     window = make_window()
     run_dir = tmp_path / "runs" / "circles"
-    set_up_job(window, tiny_sd1, tiny_dataset, run_dir, steps=6, sample_every=0)
+    set_up_job(window, tiny_sd1, tiny_dataset, run_dir, steps=6, sample_every=2)
     page = window.train_page
     qtbot.mouseClick(page.start_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: page.step >= 2, timeout=RUN_TIMEOUT_MS)
@@ -216,6 +216,10 @@ def test_a_stopped_run_is_offered_for_resume_and_finishes(qtbot, make_window, ti
     wait_until_done(qtbot, window, "finished", "failed")
     assert page.run_state == "finished", page.banner.text.text() + page.banner.details.toPlainText()
     assert (run_dir / "my-lora.safetensors").is_file() and not (tmp_path / "runs" / "circles-2").exists()
-    assert page.loss_plot.point_count == 6 - stopped_at  # the resumed part
+    assert page.loss_plot.point_count == 6  # the earlier part (read from metrics.jsonl) and the resumed part
+    assert page.loss_plot.steps == list(range(1, 7))
+    shown_steps = {b.toolTip().split(" · ")[0] for b in page.gallery.buttons}
+    assert "Step 0" in shown_steps and "Step 6" in shown_steps  # the base model's previews and the last ones
+    assert all("“a red circle”" in b.toolTip() for b in page.gallery.buttons)
     qtbot.waitUntil(lambda: not window.tasks.is_running("unfinished"), timeout=30_000)
     assert not page.resume_banner.isVisible(), "a finished run is no longer offered"

@@ -295,9 +295,24 @@ class TrainPage(Page):
         self.progress.setRange(0, max(event.total_steps, 1))
         self.progress.setValue(event.start_step)
         self.progress.setFormat(f"step {event.start_step} / {event.total_steps}")
+        if event.start_step > 0:
+            self.show_earlier_part(self.run_dir, event.start_step)
         self.log("info", f"Training {plural(event.image_count, 'image')} for {event.total_steps} steps on "
                          f"{event.device} (run folder {event.run_dir}).")
         self.set_run_state("running")
+
+    def show_earlier_part(self, run_dir: Path, up_to_step: int) -> None:
+        """A resumed run: the loss curve and previews of the steps done before, from the run folder."""
+        from studio.engine.runs import earlier_samples, read_metrics
+
+        for row in read_metrics(run_dir):
+            step, loss = row.get("step"), row.get("loss")
+            if isinstance(step, int) and step <= up_to_step and isinstance(loss, (int, float)):
+                self.loss_plot.add_point(step, float(loss), float(row.get("lr", float("nan"))))
+        for sample in earlier_samples(run_dir, up_to_step):
+            pixmap = QPixmap(str(sample.path))
+            if not pixmap.isNull():
+                self.gallery.add_sample(sample.step, sample.index, sample.prompt, pixmap, sample.path, sample.seed)
 
     def on_status(self, event: StatusChanged) -> None:
         text = event.phase + (f" — {event.message}" if event.message else "")
