@@ -42,15 +42,46 @@ def render(
     generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same image on every device
     kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
                                                            lora_scale=cross_attention_scale)
-    was_training = denoiser.training
-    denoiser.eval()
-    try:
+    with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
         with _autocast(denoiser.device, autocast_dtype):
             out = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
                        output_type="pil", **kwargs)
-    finally:
-        denoiser.train(was_training)
     return out.images[0]
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[Any]):
+    """Every network in eval mode for the preview (LoRA dropout off, on the text encoders too when they train),
+    each back in the mode it was in afterwards."""
+    was = [(m, m.training) for m in modules]
+    for m, _ in was:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in was:
+            m.train(training)
+
+
+@contextlib.contextmanager
+def _vae_outside_autocast(vae: Any):
+    """Run the VAE's decode in its own (fp32) dtype even inside the preview's autocast.
+
+    The trainer keeps the VAE in fp32 because SDXL's overflows in fp16; autocast would cast its convolutions to
+    fp16 anyway (black/NaN previews on fp16 GPUs). The pipelines all call ``vae.decode``, so shadowing that one
+    method on the instance covers every family without knowing its latent layout.
+    """
+    original = vae.decode
+
+    def decode(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return original(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
