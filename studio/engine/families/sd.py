@@ -67,6 +67,17 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε-prediction, / (SNR + 1) for v.
+
+    Written as min(γ / SNR, 1) for ε so a zero-terminal-SNR schedule's last timestep (SNR 0) gets its limit, 1,
+    instead of 0 / 0 = NaN (diffusers' scripts set that weight to 1 as well); no device value is read back.
+    """
+    if v_prediction:
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)
+
+
 def lora_widths(shapes: Mapping[str, tuple[int, ...]], layout: str, pattern: str) -> set[int]:
     """Input widths of the LoRA down/A matrices of modules whose key matches ``pattern`` (e.g. attn2's to_k)."""
     down = "lora_down" if layout == "kohya" else "lora_A"
@@ -242,10 +253,7 @@ class StableDiffusionFamily(Family):
                         added_cond_kwargs=self.added_cond_kwargs(cond)).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if training.min_snr_gamma > 0:
-            # Min-SNR weighting (Hang et al. 2023): clamp the per-timestep weight at gamma / SNR.
-            snr = compute_snr(sched, timesteps)
-            weight = torch.clamp(snr, max=training.min_snr_gamma) / (snr + 1 if v_prediction else snr)
-            loss = loss * weight
+            loss = loss * min_snr_weight(compute_snr(sched, timesteps), training.min_snr_gamma, v_prediction)
         return loss.mean()
 
     # --------------------------------------------------------------------------------------------- LoRA
