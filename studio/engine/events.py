@@ -77,6 +77,9 @@ class RunFailed:
     run_dir: Path | None = None
     log_path: Path | None = None
     lora_path: Path | None = None  # the last good LoRA, when one was saved
+    # The trained LoRA, kept in memory when the disk would not take it (studio.engine.unsaved.UnsavedLora):
+    # ``unsaved.save(folder)`` writes it elsewhere. None when nothing trained is left unsaved.
+    unsaved: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,22 @@ def export_lora(
 
     Raises LoraExportError for a DoRA LoRA (see the comment at the top) or a model without LoRA.
     """
+    path = Path(path)
+    _write_chunks(path, lora_file_chunks(bundle, job, steps=steps, tag_frequency=tag_frequency, dtype=dtype,
+                                         extra_metadata=extra_metadata))
+    return path
+
+
+def lora_file_chunks(
+    bundle: "ModelBundle",
+    job: "Job",
+    *,
+    steps: int,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    dtype: str = "fp16",
+    extra_metadata: dict[str, Any] | None = None,
+) -> list[bytes | memoryview]:
+    """The bytes of the kohya-layout LoRA file export_lora writes (in memory: a failed write can keep them)."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"unknown save dtype '{dtype}'; choose one of: {', '.join(SAVE_DTYPES)}")
     tensors = kohya_state_dict(bundle, SAVE_DTYPES[dtype])
@@ -328,9 +344,7 @@ def export_lora(
     )
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = _str_value(value)
-    path = Path(path)
-    _write_chunks(path, serialize_with_hashes(tensors, metadata))
-    return path
+    return serialize_with_hashes(tensors, metadata)
 
 
 def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -354,15 +368,20 @@ def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor]
 
 def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the diffusers/PEFT layout (loads with ``load_lora_weights`` in diffusers only), atomically."""
+    path = Path(path)
+    _write_chunks(path, diffusers_lora_chunks(bundle, metadata=metadata))
+    return path
+
+
+def diffusers_lora_chunks(bundle: "ModelBundle", *, metadata: dict[str, str] | None = None) -> list[bytes]:
+    """The bytes of the diffusers/PEFT-layout file export_diffusers_lora writes."""
     from safetensors.torch import save
 
     tensors, adapter_meta = diffusers_state_dict(bundle)
     # Same metadata keys as diffusers' own writer, so its loader rebuilds the exact LoraConfig (incl. DoRA).
     header = {**{k: _str_value(v) for k, v in (metadata or {}).items()}, "format": "pt",
               "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True, default=str)}
-    path = Path(path)
-    _write_chunks(path, [save(tensors, metadata=header)])
-    return path
+    return [save(tensors, metadata=header)]
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -27,7 +27,8 @@ from studio.engine.events import (
 )
 from studio.engine.families import Conditioning
 from studio.engine.recovery import (
-    check_finite_weights, export_lora_file, failure_message, release, settle_failed_start, write_checkpoint,
+    check_finite_weights, export_lora_file, failure_message, keep_unsaved, release, settle_failed_start,
+    write_checkpoint,
 )
 from studio.engine.run_setup import preflight, setup
 from studio.engine.run_state import Cancelled, Run
@@ -66,14 +67,19 @@ def run_training(
         if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         details = traceback.format_exc()
+        unsaved = None
         try:
-            message = failure_message(exc, run)
+            unsaved = keep_unsaved(exc, run)  # before release(): the weights are still there
+        except Exception as second:
+            log.warning("could not keep the trained LoRA in memory: %r", second)
+        try:
+            message = failure_message(exc, run, unsaved)
         except Exception as second:  # explaining must never be what hides the failure
             log.warning("could not explain the failure: %r", second)
             message = f"Training failed ({type(exc).__name__}: {exc}). The log has the details."
         log.error("run failed: %s\n%s", message, details)
         run_dir, log_file = settle_failed_start(run, resume_dir is not None)
-        yield RunFailed(message, details, run_dir, log_file, run.lora_path)
+        yield RunFailed(message, details, run_dir, log_file, run.lora_path, unsaved)
     finally:
         release(run)
 
