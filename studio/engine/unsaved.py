@@ -33,13 +33,12 @@ class UnsavedLora:
         return sum(len(c) for c in self.chunks)
 
     def save(self, target: Path | str) -> Path:
-        """Write the file atomically: into ``target`` under its own name if that is a folder (a free numbered
-        name if the name is taken: nothing is overwritten), else exactly to ``target`` (a save dialog has asked
-        about replacing it). Raises RescueFailed with a sentence when the write fails."""
+        """Write the file atomically: exactly to ``target`` if it names a .safetensors file (a save dialog has
+        asked about replacing it), else into the folder ``target`` (made if missing) under its own name, or a free
+        numbered one: nothing is overwritten. Raises RescueFailed with a sentence when the write fails."""
         target = Path(target).expanduser()
-        path = _free_name(target / self.name) if target.is_dir() else target
-        if path.suffix.lower() != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
+        is_file = target.suffix.lower() == ".safetensors" and not target.is_dir()
+        path = target if is_file else _free_name(target / self.name)
 
         def writer(tmp: Path) -> None:
             with open(tmp, "wb") as fh:

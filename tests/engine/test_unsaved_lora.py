@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from pathlib import Path
 
 import pytest
@@ -14,21 +12,8 @@ from safetensors.torch import load_file
 from studio.engine.events import RunFailed, RunFinished
 from studio.engine.trainer import run_training
 from studio.engine.unsaved import RescueFailed
+from fixtures_disk import fail_publishing
 from test_trainer import assert_grammar, tiny_job
-
-
-def fail_publishing(monkeypatch, *finals: Path) -> None:
-    """The disk fills up while the LoRA file is written: publishing it under ``finals`` fails with ENOSPC (the
-    bytes went to the temporary file first, as with a real full disk the write itself would fail)."""
-    real_replace = os.replace
-    blocked = {str(f) for f in finals}
-
-    def replace(src, dst, *args, **kwargs):
-        if str(dst) in blocked:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", replace)
 
 
 def failed_run_with_full_disk(tiny_sd1, tiny_dataset, out: Path, monkeypatch) -> RunFailed:
