@@ -18,6 +18,9 @@ from studio.engine.fileio import FULL_DISK_MARGIN, atomic_write_with, free_bytes
 class RescueFailed(OSError):
     """The LoRA could not be written where asked; the message says where and why."""
 
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
 
 @dataclass(frozen=True, eq=False)
 class UnsavedLora:
