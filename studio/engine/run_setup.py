@@ -66,7 +66,12 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
     mixed = devices.resolve_precision(t.mixed_precision, cpu)
     job = run.job
-    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    # A text encoder read at an inner layer (SDXL's penultimate states, clip skip) leaves its last layers' LoRA
+    # without gradients; DDP must be told, or it waits for them and fails at the second step.
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=job.lora.train_text_encoder)
+    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=[ddp])
 
     # The main process claims the (never overwritten) run folder; the others learn its name.
     chosen = [str(resume_dir) if resume_dir else str(claim_run_dir(Path(job.output.dir))) if accelerator.is_main_process
