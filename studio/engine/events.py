@@ -37,6 +37,7 @@ class StepCompleted:
     steps_per_s: float  # recent throughput
     eta_s: float
     epoch: int = 0
+    skipped: bool = False  # fp16 gradients overflowed: the weights and the learning-rate schedule did not move
 
 
 @dataclass(frozen=True)
