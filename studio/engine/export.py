@@ -215,6 +215,9 @@ def build_metadata(
         "ss_noise_offset": float(tr.noise_offset),
         "ss_min_snr_gamma": float(tr.min_snr_gamma),
         "ss_max_grad_norm": float(tr.max_grad_norm),
+        # kohya writes "None" for its defaults (75 tokens, the last layer); the numbers say the same, explicitly.
+        "ss_max_token_length": int(tr.max_token_length),
+        "ss_clip_skip": int(tr.clip_skip),
         "ss_caption_dropout_rate": float(ds.caption_dropout),
         "ss_shuffle_caption": str(bool(ds.shuffle_tags)),
         "ss_keep_tokens": int(ds.keep_tokens),

@@ -100,7 +100,9 @@ def cache_latents(run: Run) -> Iterator[TrainEvent]:
 
 
 def _text_key(run: Run, caption: str) -> str:
-    return cache_key("text-v1", caption, run.model_fp)
+    t = run.job.training
+    options = () if (t.max_token_length, t.clip_skip) == (75, 1) else (t.max_token_length, t.clip_skip)
+    return cache_key("text-v1", caption, run.model_fp, *options)  # the defaults keep earlier caches valid
 
 
 def encode_text(run: Run, captions: list[str]) -> Conditioning:

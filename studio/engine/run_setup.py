@@ -101,6 +101,10 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     yield StatusChanged("Loading model", job.model.path)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    from studio.engine.families.sd import TEXT_OPTIONS
+
+    # Caption length and clip skip, read by the family's text encoding (training, caching and previews).
+    bundle.extra[TEXT_OPTIONS] = (t.max_token_length, t.clip_skip)
     # The VAE runs in fp32: SDXL's VAE overflows in fp16 and the VAE is used only for caching and previews.
     bundle.vae.to(accelerator.device, torch.float32)
     log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)

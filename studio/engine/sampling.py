@@ -44,7 +44,12 @@ def render(
                                                            lora_scale=cross_attention_scale)
     with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
         with _autocast(denoiser.device, autocast_dtype):
-            out = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
+            # Long captions and clip skip: the family encodes the prompt as training did.
+            embeds = bundle.family.preview_prompt_kwargs(bundle, prompt, negative_prompt)
+            if embeds:
+                kwargs.pop("negative_prompt", None)
+            prompt_kwargs = embeds or {"prompt": prompt}
+            out = pipe(**prompt_kwargs, num_inference_steps=steps, width=width, height=height, generator=generator,
                        output_type="pil", **kwargs)
     return out.images[0]
 
