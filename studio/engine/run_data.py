@@ -171,6 +171,16 @@ def next_batch(run: Run, cache: dict) -> list[int]:
 # ------------------------------------------------------------------------------------------- a step's data
 
 
+def make_generator(run: Run, seed: int) -> torch.Generator:
+    """A generator on the run's device, seeded from ``seed``.
+
+    Noise drawn on the device needs no host→device copy (which would make the host wait); seeded from (seed, step)
+    it still makes every step a pure function of its seed, so exact resume holds. On the CPU it is the CPU
+    generator with the same seed as before, so CPU results are bit-identical to drawing on the host.
+    """
+    return torch.Generator(device=run.device).manual_seed(seed)
+
+
 def step_seed(run: Run, micro: int) -> int:
     return (run.job.training.seed * 7919 + run.position.step * 104_729 + micro * 31 + run.accelerator.process_index) % (2**63)
 

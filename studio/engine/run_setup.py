@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from studio.engine import devices, failures
+from studio.engine import devices, failures, validation
 from studio.engine.cache import TensorCache, model_fingerprint
 from studio.engine.checkpoint import load_model
 from studio.engine.config import Job, Problem, errors, validate
@@ -111,6 +111,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
             yield LogMessage("warning", f"{issue.file}: {issue.problem} ({issue.action})")
     if report.usable == 0:
         raise failures.NoUsableImages(d.path, report)
+    report.items, held_out = validation.split_items(job, report.items)
     run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
 
     frozen_te = not job.lora.train_text_encoder
@@ -125,6 +126,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
         yield from cache_latents(run)
     if run.text_is_static:
         yield from cache_text(run)
+    yield from _prepare_validation(run, held_out)
     if stop.is_set():
         raise Cancelled()
 
@@ -153,6 +155,16 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     from studio.engine.sampling import preview_prompts
 
     run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
+
+
+def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
+    """Encode the validation images with the base model's VAE (and frozen text encoders), main process only."""
+    items, source = validation.validation_items(run, held_out)
+    if not items or not run.is_main:
+        return
+    yield StatusChanged("Preparing validation images", source)
+    run.validation = validation.prepare(run, items, source)
+    yield LogMessage("info", f"Validation loss on {source}, every {run.job.validation.every} steps")
 
 
 def apply_speed_options(run: Run) -> None:

@@ -65,6 +65,8 @@ class Run:
     prompts: list[str] = field(default_factory=list)
     denoiser_ddp: Any = None  # the denoiser as accelerate prepared it (DDP-wrapped under several processes)
     te_ddp: list = field(default_factory=list)
+    validation: Any = None  # validation.ValidationSet: the images the validation loss is measured on (None: off)
+    best_validation: tuple[int, float] | None = None  # (step, loss) of the lowest validation loss so far
 
     @property
     def run_dir(self) -> Path | None:
@@ -93,4 +95,4 @@ class Run:
         """Forget every reference to the model, adapters and optimizer, so their memory can be freed."""
         self.bundle = self.optimizer = self.scheduler = self.denoiser_ddp = None
         self.params, self.te_ddp = {}, []
-        self.latents = self.text = None
+        self.latents = self.text = self.validation = None

@@ -234,7 +234,8 @@ class Family(abc.ABC):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: "torch.Tensor", cond: Conditioning, *,
                       training: "TrainingSection", generator: "torch.Generator",
                       weight_dtype: "torch.dtype") -> "torch.Tensor":
-        """The batch's mean training loss: draw noise and timesteps from ``generator`` (CPU), noise the latents,
+        """The batch's mean training loss: draw noise and timesteps from ``generator`` (on the run's device: draw with
+        ``device=generator.device``, so the step copies nothing from the host), noise the latents,
         run ``denoiser`` (possibly DDP-wrapped), compare with the family's target, weight per timestep.
 
         Only the generator may be used for randomness, so a step is a pure function of its seed (exact resume).

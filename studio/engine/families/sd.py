@@ -230,10 +230,13 @@ class StableDiffusionFamily(Family):
         from diffusers.training_utils import compute_snr
 
         sched = bundle.noise_scheduler
-        noise = torch.randn(latents.shape, generator=generator)
+        # Drawn where the generator lives (the run's device): no host→device copy in the step.
+        where = generator.device
+        noise = torch.randn(latents.shape, generator=generator, device=where)
         if training.noise_offset:
-            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=where)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=where)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = sched.add_noise(latents, noise, timesteps)
         v_prediction = bundle.prediction_type == "v_prediction"
