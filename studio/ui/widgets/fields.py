@@ -22,7 +22,7 @@ INT32_MAX = 2**31 - 1
 # Fields holding a path get a Browse button; the value says what the dialog picks.
 PATH_FIELDS = {
     "model.path": "model", "model.vae": "file", "model.config_dir": "folder", "dataset.path": "folder",
-    "output.dir": "folder",
+    "output.dir": "folder", "validation.folder": "folder",
 }
 
 
