@@ -17,7 +17,7 @@ from studio.engine.config import Job, Problem, errors, validate
 from studio.engine.events import LogMessage, StatusChanged, TrainEvent
 from studio.engine.optim import make_optimizer
 from studio.engine.recovery import restore
-from studio.engine.run_data import cache_latents, cache_text, epoch_batches
+from studio.engine.run_data import cache_latents, cache_text, epoch_batches, make_resident
 from studio.engine.run_state import Cancelled, Run
 from studio.engine.runs import (
     RunFolder, attach_log_file, claim_run_dir, job_changes, lock_run, resume_problems, saved_job, writable_problems,
@@ -126,6 +126,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
         yield from cache_latents(run)
     if run.text_is_static:
         yield from cache_text(run)
+    make_resident(run)
     yield from _prepare_validation(run, held_out)
     if stop.is_set():
         raise Cancelled()

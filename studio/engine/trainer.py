@@ -26,6 +26,7 @@ from studio.engine.events import (
     TrainEvent, ValidationCompleted,
 )
 from studio.engine.families import Conditioning
+from studio.engine.host_values import PendingValues
 from studio.engine.recovery import (
     check_finite_weights, export_lora_file, failure_message, release, settle_failed_start, write_checkpoint,
 )
@@ -102,8 +103,8 @@ def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: 
 def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iterator[TrainEvent]:
     s, o = run.job.sampling, run.job.output
     metrics = run.metrics = MetricsWriter(run.folder, run.step) if run.is_main else None
-    # (step, loss on device, lr, time, extra metrics): synced in batches
-    pending: list[tuple[int, torch.Tensor, float, float, dict]] = []
+    # Each step's loss on its way to the host, keyed (step, lr, time, extra metrics): read when the device has it.
+    pending = PendingValues()
     recent: deque[float] = deque(maxlen=20)
     data_cache: dict = {}
     # A resumed run's clock continues where the interrupted one stopped, so metrics.jsonl "time" stays monotonic.
@@ -127,16 +128,18 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
         run.consistent = True
         step = run.step
         recent.append(time.perf_counter() - step_started)
-        pending.append((step, loss, run.scheduler.get_last_lr()[0], time.perf_counter() - started, {}))
+        extra: dict = {}
+        pending.put((step, run.scheduler.get_last_lr()[0], time.perf_counter() - started, extra), loss)
         at_sample = bool(s.every) and step % s.every == 0
         at_save = bool(o.save_every) and step % o.save_every == 0 and step < run.total_steps
         at_validate = bool(val_every) and (step % val_every == 0 or step == run.total_steps)
         if at_validate:
-            val_loss = pending[-1][4]["val_loss"] = validation.validation_loss(run)
-        # Reading the loss forces a device sync: do it on the CPU every step, elsewhere a few times a second.
-        if run.device.type == "cpu" or at_sample or at_save or at_validate or stop.is_set() or pause.is_set() \
-                or step == run.total_steps or time.perf_counter() - last_flush > 0.5:
-            yield from _flush(run, pending, recent, metrics, started)
+            val_loss = extra["val_loss"] = validation.validation_loss(run)
+        # Before a preview, a save, a pause or stop and the end every loss must be in; elsewhere the losses the
+        # device has finished are reported a few times a second, without waiting for the others.
+        must = at_sample or at_save or at_validate or stop.is_set() or pause.is_set() or step == run.total_steps
+        if must or run.device.type == "cpu" or time.perf_counter() - last_flush > 0.5:
+            yield from _flush(run, pending, recent, metrics, started, wait=must)
             last_flush = time.perf_counter()
         if at_validate:
             yield from _validate(run, None, step, val_loss)
@@ -245,11 +248,12 @@ def _skips_on_device(run: Run) -> bool:
 # ----------------------------------------------------------------------------------- what the loop emits
 
 
-def _flush(run: Run, pending: list, recent: deque, metrics: MetricsWriter | None, started: float) -> Iterator[TrainEvent]:
-    if not pending:
+def _flush(run: Run, pending: PendingValues, recent: deque, metrics: MetricsWriter | None, started: float, *,
+           wait: bool) -> Iterator[TrainEvent]:
+    done = pending.take(wait=wait)
+    if not done:
         return
-    losses = torch.stack([p[1] for p in pending]).float().cpu().tolist()  # one sync for the whole batch of steps
-    for (step, _, lr, when, extra), loss in zip(pending, losses):
+    for (step, lr, when, extra), loss in done:
         if not math.isfinite(loss):
             raise failures.NonFiniteLoss(step, run.job, run.lora_path, checkpoint=run.checkpoint,
                                          run_dir=run.run_dir, family=run.bundle.family)
@@ -261,7 +265,6 @@ def _flush(run: Run, pending: list, recent: deque, metrics: MetricsWriter | None
                             run.position.epoch)
     if metrics:
         metrics.flush()
-    pending.clear()
 
 
 def _validate(run: Run, metrics: MetricsWriter | None, step: int, loss: float | None = None) -> Iterator[TrainEvent]:
