@@ -139,6 +139,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     apply_speed_options(run)
     run.optimizer = make_optimizer(run.params, job, accelerator.device)
     run.steps_per_epoch, run.total_steps = plan_steps(run)
+    run.sample_every = preview_cadence(run)
     from diffusers.optimization import get_scheduler
 
     schedule = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
@@ -169,8 +170,31 @@ def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
 
 
 def apply_speed_options(run: Run) -> None:
-    """The job's speed switches, applied the family's way (checkpointing, attention kernel, memory format, compile)."""
+    """The job's speed switches: TF32 for the run's device, then the family's (checkpointing, attention kernel,
+    memory format, compile)."""
+    devices.set_tf32(run.device, run.job.training.tf32)
     run.bundle.family.apply_speed_options(run.bundle, run.job.training, run.job.lora.train_text_encoder)
+
+
+def preview_cadence(run: Run) -> int:
+    """Steps between previews: the job's ``sampling.every``, or for 'auto' (-1) about every
+    ``sampling.AUTO_PREVIEW_SECONDS`` of training, by the estimate's time per step for this job on this device."""
+    from studio.engine.sampling import auto_preview_cadence
+
+    every = run.job.sampling.every
+    if every >= 0:
+        return every
+    per_step = None
+    try:
+        from studio.engine.estimate import estimate
+
+        per_step = estimate(run.job, device=run.device.type).seconds_per_step
+    except Exception as exc:  # the estimate is advice; a preview cadence must never stop a run
+        log.warning("no estimate for the preview cadence (%s); previews every %d steps", exc, auto_preview_cadence(None))
+    cadence = auto_preview_cadence(per_step)
+    log.info("previews every %d steps (about every %.0f s at %s s/step)", cadence,
+             cadence * (per_step or 0), f"{per_step:.3g}" if per_step else "?")
+    return cadence
 
 
 def plan_steps(run: Run) -> tuple[int, int]:

@@ -63,6 +63,7 @@ class Run:
     steps_per_epoch: int = 1
     total_steps: int = 1
     prompts: list[str] = field(default_factory=list)
+    sample_every: int = 0  # steps between previews: the job's, or picked by time when the job says 'auto' (-1)
     denoiser_ddp: Any = None  # the denoiser as accelerate prepared it (DDP-wrapped under several processes)
     te_ddp: list = field(default_factory=list)
     # The caches as the step reads them (run_data.make_resident): on the device when they fit, else pinned host memory.

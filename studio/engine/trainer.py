@@ -115,7 +115,8 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
         run.best_validation = validation.best_from_metrics(read_metrics(run.folder.root))
         if run.step == 0:
             yield from _validate(run, metrics, 0)  # the base model's, to compare against
-    if s.every and run.step == 0:
+    every = run.sample_every  # the job's, or the one picked by time for 'auto' (run_setup.preview_cadence)
+    if every and run.step == 0:
         yield from _sample(run)  # step-0 previews: the base model, to compare against
     yield StatusChanged("Training", f"{run.total_steps - run.step} steps to go")
     for module in [run.bundle.denoiser] + (run.bundle.text_encoders if run.job.lora.train_text_encoder else []):
@@ -130,7 +131,7 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
         recent.append(time.perf_counter() - step_started)
         extra: dict = {}
         pending.put((step, run.scheduler.get_last_lr()[0], time.perf_counter() - started, extra), loss)
-        at_sample = bool(s.every) and step % s.every == 0
+        at_sample = bool(every) and step % every == 0
         at_save = bool(o.save_every) and step % o.save_every == 0 and step < run.total_steps
         at_validate = bool(val_every) and (step % val_every == 0 or step == run.total_steps)
         if at_validate:
@@ -145,7 +146,7 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
             yield from _validate(run, None, step, val_loss)
         # Previews before the checkpoint: a checkpoint at step N then implies step N's previews exist, so a
         # run killed while sampling re-makes them on resume.
-        if at_sample or (s.every and step == run.total_steps and step % s.every):
+        if at_sample or (every and step == run.total_steps and step % every):
             yield from _sample(run)
         if at_save:
             yield from _save(run)
@@ -280,7 +281,7 @@ def _validate(run: Run, metrics: MetricsWriter | None, step: int, loss: float | 
 
 
 def _sample(run: Run) -> Iterator[TrainEvent]:
-    from studio.engine.sampling import render, sample_file_name, save_png
+    from studio.engine.sampling import render_many, sample_file_name, save_png
 
     if not run.is_main:
         return
@@ -296,10 +297,11 @@ def _sample(run: Run) -> Iterator[TrainEvent]:
                 te.to(run.device)
         step = run.step
         yield StatusChanged("Sampling", f"{len(run.prompts)} preview image(s) at step {step}")
-        for index, prompt in enumerate(run.prompts):
-            image = render(run.bundle, prompt, negative_prompt=s.negative_prompt, seed=s.seed + index, steps=s.steps,
-                           guidance=s.guidance, width=s.width or d.resolution, height=s.height or d.resolution,
-                           autocast_dtype=run.weight_dtype)
+        images = render_many(run.bundle, run.prompts, seeds=[s.seed + i for i in range(len(run.prompts))],
+                             negative_prompt=s.negative_prompt, steps=s.steps, guidance=s.guidance,
+                             width=s.width or d.resolution, height=s.height or d.resolution,
+                             autocast_dtype=run.weight_dtype)
+        for index, (prompt, image) in enumerate(zip(run.prompts, images)):
             path = run.folder.samples / sample_file_name(step, index)
             save_png(image, path, {"prompt": prompt, "negative_prompt": s.negative_prompt, "step": str(step),
                                    "seed": str(s.seed + index), "sampler": run.bundle.family.preview.sampler,

@@ -93,6 +93,8 @@ def test_cuda_steps_run_under_sync_debug_error(tiny_sd1, tiny_dataset, tmp_path)
     job = busy_job(tiny_sd1, tiny_dataset, tmp_path / "run", training__device="cuda")
     with prepared_run(job) as run:
         assert run.resident_on_device and all(t.device.type == "cuda" for e in run.resident.values() for t in e.values())
+        ampere = torch.cuda.get_device_capability()[0] >= 8
+        assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if ampere else "ieee"), "training.tf32 is on"
         pending, cache = PendingValues(), {}
         steps(run, 1, pending, cache)
         torch.cuda.synchronize()

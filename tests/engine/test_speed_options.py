@@ -66,7 +66,8 @@ def fake_run(unet, **training) -> SimpleNamespace:
     job = Job()
     for key, value in training.items():
         setattr(job.training, key, value)
-    return SimpleNamespace(job=job, bundle=SimpleNamespace(family=get_family("sd1"), denoiser=unet, text_encoders=[]))
+    return SimpleNamespace(job=job, device=torch.device("cpu"),
+                           bundle=SimpleNamespace(family=get_family("sd1"), denoiser=unet, text_encoders=[]))
 
 
 # ------------------------------------------------------------------------------------- the switches
@@ -97,6 +98,24 @@ def test_compile_wraps_each_transformer_block_not_the_whole_unet(tiny_unet):
     blocks = [m for m in tiny_unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     assert getattr(tiny_unet, "_compiled_call_impl", None) is None
+
+
+def test_compile_scope_denoiser_compiles_the_whole_unet_in_place(tiny_unet):
+    """In place, so peft, accelerate and the preview pipeline, which hold this module, all run it compiled."""
+    run_setup.apply_speed_options(fake_run(tiny_unet, compile=True, compile_scope="denoiser"))
+    assert getattr(tiny_unet, "_compiled_call_impl", None) is not None
+    blocks = [m for m in tiny_unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(getattr(b, "_compiled_call_impl", None) is None for b in blocks)
+
+
+def test_tf32_changes_nothing_on_the_cpu(tiny_unet):
+    """Process-wide PyTorch switches: a CPU run must leave them alone (CPU results stay bit-identical)."""
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+              torch.get_float32_matmul_precision())
+    assert devices.set_tf32(torch.device("cpu"), True) is False
+    run_setup.apply_speed_options(fake_run(tiny_unet, tf32=True))
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+            torch.get_float32_matmul_precision()) == before
 
 
 def test_all_cpu_switches_together_still_train(tiny_sd1, tiny_dataset, tmp_path, monkeypatch, fresh_accelerate_state):

@@ -254,6 +254,9 @@ class Family(abc.ABC):
             if train_text_encoder:
                 for te in bundle.text_encoders:
                     te.gradient_checkpointing_enable()
+        if training.compile and training.compile_scope == "denoiser":
+            # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
+            bundle.denoiser.compile()
 
     # ------------------------------------------------------------------------------------------- export
 

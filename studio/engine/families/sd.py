@@ -273,7 +273,7 @@ class StableDiffusionFamily(Family):
             unet.set_attn_processor(AttnProcessor())
         if training.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if training.compile:
+        if training.compile and training.compile_scope == "blocks":
             # Compile the repeated transformer blocks, not the whole UNet: each block compiles once and is reused.
             for _, module in unet.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":
