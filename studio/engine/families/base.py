@@ -212,7 +212,9 @@ class Family(abc.ABC):
 
     def example_conditioning(self, examples: list[Mapping[str, "torch.Tensor"]],
                              size_hw: tuple[int, int]) -> dict[str, "torch.Tensor"]:
-        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries."""
+        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries.
+
+        Per image: a batch's is the concatenation of its images' (the core computes it once per cached image)."""
         return {}
 
     def encode_image(self, bundle: ModelBundle, pixels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
