@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from studio.engine import trainer
+from studio.engine.families import get_family, registered
 from studio.engine.host_values import PendingValues
 from studio.engine.run_state import Run
 from test_trainer import tiny_job
@@ -72,12 +73,13 @@ def test_the_trap_catches_a_read():
         torch.ones(1).item()
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", [f.name for f in registered()])
 def test_a_training_step_reads_nothing_back_on_the_host(family, tiny_model, tiny_dataset, tmp_path, monkeypatch):
-    """The device path (no per-step finite check on the host, which only the CPU does): after one warm-up step,
-    two more with every host read trapped; the losses arrive afterwards through the pending copies."""
+    """Every registered family. The device path (no per-step finite check on the host, which only the CPU does):
+    after one warm-up step, two more with every host read trapped; the losses arrive afterwards, in order."""
     monkeypatch.setattr(Run, "host_checks", property(lambda self: False))
-    with prepared_run(busy_job(tiny_model(family, "epsilon"), tiny_dataset, tmp_path / "run")) as run:
+    model = tiny_model(family, get_family(family).tiny_prediction_types[0])
+    with prepared_run(busy_job(model, tiny_dataset, tmp_path / "run")) as run:
         assert run.resident is not None, "the step reads the resident caches"
         pending, cache = PendingValues(), {}
         steps(run, 1, pending, cache)  # warm-up: lazy state (schedulers' tables on the device, optimizer state)
