@@ -298,11 +298,12 @@ class StableDiffusionFamily(Family):
             states = _final_norm(_inner(encoder))(out.hidden_states[-clip_skip])
         return Conditioning(hidden=join_chunks(states, len(captions)))
 
-    def preview_prompt_kwargs(self, bundle: ModelBundle, prompt: str, negative_prompt: str) -> dict | None:
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict | None:
         if text_options(bundle) == (75, 1):
             return None  # the pipeline's own encoding is the same
-        hidden = self.encode_text(bundle, [prompt, negative_prompt or ""])["hidden"]
-        return {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
+        n = len(prompts)
+        hidden = self.encode_text(bundle, [*prompts, negative_prompt or ""])["hidden"]
+        return {"prompt_embeds": hidden[:n], "negative_prompt_embeds": hidden[n:].expand(n, -1, -1)}
 
     def added_cond_kwargs(self, cond: Conditioning) -> dict | None:
         """The UNet's extra inputs besides the text states (SDXL's pooled text and time ids; none here)."""
@@ -317,10 +318,13 @@ class StableDiffusionFamily(Family):
         from diffusers.training_utils import compute_snr
 
         sched = bundle.noise_scheduler
-        noise = torch.randn(latents.shape, generator=generator)
+        # Drawn where the generator lives (the run's device): no host→device copy in the step.
+        where = generator.device
+        noise = torch.randn(latents.shape, generator=generator, device=where)
         if training.noise_offset:
-            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=where)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=where)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = sched.add_noise(latents, noise, timesteps)
         v_prediction = bundle.prediction_type == "v_prediction"
@@ -354,7 +358,7 @@ class StableDiffusionFamily(Family):
             unet.set_attn_processor(AttnProcessor())
         if training.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if training.compile:
+        if training.compile and training.compile_scope == "blocks":
             # Compile the repeated transformer blocks, not the whole UNet: each block compiles once and is reused.
             for _, module in unet.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":

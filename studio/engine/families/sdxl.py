@@ -59,15 +59,16 @@ class SDXLFamily(StableDiffusionFamily):
             pooled = out[0].reshape(batch, -1, out[0].shape[-1])[:, 0]  # the second encoder's (with projection)
         return Conditioning(hidden=torch.cat(states, dim=-1), pooled=pooled)
 
-    def preview_prompt_kwargs(self, bundle: ModelBundle, prompt: str, negative_prompt: str) -> dict | None:
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict | None:
         if text_options(bundle) == (75, 1):
             return None  # the pipeline's own encoding is the same
-        cond = self.encode_text(bundle, [prompt, negative_prompt or ""])
+        n = len(prompts)
+        cond = self.encode_text(bundle, [*prompts, negative_prompt or ""])
         hidden, pooled = cond["hidden"], cond["pooled"]
-        negative, negative_pooled = hidden[1:], pooled[1:]
+        negative, negative_pooled = hidden[n:].expand(n, -1, -1), pooled[n:].expand(n, -1)
         if not negative_prompt:  # the pipeline's force_zeros_for_empty_prompt, as without these options
             negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
-        return {"prompt_embeds": hidden[:1], "pooled_prompt_embeds": pooled[:1],
+        return {"prompt_embeds": hidden[:n], "pooled_prompt_embeds": pooled[:n],
                 "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
 
     def example_conditioning(self, examples: list[Mapping[str, torch.Tensor]],
