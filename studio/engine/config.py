@@ -128,6 +128,16 @@ class TrainingSection:
     seed: int = option(42, "Random seed: the same seed and job give the same LoRA.", min=0, max=2**32 - 1)
     noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).", min=0.0, max=1.0, advanced=True)
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 turns it off.", min=0.0, max=100.0, advanced=True)
+    max_token_length: int = option(
+        75, "How many caption tokens the text encoder reads. 75 is CLIP's own limit (longer captions are cut); 150 "
+        "or 225 read long captions in 75-token pieces, as kohya's sd-scripts and A1111 do (use the LoRA with long "
+        "prompts then).", choices=("75", "150", "225"), label="Caption tokens", advanced=True,
+    )
+    clip_skip: int = option(
+        1, "Which text-encoder layer conditions the model, counted from the end: 1 is the base models' own (SDXL: "
+        "its penultimate layer), 2 the one before it, which many anime SD 1.x models were made with. Use the value "
+        "your base model expects.", min=1, max=12, label="Clip skip", advanced=True,
+    )
     max_grad_norm: float = option(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1000.0, advanced=True)
     device: str = option("auto", "Where to train. 'auto' uses a GPU when there is one.", choices=("auto", "cpu", "cuda", "mps"), advanced=True)
     cache_latents: bool = option(True, "Encode every image with the VAE once before training instead of every step.", advanced=True)
@@ -477,7 +487,7 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     problems: list[Problem] = []
     for info in iter_fields():
         value = get_value(job, info.path)
-        if info.choices and value not in info.choices:
+        if info.choices and str(value) not in info.choices:  # choices are written as text, also for numbers
             problems.append(Problem(info.path, f"'{value}' is not one of: {', '.join(info.choices)}"))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:  # NaN

@@ -215,6 +215,9 @@ def build_metadata(
         "ss_noise_offset": float(tr.noise_offset),
         "ss_min_snr_gamma": float(tr.min_snr_gamma),
         "ss_max_grad_norm": float(tr.max_grad_norm),
+        # kohya writes "None" for its defaults (75 tokens, the last layer); the numbers say the same, explicitly.
+        "ss_max_token_length": int(tr.max_token_length),
+        "ss_clip_skip": int(tr.clip_skip),
         "ss_caption_dropout_rate": float(ds.caption_dropout),
         "ss_shuffle_caption": str(bool(ds.shuffle_tags)),
         "ss_keep_tokens": int(ds.keep_tokens),
@@ -317,6 +320,22 @@ def export_lora(
 
     Raises LoraExportError for a DoRA LoRA (see the comment at the top) or a model without LoRA.
     """
+    path = Path(path)
+    _write_chunks(path, lora_file_chunks(bundle, job, steps=steps, tag_frequency=tag_frequency, dtype=dtype,
+                                         extra_metadata=extra_metadata))
+    return path
+
+
+def lora_file_chunks(
+    bundle: "ModelBundle",
+    job: "Job",
+    *,
+    steps: int,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    dtype: str = "fp16",
+    extra_metadata: dict[str, Any] | None = None,
+) -> list[bytes | memoryview]:
+    """The bytes of the kohya-layout LoRA file export_lora writes (in memory: a failed write can keep them)."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"unknown save dtype '{dtype}'; choose one of: {', '.join(SAVE_DTYPES)}")
     tensors = kohya_state_dict(bundle, SAVE_DTYPES[dtype])
@@ -328,9 +347,7 @@ def export_lora(
     )
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = _str_value(value)
-    path = Path(path)
-    _write_chunks(path, serialize_with_hashes(tensors, metadata))
-    return path
+    return serialize_with_hashes(tensors, metadata)
 
 
 def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -354,15 +371,20 @@ def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor]
 
 def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the diffusers/PEFT layout (loads with ``load_lora_weights`` in diffusers only), atomically."""
+    path = Path(path)
+    _write_chunks(path, diffusers_lora_chunks(bundle, metadata=metadata))
+    return path
+
+
+def diffusers_lora_chunks(bundle: "ModelBundle", *, metadata: dict[str, str] | None = None) -> list[bytes]:
+    """The bytes of the diffusers/PEFT-layout file export_diffusers_lora writes."""
     from safetensors.torch import save
 
     tensors, adapter_meta = diffusers_state_dict(bundle)
     # Same metadata keys as diffusers' own writer, so its loader rebuilds the exact LoraConfig (incl. DoRA).
     header = {**{k: _str_value(v) for k, v in (metadata or {}).items()}, "format": "pt",
               "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True, default=str)}
-    path = Path(path)
-    _write_chunks(path, [save(tensors, metadata=header)])
-    return path
+    return [save(tensors, metadata=header)]
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -66,7 +66,12 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
     mixed = devices.resolve_precision(t.mixed_precision, cpu)
     job = run.job
-    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    # A text encoder read at an inner layer (SDXL's penultimate states, clip skip) leaves its last layers' LoRA
+    # without gradients; DDP must be told, or it waits for them and fails at the second step.
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=job.lora.train_text_encoder)
+    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=[ddp])
 
     # The main process claims the (never overwritten) run folder; the others learn its name.
     chosen = [str(resume_dir) if resume_dir else str(claim_run_dir(Path(job.output.dir))) if accelerator.is_main_process
@@ -96,6 +101,10 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     yield StatusChanged("Loading model", job.model.path)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    from studio.engine.families.sd import TEXT_OPTIONS
+
+    # Caption length and clip skip, read by the family's text encoding (training, caching and previews).
+    bundle.extra[TEXT_OPTIONS] = (t.max_token_length, t.clip_skip)
     # The VAE runs in fp32: SDXL's VAE overflows in fp16 and the VAE is used only for caching and previews.
     bundle.vae.to(accelerator.device, torch.float32)
     log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)

@@ -51,10 +51,8 @@ def render_many(
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
     denoiser = bundle.denoiser
-    was_training = denoiser.training
-    denoiser.eval()
     images: list[Image.Image] = []
-    try:
+    with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
         for k in range(0, len(prompts), PREVIEW_BATCH):
             part, part_seeds = prompts[k:k + PREVIEW_BATCH], seeds[k:k + PREVIEW_BATCH]
             # CPU generators: the same image on every device.
@@ -64,11 +62,13 @@ def render_many(
             if isinstance(kwargs.get("negative_prompt"), str):  # pipelines want one per prompt with a list of prompts
                 kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
             with _autocast(denoiser.device, autocast_dtype):
-                out = pipe(list(part), num_inference_steps=steps, width=width, height=height, generator=generators,
-                           output_type="pil", **kwargs)
+                # Long captions and clip skip: the family encodes the prompts as training did.
+                embeds = bundle.family.preview_prompt_kwargs(bundle, list(part), negative_prompt)
+                if embeds:
+                    kwargs.pop("negative_prompt", None)
+                out = pipe(**(embeds or {"prompt": list(part)}), num_inference_steps=steps, width=width,
+                           height=height, generator=generators, output_type="pil", **kwargs)
             images += out.images
-    finally:
-        denoiser.train(was_training)
     return images
 
 
@@ -84,6 +84,41 @@ def auto_preview_cadence(seconds_per_step: float | None) -> int:
     raw = max(1.0, AUTO_PREVIEW_SECONDS / seconds_per_step)
     magnitude = 10 ** int(math.floor(math.log10(raw)))
     return int(max(m * magnitude for m in (1, 2, 5) if m * magnitude <= raw))
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[Any]):
+    """Every network in eval mode for the preview (LoRA dropout off, on the text encoders too when they train),
+    each back in the mode it was in afterwards."""
+    was = [(m, m.training) for m in modules]
+    for m, _ in was:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in was:
+            m.train(training)
+
+
+@contextlib.contextmanager
+def _vae_outside_autocast(vae: Any):
+    """Run the VAE's decode in its own (fp32) dtype even inside the preview's autocast.
+
+    The trainer keeps the VAE in fp32 because SDXL's overflows in fp16; autocast would cast its convolutions to
+    fp16 anyway (black/NaN previews on fp16 GPUs). The pipelines all call ``vae.decode``, so shadowing that one
+    method on the instance covers every family without knowing its latent layout.
+    """
+    original = vae.decode
+
+    def decode(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return original(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
