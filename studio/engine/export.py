@@ -324,6 +324,10 @@ def export_lora(
         tag_frequency=tag_frequency, resolution=job.dataset.resolution,
         network_dim=ranks.most_common(1)[0][0] if ranks else job.lora.rank,
     )
+    adapter = trained_adapter(bundle)
+    if adapter is not None and adapter.name == "dora":
+        # Which consumer's formula the magnitudes were written for (the export report reads it).
+        metadata["lora_studio.dora_target"] = getattr(job.lora, "dora_target", "lycoris")
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = _str_value(value)
     path = Path(path)
@@ -509,6 +513,7 @@ def describe_lora(path: Path) -> dict[str, Any]:
     alpha = alpha_values.most_common(1)[0][0] if alpha_values else None
     if alpha is None and layout == "kohya" and rank is not None and not alphas:
         alpha = float(rank)  # kohya's convention for files without .alpha: no scaling
+    tucker = any(k.endswith((".lora_mid.weight", ".hada_t1", ".lokr_t2")) for k in keys)
     lycoris = [a for a in algorithms if a in ("loha", "lokr")]
     network_type = lycoris[0] if lycoris else ("dora" if dora else ("locon" if spatial else "lora"))
     info: dict[str, Any] = {
@@ -533,6 +538,7 @@ def describe_lora(path: Path) -> dict[str, Any]:
         "steps": int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None,
         "resolution": metadata.get("modelspec.resolution"),
         "metadata": metadata,
+        "tucker": tucker,
     }
     if spatial:
         info["conv_rank"] = conv_ranks.most_common(1)[0][0] if conv_ranks else None
