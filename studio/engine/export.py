@@ -100,6 +100,16 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16, 
     return out
 
 
+def kohya_keys(bundle: "ModelBundle") -> list[str]:
+    """Every key the kohya/LyCORIS export of the bundle's adapters writes (names only: works on meta models)."""
+    keys = []
+    for key, model in components(bundle).items():
+        for path, layer in lora_layers(model).items():
+            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
+            keys += [f"{name}.{suffix}" for suffix in adapter_of_layer(layer).export_suffixes(layer)]
+    return keys
+
+
 def trained_adapter(bundle: "ModelBundle"):
     """The adapter type the bundle carries (the first adapted layer's), or None."""
     for model in components(bundle).values():

@@ -97,6 +97,10 @@ class Adapter(abc.ABC):
     def trained_delta(self, layer: Any) -> torch.Tensor:
         """W_trained − W of one layer in fp32, shaped like the base weight (what the trained model adds)."""
 
+    def export_suffixes(self, layer: Any) -> list[str]:
+        """The key suffixes ``export_tensors`` writes for a layer, without computing any tensor (meta models too)."""
+        return list(self.export_tensors(layer, torch.float32))
+
     def network_args(self, lora: "LoraSection") -> dict[str, str]:
         """``ss_network_args`` as the tool that defines this module writes them (all values strings)."""
         if lora.targets == "+conv":

@@ -53,6 +53,9 @@ class LohaAdapter(Adapter):
         out["alpha"] = torch.tensor(float(layer.alpha[ADAPTER_NAME]), dtype=torch.float32)
         return out
 
+    def export_suffixes(self, layer) -> list[str]:
+        return [*_PARTS, "alpha"]
+
     def trained_delta(self, layer) -> torch.Tensor:
         return layer.get_delta_weight(ADAPTER_NAME).detach().float()
 

@@ -64,6 +64,10 @@ class LokrAdapter(Adapter):
         tensors["alpha"] = torch.tensor(alpha, dtype=torch.float32)
         return tensors
 
+    def export_suffixes(self, layer) -> list[str]:
+        parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+        return [p for p in parts if ADAPTER_NAME in getattr(layer, p)] + ["alpha"]
+
     def trained_delta(self, layer) -> torch.Tensor:
         return layer.get_delta_weight(ADAPTER_NAME).detach().float()
 

@@ -47,6 +47,9 @@ class LoraAdapter(Adapter):
             "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32),
         }
 
+    def export_suffixes(self, layer) -> list[str]:
+        return ["lora_down.weight", "lora_up.weight", "alpha"] + (["dora_scale"] if self.use_dora else [])
+
     def low_rank_update(self, layer) -> torch.Tensor:
         """scaling · B @ A in the base weight's shape (fp32)."""
         base = layer.get_base_layer().weight
