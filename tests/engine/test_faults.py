@@ -331,6 +331,8 @@ def test_dora_trains_to_a_lycoris_kohya_file_and_a_diffusers_copy_when_asked(tin
     events = list(run_training(tiny_job(tiny_sd1, tiny_dataset, tmp_path / "b", lora__dora=True, training__steps=1,
                                         output__save_diffusers=True)))
     assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
+    warned = [e.message for e in events if type(e).__name__ == "LogMessage" and e.level == "warning"]
+    assert any("DoRA file will not load as trained in: A1111/Forge" in w for w in warned), warned
     info = describe_lora(events[-1].lora_path)
     assert (info["layout"], info["network_type"]) == ("kohya", "dora")
     copy = events[-1].lora_path.with_name(events[-1].lora_path.stem + "-diffusers.safetensors")

@@ -148,3 +148,20 @@ def test_baking_refuses_bad_lycoris_files_and_another_base_model(loras, tiny_sd1
     with pytest.raises(ModelLoadError, match="trained for SD 1.x but the base model is Stable Diffusion XL"):
         merge_lora_into_checkpoint(ModelSection(path=str(tiny_sdxl)), loras["loha"], 1.0, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_baking_a_loha_into_a_checkpoint_adds_its_delta(loras, tiny_sd1, tmp_path):
+    from studio.engine.merge import merge_lora_into_checkpoint
+
+    out = tmp_path / "baked.safetensors"
+    result = merge_lora_into_checkpoint(ModelSection(path=str(tiny_sd1)), loras["loha"], 0.5, out,
+                                        dtype=torch.float32)
+    assert result["modules_merged"] == result["modules_in_lora"] and not result["unmatched"]
+    base = load_model(ModelSection(path=str(tiny_sd1)))
+    baked = load_model(ModelSection(path=str(out), config_dir=str(tiny_sd1)))
+    modules = read_modules(read_lora(loras["loha"])[0])
+    index_base, index_baked = base.family.kohya_index(base), baked.family.kohya_index(baked)
+    name = next(n for n in modules if n.startswith("lora_unet_"))
+    weight = index_base[name][1].weight.detach()
+    torch.testing.assert_close(index_baked[name][1].weight.detach(), weight + modules[name].delta(weight, 0.5),
+                               atol=1e-5, rtol=1e-5)
