@@ -86,10 +86,11 @@ def _lycoris_deltas(bundle, tensors: dict[str, torch.Tensor]) -> tuple[dict[str,
     return deltas, used
 
 
+@pytest.mark.parametrize("family_fixture", ["tiny_sd1", "tiny_sdxl"])
 @pytest.mark.parametrize("variant", list(LYCORIS))
-def test_lycoris_loader_matches_every_key_and_reproduces_the_trained_delta(tiny_sd1, variant):
+def test_lycoris_loader_matches_every_key_and_reproduces_the_trained_delta(family_fixture, variant, request):
     lora = LYCORIS[variant]
-    bundle = _randomised(tiny_sd1, lora)
+    bundle = _randomised(request.getfixturevalue(family_fixture), lora)
     tensors = kohya_state_dict(bundle, torch.float32)
     trained = {}
     for key, model in components(bundle).items():
