@@ -104,6 +104,33 @@ class LoraSection:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA): often better quality, slower steps.", advanced=True)
     train_text_encoder: bool = option(False, "Also train LoRAs on the text encoder(s).")
     text_encoder_lr: float = option(5e-5, "Learning rate of the text-encoder LoRAs.", min=0.0, max=1.0, advanced=True)
+    # --- adapter type and its options (studio/engine/adapters/; one block, declared once) ---
+    algorithm: str = option(
+        "lora",
+        "Adapter type: 'lora' (LoRA; with '+conv' LoCon, with DoRA on DoRA), 'loha' (LyCORIS LoHa: Hadamard "
+        "product of two low-rank pairs, more capacity per parameter), 'lokr' (LyCORIS LoKr: Kronecker product, "
+        "very small files). All load in ComfyUI, A1111/Forge and InvokeAI; LoHa/LoKr not in diffusers.",
+        label="Adapter type", choices=("lora", "loha", "lokr"),
+    )
+    lokr_factor: int = option(
+        -1, "LoKr: split each weight side into factor × rest; -1 splits as evenly as possible (smallest file), "
+        "4–16 give the big Kronecker factor more of the weight.", min=-1, max=1024, label="LoKr factor", advanced=True,
+    )
+    lokr_decompose_both: bool = option(
+        False, "LoKr: also make the small Kronecker factor low-rank (fewer parameters).", label="LoKr: decompose both",
+        advanced=True,
+    )
+    lokr_full_matrix: bool = option(
+        False, "LoKr: train both Kronecker factors as full matrices (rank and alpha are not used; largest LoKr).",
+        label="LoKr: full matrix", advanced=True,
+    )
+    dora_target: str = option(
+        "lycoris",
+        "DoRA files: 'lycoris' writes the trained magnitude (exact in LyCORIS and diffusers-style loaders), "
+        "'comfyui' rescales it for ComfyUI/Forge's formula (exact there, on this base model only). A1111 cannot "
+        "apply DoRA as trained either way; the export report says so.",
+        label="DoRA target", choices=("lycoris", "comfyui"), advanced=True,
+    )
 
 
 @dataclass
@@ -512,6 +539,11 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if lo.rank >= 1 and lo.alpha > 4 * lo.rank:
         problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
                                  f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
+    if lo.algorithm == "lokr" and lo.lokr_factor not in (-1,) and lo.lokr_factor < 2:
+        problems.append(Problem("lora.lokr_factor", f"must be -1 (automatic) or at least 2, got {lo.lokr_factor}"))
+    if lo.dora and lo.algorithm != "lora":
+        problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
+                                f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))

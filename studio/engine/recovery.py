@@ -95,7 +95,8 @@ def export_lora_file(run: Run, *, final: bool) -> Path:
     path = run.folder.lora_path(run.job.output.name, None if final else run.position.step)
     if run.is_main:
         if kohya_export_problem(run.bundle):
-            # DoRA: only the diffusers/PEFT layout reproduces the trained model (preflight made sure it was asked for).
+            # An adapter with no kohya/LyCORIS form (none today; preflight refuses such jobs unless diffusers is
+            # asked for): only the diffusers/PEFT layout reproduces it.
             export_diffusers_lora(run.bundle, path)
             return path
         export_lora(run.bundle, run.job, path, steps=run.position.step, tag_frequency=run.report.tag_frequency(),

@@ -46,10 +46,26 @@ def preflight(job: Job, resume_dir: Path | str | None = None) -> list[Problem]:
         problems.append(Problem("dataset.path", f"'{data}' cannot be read ({exc.strerror or exc}); check its permissions"))
     from studio.engine.export import kohya_export_problem
 
-    dora = kohya_export_problem(job.lora)
-    if dora and not job.output.save_diffusers:
-        problems.append(Problem("lora.dora", dora + " (set output.save_diffusers = true to train it anyway)"))
+    refusal = kohya_export_problem(job.lora)
+    if refusal:
+        problems.append(Problem("lora.algorithm", refusal))
+    problems += adapter_warnings(job)
     return problems
+
+
+def adapter_warnings(job: Job) -> list[Problem]:
+    """What the user should know before training an adapter some tools cannot apply as trained (never silent)."""
+    from studio.engine.adapters import adapter_for
+    from studio.engine.adapters.consumers import FULL, report
+
+    adapter = adapter_for(job.lora)
+    if adapter.name not in ("dora", "loha", "lokr"):
+        return []
+    info = {"layout": "kohya", "network_type": adapter.name, "family": job.model.family,
+            "metadata": {"lora_studio.dora_target": job.lora.dora_target}}
+    short = [f"{v.consumer} ({v.reason})" for v in report(info) if v.status != FULL]
+    field = "lora.dora" if adapter.name == "dora" else "lora.algorithm"
+    return [Problem(field, f"the {adapter.label} file will not load as trained in: " + "; ".join(short), "warning")]
 
 
 

@@ -194,6 +194,17 @@ def generate(
             if loaded:
                 pipe.enable_lora()
     path = Path(lora_path)
+    if not diffusers_can_load(path):
+        # LoHa/LoKr/DoRA files: diffusers' loader does not convert them, so their ΔW (each adapter type's own
+        # formula, as ComfyUI/A1111 apply it) is added to the weights for this image and taken off again.
+        if loaded:
+            pipe.disable_lora()
+        try:
+            with patched_weights(bundle, path, lora_scale):
+                return render(bundle, prompt, **settings)
+        finally:
+            if loaded:
+                pipe.enable_lora()
     name = _adapter_name(path)
     if name not in loaded:
         pipe.load_lora_weights(str(path), adapter_name=name)
@@ -201,3 +212,31 @@ def generate(
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[lora_scale])
     return render(bundle, prompt, **settings)
+
+
+def diffusers_can_load(path: Path) -> bool:
+    """Whether diffusers' ``load_lora_weights`` reads the file as trained (plain LoRA/LoCon, either layout)."""
+    from studio.engine.export import describe_lora
+
+    info = describe_lora(path)
+    return info["layout"] == "diffusers" or info["network_type"] in ("lora", "locon")
+
+
+@contextlib.contextmanager
+def patched_weights(bundle: ModelBundle, path: Path, strength: float):
+    """The bundle with a kohya/LyCORIS file's deltas added at ``strength``; the original weights come back after."""
+    from studio.engine.export import read_lora
+    from studio.engine.merge import apply_kohya_lora
+    from studio.engine.adapters import read_modules
+
+    tensors, _ = read_lora(path)
+    modules = read_modules(tensors)
+    index = bundle.family.kohya_index(bundle)
+    saved = {name: index[name][1].weight.detach().clone() for name in modules if name in index}
+    try:
+        apply_kohya_lora(bundle, modules, strength)
+        yield bundle
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                index[name][1].weight.copy_(weight)

@@ -87,9 +87,13 @@ def run_training(
 
 def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: Path | None) -> Iterator[TrainEvent]:
     job = run.job
-    problems = errors(preflight(job, resume_dir))
+    checked = preflight(job, resume_dir)
+    problems = errors(checked)
     if problems:
         raise failures.ResumeRefused(resume_dir, problems) if resume_dir else failures.JobInvalid(problems)
+    for warning in checked:  # e.g. an adapter type some tools cannot apply as trained: said before training
+        if warning.severity == "warning" and warning.field.startswith("lora."):
+            yield LogMessage("warning", str(warning))
     yield from setup(run, stop, resume_dir)
     yield RunStarted(run.folder.root, run.total_steps, run.bundle.family.name, devices.describe_device(run.device),
                      run.report.usable, run.step, job)
