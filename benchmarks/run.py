@@ -171,9 +171,7 @@ def run_one(spec: dict[str, Any], *, in_process: bool, env: dict[str, str | None
     """Measure one run: in a fresh worker process (default) or here. ``env``: variables to set (None: unset)."""
     load_before = load_average()
     if in_process:
-        from benchmarks.measure import RunSpec, measure
-
-        result = measure(RunSpec(**spec))
+        result = _run_spec(spec)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
             spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -198,6 +196,17 @@ def run_one(spec: dict[str, Any], *, in_process: bool, env: dict[str, str | None
     return result
 
 
+def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured run: the engine (default), or the limit suite's bare loop or peer script (``kind``)."""
+    if spec.get("kind") in ("bare", "peer"):
+        from benchmarks.limit import run_worker_spec
+
+        return run_worker_spec(spec)
+    from benchmarks.measure import RunSpec, measure
+
+    return measure(RunSpec(**spec))
+
+
 def _worker(spec_path: str, out_path: str) -> int:
     import time
 
@@ -206,10 +215,9 @@ def _worker(spec_path: str, out_path: str) -> int:
     import torch  # noqa: F401
 
     import studio.engine.trainer  # noqa: F401
-    from benchmarks.measure import RunSpec, measure
 
     import_s = time.perf_counter() - started
-    result = measure(RunSpec(**json.loads(Path(spec_path).read_text())))
+    result = _run_spec(json.loads(Path(spec_path).read_text()))
     result["import_s"] = import_s  # torch/diffusers import, paid once per process, outside every timed phase
     Path(out_path).write_text(json.dumps(result, default=str))
     return 0
@@ -475,7 +483,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any job field, e.g. --set training.gradient_checkpointing=true")
     p.add_argument("--compare", action="append", default=[], metavar="TECHNIQUE|KEY=A,B",
                    help="measure two variants alternately and report B/A ratios (repeatable)")
-    p.add_argument("--suite", choices=("cpu", "gpu"), help="the full set of measurements for this kind of machine")
+    p.add_argument("--suite", choices=("cpu", "gpu", "limit", "estimate"), help="the full set of measurements for this "
+                   "kind of machine; 'limit': ours beside the bare loop and diffusers' reference script (CPU); "
+                   "'estimate': the pre-flight estimate against measured runs it was not fitted on")
+    p.add_argument("--dry-run", action="store_true", help="--suite limit/gpu: the same path on the tiny model, a few "
+                   "steps, on any machine (the test suite runs it so the suite never rots)")
+    p.add_argument("--peer-script", type=Path, help="diffusers' examples/text_to_image/train_text_to_image_lora.py "
+                   "(not in this repository: fetch diffusers and pass the file)")
+    p.add_argument("--peer-commit", help="the diffusers commit the peer script came from (read from its git work "
+                   "tree when there is one)")
+    p.add_argument("--peer-python", type=Path, help="interpreter for the peer script (it needs torchvision and "
+                   "datasets); default: this one")
+    p.add_argument("--batch-sizes", default="1,4", help="--suite limit: batch sizes to compare")
     p.add_argument("--repeats", type=int, default=1, help="repetitions of every variant")
     p.add_argument("--sample", action="store_true", help="also make previews (time to first sample)")
     p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU)")
@@ -504,6 +523,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.suite == "gpu":
         return _gpu_suite(args)
+    if args.suite == "limit":
+        from benchmarks.limit import limit_suite
+
+        return limit_suite(args)
+    if args.suite == "estimate":
+        from benchmarks.estimate_check import estimate_suite
+
+        return estimate_suite(args)
     model_dir, native = model_folder(args.model, args.model_cache)
     resolution = args.resolution or native
     data_root = args.model_cache.parent / "data"
@@ -560,18 +587,18 @@ def _report(args: argparse.Namespace, ctx: dict[str, Any], experiments: list[dic
     }
 
 
-def _write(args: argparse.Namespace, report: dict[str, Any], section: str) -> int:
+def _write(args: argparse.Namespace, report: dict[str, Any], section: str, markdown_fn: Any = None) -> int:
     path = args.json or DEFAULT_OUT / f"{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    text = markdown(report)
+    text = (markdown_fn or markdown)(report)
     if args.markdown:
         args.markdown.write_text(text, encoding="utf-8")
     if args.results_md:
         write_section(args.results_md, section, text)
     print(text)
     print(f"JSON: {path}", file=sys.stderr)
-    failed = [r for e in report["experiments"] for v in e["variants"] for r in v["runs"] if not r.get("ok")]
+    failed = [r for e in report["experiments"] for v in e.get("variants", []) for r in v["runs"] if not r.get("ok")]
     return 1 if failed and not report.get("max_batch") else 0
 
 
