@@ -105,7 +105,19 @@ def limit_suite(args: argparse.Namespace) -> int:
     }
     rows = [r for r in ROWS if r != "peer" or peer]
     batches = [1, 2] if dry else [int(b) for b in args.batch_sizes.split(",")]
-    experiments = []
+    experiments: list[dict[str, Any]] = []
+
+    def report() -> dict[str, Any]:
+        out = _report(args, ctx, experiments)
+        out["suite"] = "limit"
+        out["peer"] = peer
+        out["peer_not_run"] = None if peer else "no --peer-script given"
+        if peer:
+            out["peer_versions"] = versions_of_peer
+        return out
+
+    versions_of_peer = peer_versions(ctx["peer_python"]) if peer else None
+    section = args.section or ("limit-dry" if dry else "limit")
     for batch in batches:
         runs: dict[str, list[dict]] = {r: [] for r in rows}
         for rep in range(1 if dry else args.repeats):
@@ -129,13 +141,9 @@ def limit_suite(args: argparse.Namespace) -> int:
                       "rss_ours_over_peer": _ratio(runs, "ours", "peer", "peak_rss_bytes") if peer else None},
             "load_average": [r.get("load_average_before") for rs in runs.values() for r in rs],
         })
-    report = _report(args, ctx, experiments)
-    report["suite"] = "limit"
-    report["peer"] = peer
-    report["peer_not_run"] = None if peer else "no --peer-script given"
-    if peer:
-        report["peer_versions"] = peer_versions(ctx["peer_python"])
-    return _write(args, report, args.section or ("limit-dry" if dry else "limit"), markdown_fn=limit_markdown)
+        if batch != batches[-1]:  # what is measured so far is kept, should a long run be stopped
+            _write(args, report(), section, markdown_fn=limit_markdown)
+    return _write(args, report(), section, markdown_fn=limit_markdown)
 
 
 def _fmt(value: float | None, kind: str) -> str:
