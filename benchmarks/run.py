@@ -493,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-script-sdxl", type=Path, help="--suite gpu: diffusers' "
                    "examples/text_to_image/train_text_to_image_lora_sdxl.py, the SDXL peer")
     p.add_argument("--batch-sizes", default="1,4", help="--suite limit: batch sizes to compare")
+    p.add_argument("--only", help="--suite estimate: the configurations to measure (comma-separated names)")
     p.add_argument("--budget-s", type=float, help="--suite gpu: wall-clock budget; runs that would end past it are "
                    "skipped and listed (default 390 s, so the wrapper's whole run stays under 8 minutes)")
     p.add_argument("--repeats", type=int, default=1, help="repetitions of every variant")
