@@ -182,18 +182,31 @@ def limit_markdown(report: dict[str, Any]) -> str:
         f"- Model {report['model']} at {report['resolution']} px, rank {RANK} on the attention projections, fp32; "
         f"{report['steps']} steps per run, the first {report['warmup']} left out; {report['repeats']} repetition(s).",
         "",
-        "| batch | bare s/step | ours s/step | peer s/step | ours / bare | ours / peer | peer / ours (speed-up) "
-        "| peak RSS ours | peak RSS peer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | bare s/step | ours s/step | peer s/step | ours / bare | ours / bare, CPU time | ours / peer "
+        "| peer / ours (speed-up) | peak RSS ours | peak RSS peer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in report["experiments"]:
         med = {var["label"]: var["median"] for var in e["variants"]}
+        runs = {var["label"]: var["runs"] for var in e["variants"]}
         r = e["ratio"]
         ours_peer = r.get("ours_over_peer")
+        # CPU time per step (all threads): the work itself, far less sensitive than wall time to the share of a
+        # busy machine a run got (the peer's is not known per step).
+        cpu = _ratio(runs, "ours", "bare", "cpu_seconds_per_step")
         lines.append(
             f"| {e['batch_size']} | {_fmt(med['bare']['seconds_per_step'], 's')} | "
             f"{_fmt(med['ours']['seconds_per_step'], 's')} | {_fmt(med.get('peer', {}).get('seconds_per_step'), 's')} | "
-            f"{_fmt(r['ours_over_bare'], 'x')} | {_fmt(ours_peer, 'x')} | "
+            f"{_fmt(r['ours_over_bare'], 'x')} | {_fmt(cpu, 'x')} | {_fmt(ours_peer, 'x')} | "
             f"{_fmt(1 / ours_peer if ours_peer else None, 'x')} | {_fmt(med['ours']['peak_rss_bytes'], 'mib')} | "
             f"{_fmt(med.get('peer', {}).get('peak_rss_bytes'), 'mib')} |")
     return "\n".join(lines) + "\n"
+
+
+def render(paths: list[Path]) -> str:
+    """The markdown of one or more limit-suite JSON files (e.g. batch sizes measured by runs side by side)."""
+    return "\n".join(limit_markdown(json.loads(Path(p).read_text())) for p in paths)
+
+
+if __name__ == "__main__":
+    print(render([Path(a) for a in sys.argv[1:]]))

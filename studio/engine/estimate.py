@@ -73,7 +73,7 @@ OP_OVERHEAD_S = {"cuda": 10e-6, "mps": 20e-6}
 OP_OVERHEAD_FLOPS = {"cpu": 6.1e6}
 # Where the measured time fell relative to the estimate on the held-out configurations: measured / estimated - 1,
 # (lowest, highest), by device type. Only the CPU is measured; elsewhere the estimate is labelled uncalibrated.
-# cpu: the benchmark's held-out runs (benchmarks/results/estimate-cpu.json) fell between -3 % and +108 %, measured
+# cpu: the six held-out runs (benchmarks/results/estimate-cpu.json) fell between -3 % and +108 % (median 73 %), measured
 # on a 2-core machine shared with other work (load 14-16): there a 0.3 s calibration often catches a larger share
 # of the CPU than the run then gets, so the estimate is optimistic; rounded outward to 5 %.
 HELD_OUT_ERROR: dict[str, tuple[float, float]] = {"cpu": (-0.05, 1.10)}
