@@ -109,6 +109,8 @@ class TryExportPage(Page):
         "<p>Choose a LoRA from the last run (the final one, or one saved at an earlier step) or open any LoRA file. "
         "<b>Generate</b> makes one image with the base model and one with the LoRA, with the same prompt and seed, "
         "so the difference is the LoRA alone. <b>Strength</b> is how strongly it is applied (1.0 = as trained).</p>"
+        "<p><b>Compare steps</b> draws every LoRA the run saved (one row per step) at several strengths, with one "
+        "prompt and seed: where the pictures stop getting better is the step to export.</p>"
         "<p><b>Export</b> writes the chosen file with your title, trigger words and description in its metadata "
         "(A1111's Lora tab and Civitai show them). Put it into <i>models/Lora</i> (A1111) or <i>models/loras</i> "
         "(ComfyUI).</p>")
