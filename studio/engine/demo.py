@@ -8,6 +8,7 @@ from typing import Any
 from studio.engine.config import BUILTIN_DEMO_MODEL, Job
 
 DEMO_STEPS = 50
+DEMO_LR = 3e-3  # high for a LoRA, as a 50-step demo needs; 1e-2 overwrote the shapes with texture
 DEMO_RESOLUTION = 64  # the demo model's native size (resources/demo/train_demo_model.py)
 DEMO_TRIGGER = "studioshape"
 DEMO_PROMPTS = ("studioshape, a red circle", "studioshape, a blue square", "studioshape, a green triangle")
@@ -44,7 +45,7 @@ def demo_model_settings(steps: int = DEMO_STEPS) -> dict[str, Any]:
         "lora.alpha": 4.0,
         "lora.targets": "+conv",
         "training.steps": steps,
-        "training.lr": 1e-2,
+        "training.lr": DEMO_LR,
         "sampling.every": max(1, steps // 2),
         "sampling.steps": 10,
         "sampling.prompts": list(DEMO_PROMPTS[:2]),

@@ -205,7 +205,8 @@ def _font(size: int) -> Any:
 
 
 def strength_label(strength: float) -> str:
-    return "base (0×)" if strength == 0 else f"{strength:g}×"
+    # Plain ASCII: PIL's built-in font has no "×".
+    return "base (0)" if strength == 0 else f"strength {strength:g}"
 
 
 def compose_grid(grid: Grid, cell: int | None = None) -> Image.Image:

@@ -32,7 +32,7 @@ def test_grid_of_saved_steps_renders_in_the_background_and_picks_a_step(qtbot, w
     assert grid.rendering and grid.busy.active and not grid.render_button.isEnabled()
     qtbot.waitUntil(lambda: grid.grid is not None and not grid.rendering, timeout=120_000)
     assert len(grid.cells) == 4 and all(c.pixmap_ is not None for c in grid.cells.values())
-    assert "step 4 (final) · 1×" in grid.cells[(1, 1)].caption
+    assert "step 4 (final) · strength 1" in grid.cells[(1, 1)].caption
     assert len(list((run_dir / GRID_FOLDER).glob("*.png"))) >= 3
 
     # A click enlarges a cell.

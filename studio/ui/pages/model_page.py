@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.engine.config import BUILTIN_DEMO_MODEL
+from studio.engine.demo import DEMO_LR, DEMO_RESOLUTION, DEMO_STEPS
 from studio.ui import backend, settings_store, theme
 from studio.ui.format import format_bytes
 from studio.ui.job_model import JobModel
@@ -26,8 +27,8 @@ DTYPE_NAMES = {"float16": "fp16 (half)", "fp16": "fp16 (half)", "bfloat16": "bf1
                "float32": "fp32 (full)", "fp32": "fp32 (full)"}
 DEMO_NOTE = ("A small model (Stable Diffusion 1.x layout, 64 px) that comes with LoRA Studio for trying the app: it "
              "draws simple coloured shapes (“a red circle”), and a LoRA teaches it the demo images' striped style "
-             "in about a minute, even without a GPU. Choosing it sets the demo's recipe (64 px, learning rate 0.01, "
-             "50 steps). Choose a real checkpoint to make a LoRA you can use.")
+             f"in about a minute, even without a GPU. Choosing it sets the demo's recipe ({DEMO_RESOLUTION} px, "
+             f"learning rate {DEMO_LR:g}, {DEMO_STEPS} steps). Choose a real checkpoint to make a LoRA you can use.")
 
 
 def model_check(path: Path) -> str | None:
