@@ -212,7 +212,9 @@ class Family(abc.ABC):
 
     def example_conditioning(self, examples: list[Mapping[str, "torch.Tensor"]],
                              size_hw: tuple[int, int]) -> dict[str, "torch.Tensor"]:
-        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries."""
+        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries.
+
+        Per image: a batch's is the concatenation of its images' (the core computes it once per cached image)."""
         return {}
 
     def encode_image(self, bundle: ModelBundle, pixels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -234,7 +236,8 @@ class Family(abc.ABC):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: "torch.Tensor", cond: Conditioning, *,
                       training: "TrainingSection", generator: "torch.Generator",
                       weight_dtype: "torch.dtype") -> "torch.Tensor":
-        """The batch's mean training loss: draw noise and timesteps from ``generator`` (CPU), noise the latents,
+        """The batch's mean training loss: draw noise and timesteps from ``generator`` (on the run's device: draw with
+        ``device=generator.device``, so the step copies nothing from the host), noise the latents,
         run ``denoiser`` (possibly DDP-wrapped), compare with the family's target, weight per timestep.
 
         Only the generator may be used for randomness, so a step is a pure function of its seed (exact resume).
@@ -253,6 +256,9 @@ class Family(abc.ABC):
             if train_text_encoder:
                 for te in bundle.text_encoders:
                     te.gradient_checkpointing_enable()
+        if training.compile and training.compile_scope == "denoiser":
+            # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
+            bundle.denoiser.compile()
 
     # ------------------------------------------------------------------------------------------- export
 
@@ -292,6 +298,13 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def pipeline(self, bundle: ModelBundle) -> Any:
         """A diffusers pipeline over the bundle's modules (no copies) with the family's preview sampler."""
+
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str],
+                              negative_prompt: str) -> dict[str, Any] | None:
+        """The prompts (and the negative prompt, one per prompt) as the pipeline's ``*_embeds`` arguments when the job
+        encodes text its own way (long captions, clip skip), so previews see what training saw; None lets the
+        pipeline encode the prompts itself."""
+        return None
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""
