@@ -88,10 +88,13 @@ class CompareGridWidget(QWidget):
         self.prompt.setEditable(True)
         self.prompt.setInsertPolicy(QComboBox.NoInsert)
         self.prompt.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.prompt.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.prompt.setMinimumContentsLength(12)
         self.prompt.setToolTip("The prompt of every cell: the run's preview prompts, or write your own.")
         self.strengths = QLineEdit("0, 0.5, 1")
         self.strengths.setToolTip("LoRA strengths, one column each; 0 is the base model, 1 as trained.")
-        self.strengths.setMaximumWidth(theme.em(self) * 9)
+        self.strengths.setMinimumWidth(theme.em(self) * 6)
+        self.strengths.setMaximumWidth(theme.em(self) * 10)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.seed.setValue(1234)
@@ -99,12 +102,16 @@ class CompareGridWidget(QWidget):
         self.render_button = QPushButton(theme.icon("wand"), "Compare")
         self.render_button.setObjectName("primary")
         self.render_button.clicked.connect(self.render_grid)
-        controls.addWidget(QLabel("Prompt"))
-        controls.addWidget(self.prompt, 1)
+        prompt_row = QHBoxLayout()  # its own row: the window's narrowest size stays what it was
+        prompt_row.setSpacing(s)
+        prompt_row.addWidget(QLabel("Prompt"))
+        prompt_row.addWidget(self.prompt, 1)
+        col.addLayout(prompt_row)
         controls.addWidget(QLabel("Strengths"))
         controls.addWidget(self.strengths)
         controls.addWidget(QLabel("Seed"))
         controls.addWidget(self.seed)
+        controls.addStretch(1)
         controls.addWidget(self.render_button)
         col.addLayout(controls)
         self.busy = BusyIndicator()
@@ -219,8 +226,11 @@ class CompareGridWidget(QWidget):
 
         while self.layout_grid.count():
             item = self.layout_grid.takeAt(0)
-            if item.widget() is not None:
-                item.widget().deleteLater()
+            widget = item.widget()
+            if widget is not None:
+                widget.hide()  # gone now: deleteLater waits for the event loop's next turn
+                widget.setParent(None)
+                widget.deleteLater()
         self.cells = {}
         if not self.rows:
             return
@@ -228,7 +238,7 @@ class CompareGridWidget(QWidget):
             strengths = parse_strengths(self.strengths.text())
         except GridError:
             strengths = DEFAULT_STRENGTHS
-        side = theme.em(self) * 7
+        side = theme.em(self) * 6
         for c, strength in enumerate(strengths):
             head = QLabel(strength_label(strength))
             head.setAlignment(Qt.AlignCenter)
