@@ -509,8 +509,21 @@ def save_job(job: Job, path: str | os.PathLike) -> None:
 _NAME_RE = re.compile(r"[\w.\- ]+")
 
 
-def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
-    """Every problem with the job at once, each naming the field and what to do."""
+def optimizer_device_problem(optimizer: str, device_type: str | None) -> str | None:
+    """Why ``optimizer`` cannot run on a ``device_type`` ("cpu", "cuda", "mps") device, as a sentence; None when it can
+    (or the device is not known yet). One sentence for the Settings page, the CLI and the trainer."""
+    if optimizer == "adamw8bit" and device_type in ("cpu", "mps"):
+        return (f"8-bit AdamW (bitsandbytes) needs an NVIDIA GPU with CUDA, and this job trains on the "
+                f"{device_type.upper()}; set training.optimizer to 'adamw'")
+    return None
+
+
+def validate(job: Job, *, check_paths: bool = True, device_type: str | None = None) -> list[Problem]:
+    """Every problem with the job at once, each naming the field and what to do.
+
+    ``device_type`` is what training.device = 'auto' means on this machine, when the caller knows it (the window
+    detects it at start, preflight asks torch); without it only an explicit device is checked against the job.
+    """
     problems: list[Problem] = []
     for info in iter_fields():
         value = get_value(job, info.path)
@@ -547,6 +560,9 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))
+    optimizer_problem = optimizer_device_problem(t.optimizer, device_type if t.device == "auto" else t.device)
+    if optimizer_problem:
+        problems.append(Problem("training.optimizer", optimizer_problem))
     if t.mixed_precision == "fp16" and t.device == "cpu":
         problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
 

@@ -196,6 +196,14 @@ def detect_device() -> str:
     return describe_device()
 
 
+def detect_device_type() -> str:
+    """"cpu", "cuda" or "mps": what training.device = 'auto' picks on this machine."""
+    with _IMPORT_LOCK:
+        from studio.engine.devices import pick_device
+
+    return pick_device("auto").type
+
+
 # ------------------------------------------------------------------------------------------- try/export
 
 
