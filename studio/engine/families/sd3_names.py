@@ -1,0 +1,72 @@
+"""SD3's two naming schemes: diffusers' SD3Transformer2DModel paths ↔ Stability's MMDiT names (kohya's LoRA keys).
+
+kohya's ``networks/lora_sd3.py`` trains the Stability MMDiT (``joint_blocks.N.{x_block,context_block}``), so
+every kohya SD3 LoRA names its modules there, with q, k and v as one fused ``attn.qkv`` layer; ComfyUI maps
+``lora_unet_<MMDiT path with _>`` straight onto the same model. diffusers splits that layer into ``to_q/to_k/to_v``
+(image stream) and ``add_q_proj/add_k_proj/add_v_proj`` (text stream). The rows below are the correspondence
+diffusers' own single-file converter uses (``convert_sd3_transformer_checkpoint_to_diffusers``), read the other
+way. Kept import-light: names only.
+"""
+
+from __future__ import annotations
+
+import re
+
+# diffusers path inside transformer_blocks.N → (MMDiT path inside joint_blocks.N, part index in a fused qkv)
+_BLOCK_ROWS: dict[str, tuple[str, int | None]] = {
+    "attn.to_q": ("x_block.attn.qkv", 0),
+    "attn.to_k": ("x_block.attn.qkv", 1),
+    "attn.to_v": ("x_block.attn.qkv", 2),
+    "attn.to_out.0": ("x_block.attn.proj", None),
+    "attn.add_q_proj": ("context_block.attn.qkv", 0),
+    "attn.add_k_proj": ("context_block.attn.qkv", 1),
+    "attn.add_v_proj": ("context_block.attn.qkv", 2),
+    "attn.to_add_out": ("context_block.attn.proj", None),
+    # SD3.5 Medium's second (image-only) self-attention in its first 13 blocks (MMDiT-X).
+    "attn2.to_q": ("x_block.attn2.qkv", 0),
+    "attn2.to_k": ("x_block.attn2.qkv", 1),
+    "attn2.to_v": ("x_block.attn2.qkv", 2),
+    "attn2.to_out.0": ("x_block.attn2.proj", None),
+    "ff.net.0.proj": ("x_block.mlp.fc1", None),
+    "ff.net.2": ("x_block.mlp.fc2", None),
+    "ff_context.net.0.proj": ("context_block.mlp.fc1", None),
+    "ff_context.net.2": ("context_block.mlp.fc2", None),
+    "norm1.linear": ("x_block.adaLN_modulation.1", None),
+    "norm1_context.linear": ("context_block.adaLN_modulation.1", None),
+}
+# Outside the blocks (kohya trains these only when asked, via emb_dims; ComfyUI maps them like any layer).
+_OUTER_ROWS: dict[str, str] = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_BLOCK = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
+
+
+def mmdit_path(module_path: str) -> tuple[str, int | None]:
+    """(MMDiT module path, index of this module's rows in a fused qkv or None) of a diffusers module path."""
+    match = _BLOCK.match(module_path)
+    if match:
+        index, rest = match.groups()
+        try:
+            target, part = _BLOCK_ROWS[rest]
+        except KeyError:
+            raise ValueError(f"SD3 transformer module '{module_path}' has no MMDiT counterpart") from None
+        return f"joint_blocks.{index}.{target}", part
+    if module_path in _OUTER_ROWS:
+        return _OUTER_ROWS[module_path], None
+    raise ValueError(f"SD3 transformer module '{module_path}' has no MMDiT counterpart")
+
+
+def swaps_scale_shift(module_path: str, num_layers: int) -> bool:
+    """Whether the module's output halves are (scale, shift) in diffusers but (shift, scale) in the MMDiT.
+
+    diffusers' AdaLayerNormContinuous (the last block's text-stream modulation and the final layer's) splits its
+    output the other way round from Stability's code, so its converter swaps the halves of those weights.
+    """
+    return module_path in (f"transformer_blocks.{num_layers - 1}.norm1_context.linear", "norm_out.linear")
