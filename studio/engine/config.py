@@ -142,6 +142,31 @@ class TrainingSection:
     compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
     fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
     dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
+    # Flow-matching families (Flux.1, SD3.x): how σ is drawn and weighted (families/flow.py); others ignore these.
+    flow_timestep_sampling: str = option(
+        "logit_normal",
+        "Flow models (Flux, SD3): how noise levels are drawn. 'logit_normal' favours the middle (SD3 paper), "
+        "'uniform' draws all alike, 'mode' peaks where 'flow mode scale' puts it.",
+        choices=("logit_normal", "uniform", "mode"), advanced=True,
+    )
+    flow_logit_mean: float = option(0.0, "Flow models, logit-normal sampling: mean (above 0 trains noisier steps more).", min=-5.0, max=5.0, advanced=True)
+    flow_logit_std: float = option(1.0, "Flow models, logit-normal sampling: spread.", min=0.01, max=10.0, advanced=True)
+    flow_mode_scale: float = option(1.29, "Flow models, 'mode' sampling: scale of the mode density (SD3 paper: 1.29).", min=-1.0, max=2.0, advanced=True)
+    flow_shift: str = option(
+        "auto",
+        "Flow models: shift of the noise levels towards the noisy end. 'auto' uses the family's own (Flux: by "
+        "resolution, SD3: constant), 'constant' uses 'flow shift value', 'resolution' Flux's shift from the image size.",
+        choices=("auto", "none", "constant", "resolution"), advanced=True,
+    )
+    flow_shift_value: float = option(3.0, "Flow models, constant shift: the shift factor (SD3: 3.0; 1 = no shift).", min=0.1, max=100.0, advanced=True)
+    flow_loss_weighting: str = option(
+        "none", "Flow models: loss weight per noise level ('sigma_sqrt', 'cosmap' as diffusers' SD3 script; 'none' is usual).",
+        choices=("none", "sigma_sqrt", "cosmap"), advanced=True,
+    )
+    guidance: float = option(
+        1.0, "Flux.1 [dev]: the value its guidance input gets while training (1.0 is usual); models without one ignore it.",
+        min=0.0, max=30.0, label="Training guidance", advanced=True,
+    )
 
 
 @dataclass
