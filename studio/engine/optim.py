@@ -14,11 +14,15 @@ class OptimizerUnavailable(RuntimeError):
 
 
 def param_groups(params: dict[str, list[torch.nn.Parameter]], job: Job) -> list[dict[str, Any]]:
+    from studio.engine.families import registered
+
+    # The denoiser (SD's unet, a DiT's transformer) trains at training.lr, the text encoders at their own lr.
+    denoisers = {family.denoiser_name for family in registered()}
     groups = []
     for component, ps in params.items():
         if not ps:
             continue
-        lr = job.training.lr if component == "unet" else job.lora.text_encoder_lr
+        lr = job.training.lr if component in denoisers else job.lora.text_encoder_lr
         groups.append({"params": ps, "lr": lr, "name": component})
     return groups
 

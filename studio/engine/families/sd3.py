@@ -282,6 +282,25 @@ class SD3Family(Family):
             "modelspec.prediction_type": PREDICTION,
         }
 
+    def checkpoint_metadata_ids(self, prediction_type: str) -> dict[str, str]:
+        return {"modelspec.architecture": self._checkpoint_architecture,
+                "modelspec.implementation": _KOHYA_IMPLEMENTATION, "modelspec.prediction_type": PREDICTION}
+
+    def single_file_state_dict(self, bundle: ModelBundle, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Stability's all-in-one layout: MMDiT, VAE (LDM names) and ``text_encoders.clip_l/clip_g/t5xxl``."""
+        from studio.engine.families.sd3_names import mmdit_state_dict
+        from studio.engine.ldm import vae_to_ldm
+
+        transformer = bundle.denoiser
+        state = {FILE_PREFIXES["transformer"][0] + k: v
+                 for k, v in mmdit_state_dict(transformer.state_dict(), transformer.config.num_layers).items()}
+        state.update(vae_to_ldm(bundle.vae.state_dict(), bundle.vae.config))
+        for sub, encoder in zip(self.text_encoder_names, bundle.text_encoders):
+            prefix = FILE_PREFIXES[sub][0] + "transformer."
+            state.update({prefix + k: v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")})
+        return {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+                for k, v in state.items()}
+
     # ------------------------------------------------------------------------------------------ preview
 
     def pipeline(self, bundle: ModelBundle) -> Any:
@@ -359,6 +378,11 @@ class SD3Family(Family):
                 pad_token_id=1, hidden_act="gelu"))
 
         torch.manual_seed(seed)
+        clip_l, clip_g = clip(), clip()
+        with torch.no_grad():
+            # SD3 uses CLIP-L's pooled output unprojected (diffusers' single-file loader sets this projection to
+            # the identity), so a tiny model that round-trips through a single file must have it too.
+            clip_l.text_projection.weight.copy_(torch.eye(clip_l.text_projection.weight.shape[0]))
         tokenizer_3 = tiny_t5_tokenizer()
         t5 = T5EncoderModel(T5Config(
             vocab_size=len(tokenizer_3), d_model=64, d_ff=37, d_kv=16, num_layers=2, num_heads=4,
@@ -370,9 +394,13 @@ class SD3Family(Family):
             sample_size=TINY_RESOLUTION, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
             use_post_quant_conv=False,
         )
+        with torch.no_grad():
+            # A random encoder's posterior is as wide as its mean (std ~1, times SD3's 1.53 scale): every step's
+            # latent sample would be mostly noise no model can learn. Real VAEs are sharp; so is this one.
+            vae.encoder.conv_out.bias[vae.config.latent_channels:] = -12.0
         return StableDiffusion3Pipeline(
             transformer=self._tiny_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-            text_encoder=clip(), tokenizer=load_tokenizer("clip-l"), text_encoder_2=clip(),
+            text_encoder=clip_l, tokenizer=load_tokenizer("clip-l"), text_encoder_2=clip_g,
             tokenizer_2=load_tokenizer("clip-g"), text_encoder_3=t5, tokenizer_3=tokenizer_3,
         )
 

@@ -5,12 +5,16 @@ every kohya SD3 LoRA names its modules there, with q, k and v as one fused ``att
 ``lora_unet_<MMDiT path with _>`` straight onto the same model. diffusers splits that layer into ``to_q/to_k/to_v``
 (image stream) and ``add_q_proj/add_k_proj/add_v_proj`` (text stream). The rows below are the correspondence
 diffusers' own single-file converter uses (``convert_sd3_transformer_checkpoint_to_diffusers``), read the other
-way. Kept import-light: names only.
+way. Kept import-light (torch only inside the whole-model conversion).
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 # diffusers path inside transformer_blocks.N → (MMDiT path inside joint_blocks.N, part index in a fused qkv)
 _BLOCK_ROWS: dict[str, tuple[str, int | None]] = {
@@ -33,6 +37,13 @@ _BLOCK_ROWS: dict[str, tuple[str, int | None]] = {
     "ff_context.net.2": ("context_block.mlp.fc2", None),
     "norm1.linear": ("x_block.adaLN_modulation.1", None),
     "norm1_context.linear": ("context_block.adaLN_modulation.1", None),
+    # q/k RMS norms (SD3.5); no LoRA targets them, the whole-model conversion below needs them.
+    "attn.norm_q": ("x_block.attn.ln_q", None),
+    "attn.norm_k": ("x_block.attn.ln_k", None),
+    "attn.norm_added_q": ("context_block.attn.ln_q", None),
+    "attn.norm_added_k": ("context_block.attn.ln_k", None),
+    "attn2.norm_q": ("x_block.attn2.ln_q", None),
+    "attn2.norm_k": ("x_block.attn2.ln_k", None),
 }
 # Outside the blocks (kohya trains these only when asked, via emb_dims; ComfyUI maps them like any layer).
 _OUTER_ROWS: dict[str, str] = {
@@ -70,3 +81,30 @@ def swaps_scale_shift(module_path: str, num_layers: int) -> bool:
     output the other way round from Stability's code, so its converter swaps the halves of those weights.
     """
     return module_path in (f"transformer_blocks.{num_layers - 1}.norm1_context.linear", "norm_out.linear")
+
+
+def mmdit_state_dict(state_dict: Mapping[str, "torch.Tensor"], num_layers: int) -> dict[str, "torch.Tensor"]:
+    """A diffusers SD3 transformer's weights in Stability's MMDiT layout (q/k/v joined, modulation halves swapped
+    back): the inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed.pos_embed":
+            out["pos_embed"] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        target, part = mmdit_path(module)
+        if swaps_scale_shift(module, num_layers):
+            half = value.shape[0] // 2
+            value = torch.cat([value[half:], value[:half]])
+        if part is None:
+            out[f"{target}.{leaf}"] = value
+        else:
+            fused.setdefault(f"{target}.{leaf}", {})[part] = value
+    for key, parts in fused.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise ValueError(f"'{key}': the model lacks one of q, k, v")
+        out[key] = torch.cat([parts[0], parts[1], parts[2]])
+    return out

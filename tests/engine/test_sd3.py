@@ -1,0 +1,245 @@
+"""SD3 Medium / SD3.5 Medium / SD3.5 Large: configs, CLI training that learns, LoRA files in diffusers and kohya
+layouts read back by their consumers, golden kohya names of the full-size models, single files users have."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from studio.cli import main
+from studio.engine.checkpoint import load_model
+from studio.engine.config import ModelSection, TrainingSection
+from studio.engine.families import get_family
+from studio.paths import resource_path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "sd3.5-medium"  # the richest variant: q/k norms and the second attention (MMDiT-X)
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+golden = _load(ROOT / "tests" / "engine" / "golden" / "make_golden_sd3.py", "golden_sd3")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def test_bundled_sd3_configs_match_their_script(tmp_path):
+    root = resource_path("model_configs")
+    module = _load(root / "make_sd3_configs.py", "make_sd3_configs")
+    module.write_configs(tmp_path)
+    for name in module.NAMES:
+        stack = [filecmp.dircmp(tmp_path / name, root / name)]
+        while stack:
+            c = stack.pop()
+            assert not c.left_only and not c.right_only, (c.left, c.left_only, c.right_only)
+            _, mismatch, errors = filecmp.cmpfiles(c.left, c.right, c.common_files, shallow=False)
+            assert not mismatch and not errors, (c.left, mismatch)
+            stack.extend(c.subdirs.values())
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3.5-medium", "sd3.5-large"])
+def test_bundled_configs_build_the_reference_sizes_and_are_told_apart(name):
+    """The cost model's parameter counts are the bundled architecture's; each config is found as its family."""
+    from diffusers import SD3Transformer2DModel
+
+    from studio.engine.families import family_of_folder
+
+    family = get_family(name)
+    folder = family.bundled_config_dir()
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(family.denoiser_config(folder))
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e5) / 10 == family.full_size_parameters()["denoiser"] / 1e6
+    assert family_of_folder(folder) is family
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """A LoRA (transformer and both CLIPs) trained from the command line on four images of the tiny SD3.5 Medium,
+    written in both layouts."""
+    from fixtures_data import make_dataset
+
+    tmp = tmp_path_factory.mktemp("sd3-run")
+    data = make_dataset(tmp / "data", count=4)
+    folder = tiny_model(TINY, "flow")
+    out = tmp / "run"
+    code = main(["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--steps", "40",
+                 "--rank", "8", "--alpha", "8", "--lr", "5e-3", "--resolution", "64", "--sample-every", "0",
+                 "--name", "sd3", "--set", "dataset.bucket_step=16", "--set", "output.save_diffusers=true",
+                 "--set", "training.max_grad_norm=1.0", "--set", "lora.train_text_encoder=true",
+                 "--set", "lora.text_encoder_lr=1e-3"])
+    assert code == 0
+    return {"folder": folder, "data": data, "kohya": out / "sd3.safetensors", "diffusers": out / "sd3-diffusers.safetensors"}
+
+
+def _fixed_loss(bundle, data: Path) -> float:
+    """The training objective on the four images at fixed noise and σ (the same generator seed every call)."""
+    from studio.engine.dataset import load_image, prepare_image
+
+    items = sorted(data.glob("*.png"))
+    with torch.no_grad():
+        pixels = torch.cat([prepare_image(load_image(p), (64, 64))[0][None] for p in items])
+        latents = bundle.family.encode_image(bundle, pixels)[0]
+        cond = bundle.family.encode_text(bundle, [p.with_suffix(".txt").read_text() for p in items])
+        return float(bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=TrainingSection(),
+                                                 generator=torch.Generator().manual_seed(7), weight_dtype=torch.float32))
+
+
+def test_a_lora_trained_from_the_cli_lowers_the_denoising_loss(trained, capsys):
+    from studio.engine.lora import count_lora_modules
+
+    bundle = load_model(ModelSection(path=str(trained["folder"])))
+    before = _fixed_loss(bundle, trained["data"])
+    bundle.pipeline().load_lora_weights(str(trained["diffusers"]))
+    after = _fixed_loss(bundle, trained["data"])
+    modules = [count_lora_modules(m) for m in bundle.components().values()]
+    with capsys.disabled():
+        print(f"\nSD3 tiny LoRA: {modules} modules (transformer, CLIP-L, CLIP-G), loss {before:.4f} -> {after:.4f} "
+              f"(ratio {after / before:.3f})")
+    assert after < 0.95 * before, (before, after)
+    # Every kohya-default module of the tiny MMDiT-X: block 0 (image 7, attn2 4, text 7), block 1 (image 7, its
+    # pre-only text stream 4), and of both 2-layer CLIPs (6 each).
+    assert modules == [(7 + 4 + 7) + (7 + 4), 12, 12]
+
+
+def _image(pipe, **kwargs):
+    import numpy as np
+
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, guidance_scale=1.0, output_type="np",
+               generator=torch.Generator().manual_seed(0), **kwargs)
+    return np.asarray(out.images[0])
+
+
+def test_the_diffusers_layout_loads_in_diffusers_with_no_unexpected_keys(trained, caplog):
+    from diffusers import StableDiffusion3Pipeline
+    from peft.tuners.lora import LoraLayer
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained["folder"], local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    base = _image(pipe)
+    with caplog.at_level("WARNING"):
+        pipe.load_lora_weights(str(trained["diffusers"]), adapter_name="studio")
+    assert "unexpected keys" not in caplog.text and "No LoRA keys" not in caplog.text, caplog.text
+    tensors = load_file(str(trained["diffusers"]))
+    for component in ("transformer", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component)
+        layers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
+        # Every module in the file got its adapter, with the trained weights (not zeros).
+        assert {k.split(".", 1)[1].rsplit(".lora_", 1)[0].removeprefix("text_model.")
+                for k in tensors if k.startswith(component + ".")} == {n.removeprefix("text_model.") for n in layers}
+        # The last block's text queries feed nothing (its text stream ends there), so that LoRA gets no gradient.
+        idle = {f"transformer_blocks.{pipe.transformer.config.num_layers - 1}.attn.add_q_proj"}
+        assert [n for n, m in layers.items() if not m.lora_B["studio"].weight.abs().sum() > 0] == \
+            (sorted(idle) if component == "transformer" else []), component
+    pipe.set_adapters(["studio"], adapter_weights=[1.0])
+    assert abs(_image(pipe) - base).max() > 1e-3  # the LoRA changes the image
+    pipe.set_adapters(["studio"], adapter_weights=[0.0])
+    assert abs(_image(pipe) - base).max() == 0  # and at strength 0 it is the base model's
+
+
+def test_the_kohya_layout_applied_as_comfyui_does_reproduces_the_trained_model(trained):
+    """ComfyUI adds ``up @ down · alpha/rank`` to ``diffusion_model.<name>.weight`` of the MMDiT; converting that
+    MMDiT back with diffusers' own converter must give the trained model (fused qkv and swapped halves included)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from studio.engine.export import kohya_delta
+    from studio.engine.families.sd3_names import mmdit_state_dict
+
+    base = SD3Transformer2DModel.from_pretrained(trained["folder"], subfolder="transformer", local_files_only=True)
+    mmdit = mmdit_state_dict(base.state_dict(), base.config.num_layers)
+    # The name map is the exact inverse of diffusers' converter.
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(mmdit))
+    assert back.keys() == base.state_dict().keys() and all(torch.equal(back[k], v) for k, v in base.state_dict().items())
+
+    lora = load_file(str(trained["kohya"]))
+    names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in lora}
+    unet_names = sorted(n for n in names if n.startswith("lora_unet_"))
+    by_lora_name = {k[:-len(".weight")].replace(".", "_"): k for k in mmdit if k.endswith(".weight")}
+    assert all("lora_unet_" + n.removeprefix("lora_unet_") in {"lora_unet_" + b for b in by_lora_name}
+               for n in unet_names), "a kohya name with no MMDiT weight"
+    merged = dict(mmdit)
+    for name in unet_names:
+        key = by_lora_name[name.removeprefix("lora_unet_")]
+        down, up = lora[f"{name}.lora_down.weight"].float(), lora[f"{name}.lora_up.weight"].float()
+        merged[key] = merged[key] + kohya_delta(down, up, float(lora[f"{name}.alpha"]), merged[key].shape)
+    comfy = SD3Transformer2DModel.from_config(base.config)
+    comfy.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(merged))
+
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained["folder"], local_files_only=True)
+    pipe.load_lora_weights(str(trained["diffusers"]))
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([500.0, 900.0])
+    ctx, pooled = torch.randn(2, 20, 64, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        want = pipe.transformer(x, ctx, pooled, t, return_dict=False)[0]
+        got = comfy(x, ctx, pooled, t, return_dict=False)[0]
+        plain = base(x, ctx, pooled, t, return_dict=False)[0]
+    assert (want - plain).abs().max() > 1e-3  # the LoRA matters here
+    assert torch.allclose(got, want, atol=2e-3), (got - want).abs().max()  # fp16 file vs fp32 adapters
+
+
+def test_kohya_file_metadata_names_the_family_the_way_kohya_does(trained):
+    from studio.engine.export import describe_lora
+
+    with safe_open(str(trained["kohya"]), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_base_model_version"] == "5-medium" and meta["ss_network_module"] == "networks.lora"
+    assert any(k.startswith("lora_unet_joint_blocks_0_x_block_attn2_qkv.") for k in keys)
+    assert not any("to_q" in k or "add_q_proj" in k for k in keys)
+    info = describe_lora(trained["kohya"])
+    assert (info["family"], info["family_source"]) == (TINY, "metadata")
+
+
+def test_fused_qkv_equals_the_three_trained_deltas_also_with_different_alphas():
+    """kohya's ``qkv`` is one LoRA; the q, k, v LoRAs it stands for may even have been trained at other scales."""
+    from studio.engine.export import kohya_delta
+
+    family = get_family("sd3")
+    g = torch.Generator().manual_seed(0)
+    parts = [(f"transformer_blocks.0.attn.to_{p}", torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), a)
+             for p, a in (("q", 4.0), ("k", 4.0), ("v", 2.0))]
+    for chosen in (parts[:2] + parts[2:3], [(p, d, u, 4.0) for p, d, u, _ in parts]):
+        out = family.kohya_module_tensors("lora_unet_joint_blocks_0_x_block_attn_qkv", chosen)
+        fused = kohya_delta(out["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"],
+                            out["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"],
+                            float(out["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"]), (24, 16))
+        want = torch.cat([kohya_delta(d, u, a, (8, 16)) for _, d, u, a in chosen])
+        assert torch.allclose(fused, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ golden keys
+
+
+@pytest.mark.parametrize("name", list(golden.VARIANTS))
+def test_kohya_names_of_the_full_size_models_match_the_golden_lists(name):
+    lists = {preset: golden.golden_path(name, preset).read_text(encoding="utf-8").split() for preset in golden.PRESETS}
+    for preset, names in lists.items():
+        assert golden.golden_names(name, preset) == names
+    # "+conv" adds nothing: the MMDiT's blocks have no convolutions.
+    family = get_family(name)
+    assert family.lora_targets("+conv", "transformer") == family.lora_targets("kohya-default", "transformer")
+    unet = [n for n in lists["kohya-default"] if n.startswith("lora_unet_")]
+    # kohya's lora_sd3 module set: qkv, proj, fc1, fc2, adaLN per stream and block; the last text stream is
+    # pre-only (qkv and adaLN); SD3.5 Medium adds attn2 qkv/proj in blocks 0-12; CLIP-L 72 + CLIP-G 192.
+    expected = {"sd3": 24 * 5 + 23 * 5 + 2, "sd3.5-medium": 24 * 5 + 23 * 5 + 2 + 13 * 2, "sd3.5-large": 38 * 5 + 37 * 5 + 2}
+    assert len(unet) == expected[name] and len(lists["kohya-default"]) - len(unet) == 72 + 192
