@@ -243,3 +243,104 @@ def test_kohya_names_of_the_full_size_models_match_the_golden_lists(name):
     # pre-only (qkv and adaLN); SD3.5 Medium adds attn2 qkv/proj in blocks 0-12; CLIP-L 72 + CLIP-G 192.
     expected = {"sd3": 24 * 5 + 23 * 5 + 2, "sd3.5-medium": 24 * 5 + 23 * 5 + 2 + 13 * 2, "sd3.5-large": 38 * 5 + 37 * 5 + 2}
     assert len(unet) == expected[name] and len(lists["kohya-default"]) - len(unet) == 72 + 192
+
+
+# ------------------------------------------------------------------------------------------------ single files
+
+
+@pytest.fixture(scope="module")
+def single_files(tiny_model, tmp_path_factory):
+    """Stability-layout single files of the tiny SD3.5 Medium: all-in-one, without T5, without the CLIPs."""
+    from studio.engine.ldm import save_safetensors
+    from studio.engine.merge import diffusers_folder_to_single_file
+
+    folder = tiny_model(TINY, "flow")
+    tmp = tmp_path_factory.mktemp("sd3-files")
+    full = diffusers_folder_to_single_file(folder, tmp / "tiny-sd35m.safetensors")
+    state = load_file(str(full))
+    save_safetensors({k: v for k, v in state.items() if not k.startswith("text_encoders.t5xxl.")},
+                     tmp / "no-t5.safetensors")
+    save_safetensors({k: v for k, v in state.items() if not k.startswith("text_encoders.")},
+                     tmp / "no-te.safetensors")
+    return {"folder": folder, "full": full, "no_t5": tmp / "no-t5.safetensors", "no_te": tmp / "no-te.safetensors",
+            "keys": set(state)}
+
+
+def _outputs(bundle):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        cond = bundle.family.encode_text(bundle, ["a red circle"])
+        out = bundle.denoiser(x, cond["hidden"], cond["pooled"], torch.tensor([400.0]), return_dict=False)[0]
+        latent = bundle.vae.decode(x[:, :, :4, :4]).sample
+    return cond, out, latent
+
+
+def test_the_all_in_one_file_loads_like_the_diffusers_folder(single_files):
+    from studio.engine.detect import detect
+    from studio.engine.safe_load import open_weights
+
+    keys = single_files["keys"]
+    for prefix in ("model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight", "first_stage_model.encoder.conv_in.weight",
+                   "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                   "text_encoders.clip_g.transformer.text_projection.weight", "text_encoders.t5xxl.transformer.shared.weight"):
+        assert prefix in keys
+    w = open_weights(single_files["full"])
+    det = detect(w.shapes, w.metadata, single_files["full"].name)
+    assert (det.family, det.prediction_type, det.usable, det.standard_size) == (TINY, "flow", True, False)
+    folder = load_model(ModelSection(path=str(single_files["folder"])))
+    # Tiny sizes: the bundled config cannot fit, so the tiny folder serves as model.config_dir (it has tokenizer_3).
+    with pytest.raises(Exception, match="unusual sizes.*model.config_dir"):
+        load_model(ModelSection(path=str(single_files["full"])))
+    single = load_model(ModelSection(path=str(single_files["full"]), config_dir=str(single_files["folder"])))
+    assert single.family is folder.family and len(single.text_encoders) == 3 and "warning" not in single.extra
+    for a, b in zip(_outputs(folder), _outputs(single)):
+        pairs = zip(a.tensors.values(), b.tensors.values()) if hasattr(a, "tensors") else [(a, b)]
+        for x, y in pairs:
+            assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
+
+
+def test_t5_is_optional_in_a_single_file_and_its_tokenizer_is_asked_for_by_name(single_files, tmp_path):
+    import shutil
+
+    folder = single_files["folder"]
+    no_t5 = load_model(ModelSection(path=str(single_files["no_t5"]), config_dir=str(folder)))
+    assert len(no_t5.text_encoders) == 2
+    cond = no_t5.family.encode_text(no_t5, ["a red circle"])
+    assert cond["hidden"].shape[1] == 77 + 256 and not cond["hidden"][:, 77:].any()  # zeros where T5 would be
+    # The pipeline (previews, Try & Export) runs without T5 too.
+    no_t5.pipeline()("a red circle", num_inference_steps=1, height=64, width=64, output_type="np")
+
+    # T5 inside, but no tokenizer for it anywhere: trained without T5, and the message names what to add.
+    configs = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("tokenizer_3", "*.safetensors"))
+    bundle = load_model(ModelSection(path=str(single_files["full"]), config_dir=str(configs)))
+    assert len(bundle.text_encoders) == 2 and "tokenizer_3" in bundle.extra["warning"]
+
+
+def test_a_transformer_without_its_clip_encoders_is_refused_with_a_reason(single_files):
+    from studio.engine.safe_load import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="without its CLIP-L and CLIP-G"):
+        load_model(ModelSection(path=str(single_files["no_te"]), config_dir=str(single_files["folder"])))
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3.5-medium", "sd3.5-large"])
+def test_full_size_single_files_are_told_apart_by_their_shapes(name):
+    """Medium vs Large by depth and width, SD3 vs SD3.5 by q/k norms, SD3.5 Medium by its second attention."""
+    from studio.engine.detect import detect
+    from studio.engine.families.sd3_names import mmdit_state_dict
+
+    bundle = golden.meta_bundle(name)
+    transformer = bundle.denoiser
+    mmdit = mmdit_state_dict(transformer.state_dict(), transformer.config.num_layers)
+    shapes = {"model.diffusion_model." + k: tuple(v.shape) for k, v in mmdit.items()}
+    shapes.update({"first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+                   "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (768,),
+                   "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight": (1280,)})
+    det = detect(shapes, {}, f"{name}.safetensors")
+    assert (det.family, det.standard_size, det.usable) == (name, True, True)
+    assert any("T5" in note for note in det.notes)
+    # A transformer-only file (ComfyUI's diffusion_models folder) is the same model, named for what it lacks.
+    bare = detect({k.removeprefix("model.diffusion_model."): v for k, v in shapes.items()
+                   if k.startswith("model.diffusion_model.")}, {}, "x.safetensors")
+    assert bare.family == name and "CLIP-L and CLIP-G" in bare.problem

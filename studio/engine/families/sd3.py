@@ -297,7 +297,9 @@ class SD3Family(Family):
         state.update(vae_to_ldm(bundle.vae.state_dict(), bundle.vae.config))
         for sub, encoder in zip(self.text_encoder_names, bundle.text_encoders):
             prefix = FILE_PREFIXES[sub][0] + "transformer."
-            state.update({prefix + k: v for k, v in encoder.state_dict().items() if not k.endswith("position_ids")})
+            # T5's embed_tokens is its `shared` embedding (tied): the files hold it once, as shared.weight.
+            state.update({prefix + k: v for k, v in encoder.state_dict().items()
+                          if not k.endswith("position_ids") and k != "encoder.embed_tokens.weight"})
         return {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
                 for k, v in state.items()}
 
