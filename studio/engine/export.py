@@ -93,17 +93,19 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16) 
     if problem:
         raise LoraExportError(problem)
     out: dict[str, torch.Tensor] = {}
+    layers = []
     for key, model in components(bundle).items():
         for path, layer in lora_layers(model).items():
-            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             if getattr(layer, "use_rslora", {}).get(ADAPTER_NAME, False):
                 raise LoraExportError("rank-stabilised LoRA (scale alpha/√rank) has no kohya equivalent")
-            down = layer.lora_A[ADAPTER_NAME].weight
-            up = layer.lora_B[ADAPTER_NAME].weight
-            out[f"{name}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-            # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
-            out[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)
+            layers.append((key, path, layer.lora_A[ADAPTER_NAME].weight.detach(),
+                           layer.lora_B[ADAPTER_NAME].weight.detach(), float(layer.lora_alpha[ADAPTER_NAME])))
+    # The family names the modules (and joins those its original model fuses, e.g. Flux's q/k/v).
+    for name, down, up, alpha in bundle.family.kohya_modules(layers, bundle.denoiser.config):
+        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if not out:
         raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
     return out

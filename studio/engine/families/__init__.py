@@ -29,6 +29,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "sd1": ("studio.engine.families.sd:SD1", "Stable Diffusion 1.x"),
     "sd2": ("studio.engine.families.sd:SD2", "Stable Diffusion 2.x"),
     "sdxl": ("studio.engine.families.sdxl:SDXL", "Stable Diffusion XL"),
+    "flux-dev": ("studio.engine.families.flux:FLUX_DEV", "FLUX.1 [dev]"),
+    "flux-schnell": ("studio.engine.families.flux:FLUX_SCHNELL", "FLUX.1 [schnell]"),
 }
 # Assumed where nothing tells the family (the built-in demo model is a tiny one of it).
 DEFAULT_FAMILY = "sd1"

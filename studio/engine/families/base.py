@@ -157,6 +157,10 @@ class Family(abc.ABC):
         """Denoiser and text encoders: the components a LoRA can adapt."""
         return (self.denoiser_name, *self.text_encoder_names)
 
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders ``lora.train_text_encoder`` adapts (Flux: CLIP-L only, not its 4.7 B T5)."""
+        return self.text_encoder_names
+
     # ------------------------------------------------------------------------------------------ detection
 
     @abc.abstractmethod
@@ -259,6 +263,13 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
         """The kohya LoRA name (key without ``.lora_down.weight``) of one adapted module."""
+
+    def kohya_modules(self, layers: list[tuple[str, str, "torch.Tensor", "torch.Tensor", float]],
+                      denoiser_config: Any = None) -> list[tuple[str, "torch.Tensor", "torch.Tensor", float]]:
+        """The kohya modules a file carries, from the adapted layers ``(component, module path, down, up, alpha)``:
+        ``(kohya name, down, up, alpha)``. One each here; a family whose original model fuses layers diffusers
+        keeps apart (Flux's q/k/v) joins their LoRAs into one."""
+        return [(self.kohya_name(c, path, denoiser_config), down, up, alpha) for c, path, down, up, alpha in layers]
 
     def diffusers_lora_key(self, component: str, name: str) -> str:
         """A peft state-dict key as diffusers' ``save_lora_weights`` layout writes it (without the component)."""
