@@ -56,6 +56,13 @@ class ModelSection:
         advanced=True,
     )
     vae: str = option("", "Optional separate VAE file (.safetensors) to use instead of the checkpoint's own.", advanced=True)
+    # Parts a transformer-only file (FLUX.1 …) lacks; the Model page asks for them by the family's part names.
+    text_encoder: str = option(
+        "", "Separate text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; empty "
+        "finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+    text_encoder_2: str = option(
+        "", "Separate second text encoder file (e.g. t5xxl_fp16.safetensors) for a model file that does not carry "
+        "it; empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
     config_dir: str = option(
         "",
         "Optional diffusers config folder for a single-file checkpoint of unusual shape; normally the bundled "
@@ -509,6 +516,11 @@ def _validate_paths(job: Job) -> list[Problem]:
         problems.append(Problem("model.path", f"'{model}' does not exist; pick a checkpoint file or diffusers folder"))
     if job.model.vae and not Path(job.model.vae).expanduser().is_file():
         problems.append(Problem("model.vae", f"VAE file '{job.model.vae}' does not exist; clear the field to use the model's own"))
+    for name in ("text_encoder", "text_encoder_2"):
+        value = getattr(job.model, name)
+        if value and not Path(value).expanduser().is_file():
+            problems.append(Problem(f"model.{name}", f"'{value}' does not exist; choose the file, or clear the field "
+                                    "to find it next to the model"))
     if job.model.config_dir and not Path(job.model.config_dir).expanduser().is_dir():
         problems.append(Problem("model.config_dir", f"'{job.model.config_dir}' is not a folder"))
     data = job.dataset.path.strip()

@@ -92,22 +92,20 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16) 
     problem = kohya_export_problem(bundle)
     if problem:
         raise LoraExportError(problem)
-    # Modules by kohya name, in module order: a family may fuse several into one name (Family.kohya_module_tensors).
-    groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, float]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    layers = []
     for key, model in components(bundle).items():
         for path, layer in lora_layers(model).items():
-            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             if getattr(layer, "use_rslora", {}).get(ADAPTER_NAME, False):
                 raise LoraExportError("rank-stabilised LoRA (scale alpha/√rank) has no kohya equivalent")
-            down = layer.lora_A[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous()
-            up = layer.lora_B[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous()
-            groups.setdefault(name, []).append((path, down, up, float(layer.lora_alpha[ADAPTER_NAME])))
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in groups.items():
-        try:
-            out.update(bundle.family.kohya_module_tensors(name, parts, bundle.denoiser.config))
-        except ValueError as exc:
-            raise LoraExportError(str(exc)) from exc
+            layers.append((key, path, layer.lora_A[ADAPTER_NAME].weight.detach(),
+                           layer.lora_B[ADAPTER_NAME].weight.detach(), float(layer.lora_alpha[ADAPTER_NAME])))
+    # The family names the modules (and joins those its original model fuses, e.g. Flux's q/k/v).
+    for name, down, up, alpha in bundle.family.kohya_modules(layers, bundle.denoiser.config):
+        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if not out:
         raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
     return out

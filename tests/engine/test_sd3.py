@@ -109,12 +109,12 @@ def test_a_lora_trained_from_the_cli_lowers_the_denoising_loss(trained, capsys):
     after = _fixed_loss(bundle, trained["data"])
     modules = [count_lora_modules(m) for m in bundle.components().values()]
     with capsys.disabled():
-        print(f"\nSD3 tiny LoRA: {modules} modules (transformer, CLIP-L, CLIP-G), loss {before:.4f} -> {after:.4f} "
+        print(f"\nSD3 tiny LoRA: {modules} modules (transformer, CLIP-L, CLIP-G, T5), loss {before:.4f} -> {after:.4f} "
               f"(ratio {after / before:.3f})")
     assert after < 0.95 * before, (before, after)
     # Every kohya-default module of the tiny MMDiT-X: block 0 (image 7, attn2 4, text 7), block 1 (image 7, its
     # pre-only text stream 4), and of both 2-layer CLIPs (6 each).
-    assert modules == [(7 + 4 + 7) + (7 + 4), 12, 12]
+    assert modules == [(7 + 4 + 7) + (7 + 4), 12, 12, 0]  # T5 is not trained
 
 
 def _image(pipe, **kwargs):
@@ -218,11 +218,10 @@ def test_fused_qkv_equals_the_three_trained_deltas_also_with_different_alphas():
     g = torch.Generator().manual_seed(0)
     parts = [(f"transformer_blocks.0.attn.to_{p}", torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g), a)
              for p, a in (("q", 4.0), ("k", 4.0), ("v", 2.0))]
-    for chosen in (parts[:2] + parts[2:3], [(p, d, u, 4.0) for p, d, u, _ in parts]):
-        out = family.kohya_module_tensors("lora_unet_joint_blocks_0_x_block_attn_qkv", chosen)
-        fused = kohya_delta(out["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"],
-                            out["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"],
-                            float(out["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"]), (24, 16))
+    for chosen in (parts, [(p, d, u, 4.0) for p, d, u, _ in parts]):
+        [(name, down, up, alpha)] = family.kohya_modules([("transformer", *part) for part in chosen])
+        assert name == "lora_unet_joint_blocks_0_x_block_attn_qkv"
+        fused = kohya_delta(down, up, alpha, (24, 16))
         want = torch.cat([kohya_delta(d, u, a, (8, 16)) for _, d, u, a in chosen])
         assert torch.allclose(fused, want, atol=1e-5)
 

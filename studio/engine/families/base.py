@@ -109,10 +109,7 @@ class ModelBundle:
     def components(self) -> dict[str, Any]:
         """The LoRA-capable parts by the family's component names (denoiser first)."""
         out = {self.family.denoiser_name: self.denoiser}
-        # A family may hold a text encoder no LoRA adapts (SD3's T5): only its component_names() are listed.
-        adaptable = self.family.component_names()
-        out.update((name, encoder) for name, encoder in zip(self.family.text_encoder_names, self.text_encoders)
-                   if name in adaptable)
+        out.update(zip(self.family.text_encoder_names, self.text_encoders))
         return out
 
     def modules(self) -> list[Any]:
@@ -159,6 +156,10 @@ class Family(abc.ABC):
     def component_names(self) -> tuple[str, ...]:
         """Denoiser and text encoders: the components a LoRA can adapt."""
         return (self.denoiser_name, *self.text_encoder_names)
+
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders ``lora.train_text_encoder`` adapts (Flux: CLIP-L only, not its 4.7 B T5)."""
+        return self.text_encoder_names
 
     # ------------------------------------------------------------------------------------------ detection
 
@@ -263,22 +264,12 @@ class Family(abc.ABC):
     def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
         """The kohya LoRA name (key without ``.lora_down.weight``) of one adapted module."""
 
-    def kohya_module_tensors(self, name: str, parts: list[tuple[str, "torch.Tensor", "torch.Tensor", float]],
-                             denoiser_config: Any = None) -> dict[str, "torch.Tensor"]:
-        """The kohya tensors of one LoRA name from the adapted modules carrying it: (module path, down, up, alpha).
-
-        One module per name here (SD1/SD2/SDXL); a family whose kohya layout fuses layers its diffusers model
-        keeps apart (SD3's and Flux's single ``qkv``) gets several and joins them.
-        """
-        import torch
-
-        if len(parts) != 1:
-            raise ValueError(f"{len(parts)} modules share the kohya name '{name}' "
-                             f"({', '.join(p[0] for p in parts)}); {self.label} keeps them apart")
-        _, down, up, alpha = parts[0]
-        # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
-        return {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                f"{name}.alpha": torch.tensor(float(alpha), dtype=torch.float32)}
+    def kohya_modules(self, layers: list[tuple[str, str, "torch.Tensor", "torch.Tensor", float]],
+                      denoiser_config: Any = None) -> list[tuple[str, "torch.Tensor", "torch.Tensor", float]]:
+        """The kohya modules a file carries, from the adapted layers ``(component, module path, down, up, alpha)``:
+        ``(kohya name, down, up, alpha)``. One each here; a family whose original model fuses layers diffusers
+        keeps apart (Flux's q/k/v) joins their LoRAs into one."""
+        return [(self.kohya_name(c, path, denoiser_config), down, up, alpha) for c, path, down, up, alpha in layers]
 
     def diffusers_lora_key(self, component: str, name: str) -> str:
         """A peft state-dict key as diffusers' ``save_lora_weights`` layout writes it (without the component)."""

@@ -53,13 +53,17 @@ class FlowSampling:
     weighting: str = "none"
 
     @staticmethod
-    def from_training(training: "TrainingSection", default_shift: str) -> "FlowSampling":
-        """The job's choices; ``auto`` takes the family's own shift (Flux: resolution, SD3: constant)."""
-        shift = training.flow_shift if training.flow_shift != "auto" else default_shift
+    def from_training(training: "TrainingSection", default_shift: str,
+                      default_value: float | None = None) -> "FlowSampling":
+        """The job's choices; ``auto`` takes the family's own shift (Flux dev: resolution, SD3: constant) and,
+        if given, the model's own constant (its scheduler's ``shift``) instead of ``flow_shift_value``."""
+        auto = training.flow_shift == "auto"
+        shift = default_shift if auto else training.flow_shift
+        value = default_value if auto and default_value is not None else training.flow_shift_value
         return FlowSampling(
             density=training.flow_timestep_sampling, logit_mean=training.flow_logit_mean,
             logit_std=training.flow_logit_std, mode_scale=training.flow_mode_scale, shift=shift,
-            shift_value=training.flow_shift_value, weighting=training.flow_loss_weighting,
+            shift_value=value, weighting=training.flow_loss_weighting,
         )
 
 

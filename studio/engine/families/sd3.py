@@ -49,6 +49,9 @@ _ATTENTION = (_BLOCK + r"(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_p
 _KOHYA_DEFAULT = (_BLOCK + r"(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
                   r"|attn2\.(?:to_q|to_k|to_v|to_out\.0)|ff(?:_context)?\.net\.(?:0\.proj|2)"
                   r"|norm1(?:_context)?\.linear)")
+# T5 (kohya's T5Attention and T5DenseGatedActDense children), for completeness: not trained by default.
+_T5_ATTENTION = r"encoder\.block\.\d+\.layer\.0\.SelfAttention\.(?:q|k|v|o)"
+_T5_ALL = r"encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.(?:q|k|v|o)|1\.DenseReluDense\.(?:wi_0|wi_1|wo))"
 _KOHYA_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's id for SAI-named SD3 LoRAs
 
 
@@ -80,9 +83,10 @@ class SD3Family(Family):
 
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-    # T5 gets no LoRA (diffusers' SD3 loader cannot load one; kohya trains it only on request).
+    # kohya's lora_sd3 prefixes; lora_te3 (T5) is only read: lora.train_text_encoder adapts the CLIPs
+    # (trainable_text_encoders), as kohya does unless asked, and diffusers' SD3 loader has no T5 LoRA.
     kohya_prefixes: Mapping[str, str] = {"transformer": "lora_unet", "text_encoder": "lora_te1",
-                                         "text_encoder_2": "lora_te2"}
+                                         "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
     prediction_types = (PREDICTION,)
     tiny_prediction_types = (PREDICTION,)
     vae_overflow_hint = "SD3's VAE overflows in fp16 — train in bf16 or keep the VAE in fp32"
@@ -112,8 +116,8 @@ class SD3Family(Family):
             Part("vae", "VAE (16 channels)", "vae"),
         )
 
-    def component_names(self) -> tuple[str, ...]:
-        return ("transformer", "text_encoder", "text_encoder_2")
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        return ("text_encoder", "text_encoder_2")
 
     def native_resolution(self, prediction_type: str | None = None) -> int:
         return 1024
@@ -224,6 +228,8 @@ class SD3Family(Family):
         if component == "transformer":
             # The MMDiT has no convolutions in its blocks (only the patch embedding), so "+conv" adds nothing.
             return _ATTENTION if preset == "attention" else _KOHYA_DEFAULT
+        if component == "text_encoder_3":
+            return _T5_ATTENTION if preset == "attention" else _T5_ALL
         if component in self.component_names():
             return _TE_ATTENTION if preset == "attention" else _TE_ALL
         raise ValueError(f"unknown model component '{component}'; expected one of: {', '.join(self.component_names())}")
@@ -247,25 +253,35 @@ class SD3Family(Family):
     def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
         if component == "transformer":
             return "lora_unet_" + mmdit_path(module_path)[0].replace(".", "_")
+        if component == "text_encoder_3":
+            return "lora_te3_" + module_path.replace(".", "_")  # ComfyUI: lora_te3_ + t5xxl.transformer.<path>
         if component not in self.component_names():
             raise ValueError(f"{self.label} has no LoRA-capable component '{component}'")
         path = module_path.removeprefix("text_model.")
         return f"{self.kohya_prefixes[component]}_text_model_{path.replace('.', '_')}"
 
-    def kohya_module_tensors(self, name: str, parts: list[tuple[str, torch.Tensor, torch.Tensor, float]],
-                             denoiser_config: Any = None) -> dict[str, torch.Tensor]:
+    def kohya_modules(self, layers: list[tuple[str, str, torch.Tensor, torch.Tensor, float]],
+                      denoiser_config: Any = None) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
         """q, k and v of one attention become one ``qkv`` LoRA (down stacked, up block-diagonal); the modulation
         halves diffusers keeps as (scale, shift) are swapped back to the MMDiT's (shift, scale)."""
-        if name.startswith("lora_unet_") and name.endswith("_qkv"):
-            return _fused_qkv(name, parts)
-        if len(parts) == 1 and name.startswith("lora_unet_"):
-            path, down, up, alpha = parts[0]
-            layers = _config_value(denoiser_config, "num_layers")
-            if layers is not None and swaps_scale_shift(path, layers):
-                half = up.shape[0] // 2
-                up = torch.cat([up[half:], up[:half]])
-            return super().kohya_module_tensors(name, [(path, down, up, alpha)], denoiser_config)
-        return super().kohya_module_tensors(name, parts, denoiser_config)
+        groups: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, float]]] = {}
+        for component, path, down, up, alpha in layers:
+            name = self.kohya_name(component, path, denoiser_config)
+            if component == "transformer":
+                layers_total = _config_value(denoiser_config, "num_layers")
+                if layers_total is not None and swaps_scale_shift(path, layers_total):
+                    half = up.shape[0] // 2
+                    up = torch.cat([up[half:], up[:half]])
+            groups.setdefault(name, []).append((path, down, up, alpha))
+        out = []
+        for name, parts in groups.items():
+            if name.startswith("lora_unet_") and name.endswith("_qkv"):
+                out.append(_fused_qkv(name, parts))
+            elif len(parts) == 1:
+                out.append((name, *parts[0][1:]))
+            else:
+                raise ValueError(f"{len(parts)} modules share the kohya name '{name}'")
+        return out
 
     def diffusers_lora_key(self, component: str, name: str) -> str:
         from studio.engine.families.sd import SD1
@@ -436,7 +452,8 @@ def _config_value(config: Any, key: str) -> Any:
     return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
 
 
-def _fused_qkv(name: str, parts: list[tuple[str, torch.Tensor, torch.Tensor, float]]) -> dict[str, torch.Tensor]:
+def _fused_qkv(name: str, parts: list[tuple[str, torch.Tensor, torch.Tensor, float]]
+               ) -> tuple[str, torch.Tensor, torch.Tensor, float]:
     """One kohya ``qkv`` LoRA from the q, k and v LoRAs: ``down = [A_q; A_k; A_v]``, ``up = diag(B_q, B_k, B_v)``.
 
     Then ``up @ down`` stacks ``B_q A_q``, ``B_k A_k``, ``B_v A_v`` row-wise, exactly the fused layer's change.
@@ -458,14 +475,13 @@ def _fused_qkv(name: str, parts: list[tuple[str, torch.Tensor, torch.Tensor, flo
         downs.append(down)
         ups.append((index, up * (alpha / down.shape[0]) if fold else up))
     rank = sum(d.shape[0] for d in downs)
-    fused_up = torch.zeros(3 * out_dim, rank, dtype=ups[0][1].dtype)
+    fused_up = torch.zeros(3 * out_dim, rank, dtype=ups[0][1].dtype, device=ups[0][1].device)
     column = 0
     for index, up in ups:
         fused_up[index * out_dim:(index + 1) * out_dim, column:column + up.shape[1]] = up
         column += up.shape[1]
     alpha = float(rank) if fold else next(iter(scales)) * rank
-    return {f"{name}.lora_down.weight": torch.cat(downs).contiguous(), f"{name}.lora_up.weight": fused_up,
-            f"{name}.alpha": torch.tensor(alpha, dtype=torch.float32)}
+    return name, torch.cat(downs), fused_up, alpha
 
 
 # Reference sizes: parameters counted from the bundled configs on the meta device (tests/engine/test_sd3.py);
