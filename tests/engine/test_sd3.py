@@ -343,3 +343,22 @@ def test_full_size_single_files_are_told_apart_by_their_shapes(name):
     bare = detect({k.removeprefix("model.diffusion_model."): v for k, v in shapes.items()
                    if k.startswith("model.diffusion_model.")}, {}, "x.safetensors")
     assert bare.family == name and "CLIP-L and CLIP-G" in bare.problem
+
+
+def test_try_and_export_applies_the_kohya_file_like_the_diffusers_one(trained):
+    """diffusers cannot read kohya's SD3 layout; the family hands its pipeline the same LoRA in diffusers' layout."""
+    import numpy as np
+
+    from studio.engine.sampling import generate
+
+    bundle = load_model(ModelSection(path=str(trained["folder"])))
+    settings = dict(seed=1, steps=2, guidance=1.0, width=64, height=64)
+    base = np.asarray(generate(bundle, "a red circle", **settings), dtype=np.float32)
+    kohya = np.asarray(generate(bundle, "a red circle", lora_path=trained["kohya"], **settings), dtype=np.float32)
+    off = np.asarray(generate(bundle, "a red circle", lora_path=trained["kohya"], lora_scale=0.0, **settings),
+                     dtype=np.float32)
+    other = load_model(ModelSection(path=str(trained["folder"])))
+    diffusers = np.asarray(generate(other, "a red circle", lora_path=trained["diffusers"], **settings), dtype=np.float32)
+    assert np.abs(kohya - base).max() > 2  # 8-bit images: the LoRA shows
+    assert np.abs(kohya - diffusers).max() <= 2  # both layouts give the same image (fp16 rounding aside)
+    assert np.array_equal(off, base)

@@ -304,6 +304,11 @@ class Family(abc.ABC):
     def pipeline(self, bundle: ModelBundle) -> Any:
         """A diffusers pipeline over the bundle's modules (no copies) with the family's preview sampler."""
 
+    def pipeline_lora(self, bundle: ModelBundle, path: Path) -> Any:
+        """What the family's pipeline ``load_lora_weights`` gets for a LoRA file (Try & Export): the path here, a
+        diffusers-layout state dict where diffusers cannot read the file's own layout (SD3's kohya files)."""
+        return str(path)
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}

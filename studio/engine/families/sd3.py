@@ -283,6 +283,56 @@ class SD3Family(Family):
                 raise ValueError(f"{len(parts)} modules share the kohya name '{name}'")
         return out
 
+    def pipeline_lora(self, bundle: ModelBundle, path: Path) -> Any:
+        """diffusers has no reader for kohya's SD3 layout: its modules are split back onto the diffusers layers
+        (q/k/v rows of a fused qkv, modulation halves swapped), ``alpha / rank`` folded into ``up``."""
+        from studio.engine.export import read_lora
+
+        tensors, _ = read_lora(Path(path))
+        if not any(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in tensors):
+            return str(path)  # the diffusers layout diffusers reads itself
+        return self._kohya_to_diffusers(bundle, tensors, Path(path).name)
+
+    def _kohya_to_diffusers(self, bundle: ModelBundle, tensors: Mapping[str, torch.Tensor],
+                            file_name: str) -> dict[str, torch.Tensor]:
+        config = bundle.denoiser.config
+        index: dict[str, list[tuple[str, str]]] = {}
+        for component, model in bundle.components().items():
+            if component not in (self.denoiser_name, *self.trainable_text_encoders()):
+                continue
+            for path, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    try:
+                        index.setdefault(self.kohya_name(component, path, config), []).append((component, path))
+                    except ValueError:
+                        pass  # a layer kohya's layout has no name for
+        out: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key in tensors:
+            if not key.endswith(".lora_down.weight") or key.startswith("lora_te3_"):
+                continue  # T5 LoRAs: diffusers' SD3 loader has no place for them
+            name = key[: -len(".lora_down.weight")]
+            targets = index.get(name)
+            if not targets:
+                unknown.append(name)
+                continue
+            down, up = tensors[key], tensors[f"{name}.lora_up.weight"]
+            alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else float(down.shape[0])
+            up = up.float() * (alpha / down.shape[0])
+            rows = up.shape[0] // len(targets)
+            ordered = sorted(targets, key=lambda t: mmdit_path(t[1])[1] or 0 if t[0] == "transformer" else 0)
+            for i, (component, path) in enumerate(ordered):
+                part = up[i * rows:(i + 1) * rows]
+                if component == "transformer" and swaps_scale_shift(path, config.num_layers):
+                    part = torch.cat([part[rows // 2:], part[:rows // 2]])
+                prefix = f"{component}.{self.diffusers_lora_key(component, path)}"
+                out[f"{prefix}.lora_A.weight"] = down.float()
+                out[f"{prefix}.lora_B.weight"] = part.contiguous()
+        if unknown:
+            raise ValueError(f"'{file_name}' has {len(unknown)} LoRA module(s) this {self.short_label} model has no "
+                             f"layer for (e.g. {unknown[0]}); it was trained for another model")
+        return out
+
     def diffusers_lora_key(self, component: str, name: str) -> str:
         from studio.engine.families.sd import SD1
 

@@ -234,6 +234,8 @@ def load_single_file(family: "SD3Family", path: Path, w: WeightsFile, det: "Dete
         else:
             t5 = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, _tensors(w, "text_encoders.t5xxl."),
                                                            subfolder="text_encoder_3", **kw)
+            if t5.encoder.embed_tokens.weight.device.type == "meta":
+                t5.set_input_embeddings(t5.shared)  # tied to `shared`; files hold the embedding once
             check_complete(t5, "T5-XXL text encoder", name)
             t5.config.dropout_rate = 0.0
             for module in t5.modules():
