@@ -176,7 +176,7 @@ def consume(events: Iterable, *, quiet: bool = False) -> int:
 
     from studio.engine.events import (
         CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-        StepCompleted,
+        StepCompleted, ValidationCompleted,
     )
 
     main = _is_main_process()
@@ -201,16 +201,21 @@ def consume(events: Iterable, *, quiet: bool = False) -> int:
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
+            case ValidationCompleted(step=step, loss=loss, best_step=best_step, best_loss=best_loss):
+                say(f"validation loss at step {step}: {loss:.4f} (lowest: {best_loss:.4f} at step {best_step})")
             case SampleReady(path=path):
                 say(f"sample: {path}")
             case CheckpointSaved(step=step, lora_path=lora_path):
                 say(f"checkpoint at step {step}" + (f": {lora_path}" if lora_path else ""))
             case LogMessage(level=level, message=message):
                 say(f"{level}: {message}")
-            case RunFinished(lora_path=lora_path, steps=steps, elapsed_s=elapsed):
+            case RunFinished(lora_path=lora_path, steps=steps, elapsed_s=elapsed, best_step=best_step,
+                             best_val_loss=best_val_loss):
                 _close(bar)
                 if main:
                     print(f"Done: {steps} steps in {elapsed:.0f} s. LoRA: {lora_path}")
+                    if best_step is not None:
+                        print(f"Lowest validation loss: {best_val_loss:.4f} at step {best_step}")
                 code = EXIT_OK
             case RunFailed(message=message, log_path=log_path, lora_path=lora_path):
                 _close(bar)

@@ -147,6 +147,15 @@ class TrainingSection:
     attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
     channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
     compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
+    compile_scope: str = option(
+        "blocks", "What 'compile' compiles: 'blocks' (each transformer block once, reused: the quicker start) or "
+        "'denoiser' (the whole UNet: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
+        advanced=True,
+    )
+    tf32: bool = option(
+        True, "Run fp32 matrix products and convolutions in TF32 on GPUs that have it (NVIDIA Ampere and newer): "
+        "several times faster fp32, at about 1e-3 relative precision. No effect elsewhere.", label="TF32", advanced=True,
+    )
     fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
     dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
     # Flow-matching families (Flux.1, SD3.x): how σ is drawn and weighted (families/flow.py); others ignore these.
@@ -182,12 +191,40 @@ class SamplingSection:
         [], "Prompts for preview images; empty uses the first captions of the dataset. '{trigger}' is replaced.",
     )
     negative_prompt: str = option("", "Negative prompt for preview images.", advanced=True)
-    every: int = option(100, "Make preview images every N steps; 0 turns previews off.", min=0, max=1_000_000, label="Sample every")
+    every: int = option(
+        -1, "Make preview images every N steps; 0 turns previews off; -1 (auto) about every 5 minutes of training, "
+        "judged from the estimated time per step.", min=-1, max=1_000_000, label="Sample every",
+    )
     steps: int = option(20, "Denoising steps per preview image.", min=1, max=200, advanced=True)
     guidance: float = option(7.0, "Classifier-free guidance scale for previews.", min=0.0, max=50.0, advanced=True)
     seed: int = option(1234, "Seed of the preview images (the same for every step, so they are comparable).", min=0, max=2**32 - 1, advanced=True)
     width: int = option(0, "Preview width; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
     height: int = option(0, "Preview height; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
+
+
+@dataclass
+class ValidationSection:
+    # Validation loss (knowing when to stop): the denoising loss on images the LoRA never trains on, with the same
+    # noise and timesteps at every evaluation, so its curve moves only when the weights do.
+    split: float = option(
+        0.0, "Hold out images from training to measure the validation loss on: below 1 a share of the images "
+        "(0.1 = 10 %), 1 or more a number of images. 0 holds out none.", min=0.0, max=100_000,
+        label="Validation images held out",
+    )
+    folder: str = option(
+        "", "A folder of your own validation images (with captions) instead of holding out training images.",
+        label="Validation folder",
+    )
+    every: int = option(
+        50, "Measure the validation loss every N steps (and at the start and the end), when there are validation "
+        "images; 0 turns it off (held-out images still stay out of training).", min=0, max=1_000_000, label="Validate every",
+    )
+    images: int = option(8, "At most this many validation images are evaluated (fewer is faster).", min=1, max=1024,
+                         advanced=True)
+    timesteps: int = option(
+        4, "Noise draws per image at each evaluation (fixed noise and timesteps from a fixed seed, the same every "
+        "time): more gives a steadier curve, each costs one forward pass per image.", min=1, max=64, advanced=True,
+    )
 
 
 @dataclass
@@ -215,6 +252,7 @@ class Job:
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     output: OutputSection = field(default_factory=OutputSection)
 
 
@@ -502,8 +540,26 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if t.mixed_precision == "fp16" and t.device == "cpu":
         problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
 
+    problems += _validation_problems(job.validation, check_paths)
     if check_paths:
         problems += _validate_paths(job)
+    return problems
+
+
+def _validation_problems(v: "ValidationSection", check_paths: bool) -> list[Problem]:
+    problems = []
+    if 0.5 < v.split < 1:
+        problems.append(Problem("validation.split", f"holding out {v.split:.0%} of the images leaves too few to train "
+                                "on; use at most 0.5 (or a number of images, 1 or more)"))
+    elif v.split >= 1 and not float(v.split).is_integer():
+        problems.append(Problem("validation.split", f"{v.split:g} is neither a share below 1 nor a whole number of "
+                                "images; use e.g. 0.1 or 4"))
+    if v.folder.strip() and v.split:
+        problems.append(Problem("validation.split", "a validation folder is set, so no training images are held out; "
+                                "set this to 0 (or clear the folder)", "warning"))
+    if check_paths and v.folder.strip() and not Path(v.folder).expanduser().is_dir():
+        problems.append(Problem("validation.folder", f"'{v.folder}' is not a folder; pick the folder with your "
+                                "validation images, or clear the field to hold out training images instead"))
     return problems
 
 

@@ -40,6 +40,17 @@ class StepCompleted:
 
 
 @dataclass(frozen=True)
+class ValidationCompleted:
+    """The validation loss after ``step`` steps (0: the base model), and the best one so far."""
+
+    step: int
+    loss: float
+    best_step: int
+    best_loss: float
+    images: int = 0
+
+
+@dataclass(frozen=True)
 class SampleReady:
     step: int
     index: int  # which prompt
@@ -68,6 +79,8 @@ class RunFinished:
     lora_path: Path
     steps: int
     elapsed_s: float
+    best_step: int | None = None  # the step with the lowest validation loss (None: no validation)
+    best_val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,8 @@ class RunCancelled:
 
 
 TrainEvent = Union[
-    RunStarted, StatusChanged, StepCompleted, SampleReady, CheckpointSaved, LogMessage, RunFinished, RunFailed, RunCancelled
+    RunStarted, StatusChanged, StepCompleted, ValidationCompleted, SampleReady, CheckpointSaved, LogMessage, RunFinished,
+    RunFailed, RunCancelled,
 ]
 TERMINAL_EVENTS = (RunFinished, RunFailed, RunCancelled)
 

@@ -49,6 +49,8 @@ def restore(run: Run) -> None:
         sched._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     run.position = position
     run.elapsed_before = float(state.get("meta", {}).get("elapsed", 0.0))
+    if run.job.sampling.every < 0 and isinstance(state.get("meta", {}).get("sample_every"), int):
+        run.sample_every = state["meta"]["sample_every"]  # 'auto' keeps the cadence the run started with
     run.saved_step, run.checkpoint = position.step, folder
     previous = run.folder.lora_path(run.job.output.name, position.step)
     if previous.is_file():
@@ -69,7 +71,7 @@ def write_checkpoint(run: Run) -> tuple[Path, Path]:
     run.folder.prune_intermediate_loras(run.job.output.name, run.job.output.keep_last_loras)
     run.phase = "saving"
     started = run.started if run.started is not None else time.perf_counter()
-    meta = {"total_steps": run.total_steps, "elapsed": time.perf_counter() - started}
+    meta = {"total_steps": run.total_steps, "elapsed": time.perf_counter() - started, "sample_every": run.sample_every}
     folder = save_checkpoint(run.folder.checkpoints, run.position, lora, run.optimizer, run.scheduler,
                              getattr(run.accelerator, "scaler", None), run.job.output.keep_last, job=run.job, meta=meta)
     run.lora_path, run.checkpoint, run.saved_step = lora_path, folder, run.step

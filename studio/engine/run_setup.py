@@ -10,14 +10,14 @@ from typing import Iterator
 
 import torch
 
-from studio.engine import devices, failures
+from studio.engine import devices, failures, validation
 from studio.engine.cache import TensorCache, model_fingerprint
 from studio.engine.checkpoint import load_model
 from studio.engine.config import Job, Problem, errors, validate
 from studio.engine.events import LogMessage, StatusChanged, TrainEvent
 from studio.engine.optim import make_optimizer
 from studio.engine.recovery import restore
-from studio.engine.run_data import cache_latents, cache_text, epoch_batches
+from studio.engine.run_data import cache_latents, cache_text, epoch_batches, make_resident
 from studio.engine.run_state import Cancelled, Run
 from studio.engine.runs import (
     RunFolder, attach_log_file, claim_run_dir, job_changes, lock_run, resume_problems, saved_job, writable_problems,
@@ -111,6 +111,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
             yield LogMessage("warning", f"{issue.file}: {issue.problem} ({issue.action})")
     if report.usable == 0:
         raise failures.NoUsableImages(d.path, report)
+    report.items, held_out = validation.split_items(job, report.items)
     run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
 
     frozen_te = not job.lora.train_text_encoder
@@ -125,6 +126,8 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
         yield from cache_latents(run)
     if run.text_is_static:
         yield from cache_text(run)
+    make_resident(run)
+    yield from _prepare_validation(run, held_out)
     if stop.is_set():
         raise Cancelled()
 
@@ -136,6 +139,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     apply_speed_options(run)
     run.optimizer = make_optimizer(run.params, job, accelerator.device)
     run.steps_per_epoch, run.total_steps = plan_steps(run)
+    run.sample_every = preview_cadence(run)
     from diffusers.optimization import get_scheduler
 
     schedule = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
@@ -155,9 +159,42 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
 
 
+def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
+    """Encode the validation images with the base model's VAE (and frozen text encoders), main process only."""
+    items, source = validation.validation_items(run, held_out)
+    if not items or not run.is_main:
+        return
+    yield StatusChanged("Preparing validation images", source)
+    run.validation = validation.prepare(run, items, source)
+    yield LogMessage("info", f"Validation loss on {source}, every {run.job.validation.every} steps")
+
+
 def apply_speed_options(run: Run) -> None:
-    """The job's speed switches, applied the family's way (checkpointing, attention kernel, memory format, compile)."""
+    """The job's speed switches: TF32 for the run's device, then the family's (checkpointing, attention kernel,
+    memory format, compile)."""
+    devices.set_tf32(run.device, run.job.training.tf32)
     run.bundle.family.apply_speed_options(run.bundle, run.job.training, run.job.lora.train_text_encoder)
+
+
+def preview_cadence(run: Run) -> int:
+    """Steps between previews: the job's ``sampling.every``, or for 'auto' (-1) about every
+    ``sampling.AUTO_PREVIEW_SECONDS`` of training, by the estimate's time per step for this job on this device."""
+    from studio.engine.sampling import auto_preview_cadence
+
+    every = run.job.sampling.every
+    if every >= 0:
+        return every
+    per_step = None
+    try:
+        from studio.engine.estimate import estimate
+
+        per_step = estimate(run.job, device=run.device.type).seconds_per_step
+    except Exception as exc:  # the estimate is advice; a preview cadence must never stop a run
+        log.warning("no estimate for the preview cadence (%s); previews every %d steps", exc, auto_preview_cadence(None))
+    cadence = auto_preview_cadence(per_step)
+    log.info("previews every %d steps (about every %.0f s at %s s/step)", cadence,
+             cadence * (per_step or 0), f"{per_step:.3g}" if per_step else "?")
+    return cadence
 
 
 def plan_steps(run: Run) -> tuple[int, int]:

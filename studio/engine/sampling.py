@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +22,68 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# Previews rendered per pipeline call: one call for all prompts costs one denoiser pass per step instead of one per
+# prompt; more at once would need the memory of that many images (times two with guidance) at the preview size.
+PREVIEW_BATCH = 4
+
+
+def render(bundle: ModelBundle, prompt: str, *, seed: int = 0, **settings: Any) -> Image.Image:
+    """One image from the bundle's current weights (LoRA layers included, if any are active)."""
+    return render_many(bundle, [prompt], seeds=[seed], **settings)[0]
+
+
 @torch.no_grad()
-def render(
+def render_many(
     bundle: ModelBundle,
-    prompt: str,
+    prompts: list[str],
     *,
+    seeds: list[int],
     negative_prompt: str = "",
-    seed: int = 0,
     steps: int = 20,
     guidance: float = 7.0,
     width: int,
     height: int,
     autocast_dtype: torch.dtype | None = None,
     cross_attention_scale: float | None = None,
-) -> Image.Image:
-    """One image from the bundle's current weights (LoRA layers included, if any are active)."""
+) -> list[Image.Image]:
+    """One image per prompt, batched ``PREVIEW_BATCH`` to a pipeline call; each prompt has its own seeded generator,
+    so its image is the one a call for it alone would give (up to batched arithmetic)."""
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
     denoiser = bundle.denoiser
-    generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same image on every device
-    kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
-                                                           lora_scale=cross_attention_scale)
     was_training = denoiser.training
     denoiser.eval()
+    images: list[Image.Image] = []
     try:
-        with _autocast(denoiser.device, autocast_dtype):
-            out = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
-                       output_type="pil", **kwargs)
+        for k in range(0, len(prompts), PREVIEW_BATCH):
+            part, part_seeds = prompts[k:k + PREVIEW_BATCH], seeds[k:k + PREVIEW_BATCH]
+            # CPU generators: the same image on every device.
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in part_seeds]
+            kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
+                                                                   lora_scale=cross_attention_scale)
+            if isinstance(kwargs.get("negative_prompt"), str):  # pipelines want one per prompt with a list of prompts
+                kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
+            with _autocast(denoiser.device, autocast_dtype):
+                out = pipe(list(part), num_inference_steps=steps, width=width, height=height, generator=generators,
+                           output_type="pil", **kwargs)
+            images += out.images
     finally:
         denoiser.train(was_training)
-    return out.images[0]
+    return images
+
+
+AUTO_PREVIEW_SECONDS = 300.0  # 'auto' previews: about every 5 minutes of training
+FALLBACK_PREVIEW_STEPS = 100  # when no estimate is to be had
+
+
+def auto_preview_cadence(seconds_per_step: float | None) -> int:
+    """Steps between previews for about ``AUTO_PREVIEW_SECONDS`` of training, rounded down to 1, 2 or 5 × 10^k
+    (steps people recognise: 50, 100, 200, 500)."""
+    if not seconds_per_step or not seconds_per_step > 0 or seconds_per_step != seconds_per_step:
+        return FALLBACK_PREVIEW_STEPS
+    raw = max(1.0, AUTO_PREVIEW_SECONDS / seconds_per_step)
+    magnitude = 10 ** int(math.floor(math.log10(raw)))
+    return int(max(m * magnitude for m in (1, 2, 5) if m * magnitude <= raw))
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ from studio import app_info
 from studio.engine import config
 from studio.engine.events import (
     CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-    StepCompleted,
+    StepCompleted, ValidationCompleted,
 )
 from studio.ui import backend, settings_store, theme
 from studio.ui.images import pil_to_pixmap
@@ -363,6 +363,8 @@ class MainWindow(QMainWindow):
                 page.on_status(event)
             case StepCompleted():
                 page.on_step(event)
+            case ValidationCompleted():
+                page.on_validation(event)
             case SampleReady():
                 pixmap = pil_to_pixmap(event.image) if event.image is not None else None  # GUI thread only
                 page.on_sample(event, pixmap)
@@ -372,7 +374,8 @@ class MainWindow(QMainWindow):
                 page.on_log(event)
             case RunFinished():
                 page.on_finished(event)
-                self.export_page.set_run(event.run_dir, event.lora_path)
+                self.export_page.set_run(event.run_dir, event.lora_path, best_step=event.best_step,
+                                         final_step=event.steps)
             case RunFailed():
                 page.on_failed(event)
                 if event.lora_path:

@@ -96,7 +96,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_without_a_host_sync(monkeypa
 def test_an_exception_while_sampling_fails_readably_and_keeps_the_step(tiny_sd1, tiny_dataset, tmp_path, monkeypatch):
     import studio.engine.sampling as sampling
 
-    real_render = sampling.render
+    real_render = sampling.render_many
     calls = []
 
     def render_breaking_later(*args, **kwargs):
@@ -105,7 +105,7 @@ def test_an_exception_while_sampling_fails_readably_and_keeps_the_step(tiny_sd1,
             raise ValueError("preview exploded")
         return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "render", render_breaking_later)
+    monkeypatch.setattr(sampling, "render_many", render_breaking_later)
     out = tmp_path / "run"
     job = tiny_job(tiny_sd1, tiny_dataset, out, training__steps=4, sampling__every=2, sampling__prompts=["a"])
     event = failed(list(run_training(job)))

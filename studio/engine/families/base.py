@@ -216,7 +216,9 @@ class Family(abc.ABC):
 
     def example_conditioning(self, examples: list[Mapping[str, "torch.Tensor"]],
                              size_hw: tuple[int, int]) -> dict[str, "torch.Tensor"]:
-        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries."""
+        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries.
+
+        Per image: a batch's is the concatenation of its images' (the core computes it once per cached image)."""
         return {}
 
     def encode_image(self, bundle: ModelBundle, pixels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -238,7 +240,8 @@ class Family(abc.ABC):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: "torch.Tensor", cond: Conditioning, *,
                       training: "TrainingSection", generator: "torch.Generator",
                       weight_dtype: "torch.dtype") -> "torch.Tensor":
-        """The batch's mean training loss: draw noise and timesteps from ``generator`` (CPU), noise the latents,
+        """The batch's mean training loss: draw noise and timesteps from ``generator`` (on the run's device: draw with
+        ``device=generator.device``, so the step copies nothing from the host), noise the latents,
         run ``denoiser`` (possibly DDP-wrapped), compare with the family's target, weight per timestep.
 
         Only the generator may be used for randomness, so a step is a pure function of its seed (exact resume).
@@ -257,6 +260,9 @@ class Family(abc.ABC):
             if train_text_encoder:
                 for te in bundle.text_encoders:
                     te.gradient_checkpointing_enable()
+        if training.compile and training.compile_scope == "denoiser":
+            # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
+            bundle.denoiser.compile()
 
     # ------------------------------------------------------------------------------------------- export
 

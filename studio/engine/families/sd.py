@@ -230,10 +230,13 @@ class StableDiffusionFamily(Family):
         from diffusers.training_utils import compute_snr
 
         sched = bundle.noise_scheduler
-        noise = torch.randn(latents.shape, generator=generator)
+        # Drawn where the generator lives (the run's device): no host→device copy in the step.
+        where = generator.device
+        noise = torch.randn(latents.shape, generator=generator, device=where)
         if training.noise_offset:
-            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=where)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=where)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = sched.add_noise(latents, noise, timesteps)
         v_prediction = bundle.prediction_type == "v_prediction"
@@ -270,7 +273,7 @@ class StableDiffusionFamily(Family):
             unet.set_attn_processor(AttnProcessor())
         if training.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if training.compile:
+        if training.compile and training.compile_scope == "blocks":
             # Compile the repeated transformer blocks, not the whole UNet: each block compiles once and is reused.
             for _, module in unet.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":

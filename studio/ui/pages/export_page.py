@@ -100,6 +100,8 @@ class TryExportPage(Page):
 
     def __init__(self, model: JobModel, tasks, parent: QWidget | None = None):
         super().__init__(parent)
+        self.best_step: int | None = None  # the run's step with the lowest validation loss, when it was measured
+        self.final_step: int | None = None
         self.model = model
         self.tasks = tasks
         self.cache = backend.ModelCache()
@@ -272,9 +274,12 @@ class TryExportPage(Page):
 
     # ------------------------------------------------------------------------------------------ choosing
 
-    def set_run(self, run_dir: Path | None, lora_path: Path | None = None) -> None:
-        """Show the LoRAs of a run folder, selecting ``lora_path`` (the final one after a finished run)."""
+    def set_run(self, run_dir: Path | None, lora_path: Path | None = None, *, best_step: int | None = None,
+                final_step: int | None = None) -> None:
+        """Show the LoRAs of a run folder, selecting ``lora_path`` (the final one after a finished run); the file of
+        ``best_step`` (the lowest validation loss) is marked."""
         self.run_dir = Path(run_dir) if run_dir else None
+        self.best_step, self.final_step = best_step, final_step
         files = backend.run_loras(self.run_dir) if self.run_dir else []
         if lora_path and Path(lora_path) not in files and Path(lora_path).is_file():
             files.insert(0, Path(lora_path))
@@ -292,7 +297,10 @@ class TryExportPage(Page):
         self.lora_combo.clear()
         for f in files:
             step = f.stem.rsplit("-step", 1)
-            label = f"{f.name} — step {int(step[1])}" if len(step) == 2 and step[1].isdigit() else f"{f.name} — final"
+            at = int(step[1]) if len(step) == 2 and step[1].isdigit() else None
+            label = f"{f.name} — step {at}" if at is not None else f"{f.name} — final"
+            if self.best_step is not None and (at if at is not None else self.final_step) == self.best_step:
+                label += " ★ lowest validation loss"
             if self.run_dir is None or f.parent != self.run_dir:
                 label = f"{f.name} — {f.parent}"
             self.lora_combo.addItem(theme.icon("export"), label, str(f))

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
 
 from studio.engine.events import (
     CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-    StepCompleted,
+    StepCompleted, ValidationCompleted,
 )
 from studio.ui import theme
 from studio.ui.format import format_duration, format_rate, plural
@@ -286,6 +286,11 @@ class TrainPage(Page):
         if self.run_state == "starting":
             self.set_run_state("running")
 
+    def on_validation(self, event: ValidationCompleted) -> None:
+        self.loss_plot.add_validation_point(event.step, event.loss)
+        self.log("info", f"Validation loss at step {event.step}: {event.loss:.4f} (lowest {event.best_loss:.4f} at "
+                         f"step {event.best_step})")
+
     def on_sample(self, event: SampleReady, pixmap: QPixmap | None) -> None:
         if pixmap is None and event.path and Path(event.path).is_file():
             pixmap = QPixmap(str(event.path))
@@ -313,7 +318,9 @@ class TrainPage(Page):
                                             f"{html.escape(str(self.run_dir))}. Try it against the base model, then export it.")
         self.try_button.show()
         self.folder_button.show()
-        self.log("info", f"Finished: {event.lora_path}")
+        self.log("info", f"Finished: {event.lora_path}" + (
+            f" (lowest validation loss {event.best_val_loss:.4f} at step {event.best_step})"
+            if event.best_step is not None else ""))
         self.set_run_state("finished")
 
     def on_failed(self, event: RunFailed) -> None:
