@@ -240,7 +240,10 @@ class SD3Family(Family):
             if train_text_encoder:
                 for te in bundle.text_encoders[:2]:
                     te.gradient_checkpointing_enable()
-        if training.compile:
+        if training.compile and training.compile_scope == "denoiser":
+            bundle.denoiser.compile()
+        elif training.compile and training.compile_scope == "blocks":
+            # The repeated joint blocks: each compiles once and is reused.
             for _, module in bundle.denoiser.named_modules():
                 if type(module).__name__ == "JointTransformerBlock":
                     module.compile()
