@@ -310,6 +310,12 @@ class Family(abc.ABC):
     def pipeline(self, bundle: ModelBundle) -> Any:
         """A diffusers pipeline over the bundle's modules (no copies) with the family's preview sampler."""
 
+    def job_defaults(self) -> dict[str, Any]:
+        """Where a job for this family starts (dotted job fields → values): its native size and preview sampler.
+        The Settings page offers it as a preset named after the family."""
+        return {"dataset.resolution": self.native_resolution(), "sampling.steps": self.preview.steps,
+                "sampling.guidance": self.preview.guidance}
+
     def pipeline_lora(self, bundle: ModelBundle, path: Path) -> Any:
         """What the family's pipeline ``load_lora_weights`` gets for a LoRA file (Try & Export): the path here, a
         diffusers-layout state dict where diffusers cannot read the file's own layout (SD3's kohya files)."""

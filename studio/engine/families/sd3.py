@@ -374,6 +374,12 @@ class SD3Family(Family):
 
     # ------------------------------------------------------------------------------------------ preview
 
+    def job_defaults(self) -> dict[str, Any]:
+        # diffusers' SD3 LoRA script and kohya's sd3 trainer: rank 16, lr 1e-4, no SNR weighting or noise offset
+        # (those are DDPM ideas; the flow objective weighs σ through training.flow_*).
+        return {**super().job_defaults(), "lora.rank": 16, "lora.alpha": 16.0, "training.lr": 1e-4,
+                "training.min_snr_gamma": 0.0, "training.noise_offset": 0.0}
+
     def pipeline(self, bundle: ModelBundle) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
