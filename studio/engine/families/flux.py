@@ -348,7 +348,7 @@ class FluxFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from studio.engine.families.flux_files import SCHEDULER_CONFIG
+        from studio.engine.families.flux_files import SCHEDULER_CONFIGS
         from studio.engine.families.t5_tiny import tiny_t5_tokenizer
         from studio.engine.tokenizers import load_tokenizer
 
@@ -365,6 +365,10 @@ class FluxFamily(Family):
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=TINY_RESOLUTION,
             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
         )
+        with torch.no_grad():
+            # A trained VAE's posterior is narrow; a random one's (log-variance ≈ 0) would bury the images in
+            # sampling noise and leave nothing to learn. Its encoder's last conv outputs mean, then log-variance.
+            vae.encoder.conv_out.bias[4:] = -12.0
         clip = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=_TINY_TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, projection_dim=_TINY_TEXT_DIM,
@@ -377,7 +381,7 @@ class FluxFamily(Family):
             decoder_start_token_id=0,
         ))
         return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[self.variant]), vae=vae, text_encoder=clip,
             tokenizer=load_tokenizer("clip-l"), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
         )
 

@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.families.flux import FluxFamily
     from studio.engine.safe_load import WeightsFile
 
-# The tiny models' schedule (as FLUX.1-dev's: the resolution shift from the token count).
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# The tiny models' schedules, as the real ones: dev shifts by resolution (from the token count), schnell not at all.
+_SCHEDULE = {"num_train_timesteps": 1000, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096}
+SCHEDULER_CONFIGS = {"dev": {**_SCHEDULE, "shift": 3.0, "use_dynamic_shifting": True},
+                     "schnell": {**_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}}
 
 # Key marks of a FLUX.1 transformer, in the BFL layout (possibly under ComfyUI's "model.diffusion_model.") and in
 # diffusers' layout; the guidance embedder is what tells [dev] from [schnell].
