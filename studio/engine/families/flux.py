@@ -238,6 +238,15 @@ class FluxFamily(Family):
         raise ValueError(f"unknown model component '{component}'; expected one of: {', '.join(self.component_names())}")
 
     def apply_speed_options(self, bundle: ModelBundle, training: "TrainingSection", train_text_encoder: bool) -> None:
+        from studio.engine.families import memory
+
+        denoiser = bundle.denoiser
+        if training.base_weights_fp8:
+            memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
+        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+        swap = memory.swap_blocks(blocks, training.block_swap, denoiser.device)
+        if swap is not None:
+            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -338,6 +347,15 @@ class FluxFamily(Family):
 
     def full_size_parameters(self) -> dict[str, float]:
         return dict(self._parameters)
+
+    def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """fp8 storage keeps 1 byte per frozen weight; swapped blocks live in CPU memory (one on the GPU at a time).
+        FLUX.1's 57 blocks hold ~96 % of its parameters."""
+        params = self._parameters["denoiser"]
+        per_param = 1 if training.base_weights_fp8 else weight_bytes
+        block_share = 0.96 * params / 57
+        resident = params - block_share * max(0, min(training.block_swap, 57) - 1)
+        return resident * per_param
 
     def activation_gib(self, gradient_checkpointing: bool) -> float:
         return self._activations[1 if gradient_checkpointing else 0]
