@@ -14,15 +14,12 @@ class OptimizerUnavailable(RuntimeError):
 
 
 def param_groups(params: dict[str, list[torch.nn.Parameter]], job: Job) -> list[dict[str, Any]]:
-    from studio.engine.families import registered
-
-    # The denoiser (SD's unet, a DiT's transformer) trains at training.lr, the text encoders at their own lr.
-    denoisers = {family.denoiser_name for family in registered()}
     groups = []
     for component, ps in params.items():
         if not ps:
             continue
-        lr = job.training.lr if component in denoisers else job.lora.text_encoder_lr
+        # Text encoders have the component names "text_encoder…"; the denoiser ("unet", "transformer") the main lr.
+        lr = job.lora.text_encoder_lr if component.startswith("text_encoder") else job.training.lr
         groups.append({"params": ps, "lr": lr, "name": component})
     return groups
 

@@ -347,6 +347,10 @@ class Family(abc.ABC):
     def full_size_parameters(self) -> dict[str, float]:
         """Parameter counts of the family's reference model: {"denoiser", "text_encoders", "vae"}."""
 
+    def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """GPU bytes of the frozen denoiser weights under the job's memory options (SD: all resident, as computed)."""
+        return self.full_size_parameters()["denoiser"] * weight_bytes
+
     @abc.abstractmethod
     def activation_gib(self, gradient_checkpointing: bool) -> float:
         """Activation memory kept for backward per image at the native resolution, bf16, GiB (measured)."""

@@ -238,6 +238,15 @@ class FluxFamily(Family):
         raise ValueError(f"unknown model component '{component}'; expected one of: {', '.join(self.component_names())}")
 
     def apply_speed_options(self, bundle: ModelBundle, training: "TrainingSection", train_text_encoder: bool) -> None:
+        from studio.engine.families import memory
+
+        denoiser = bundle.denoiser
+        if training.base_weights_fp8:
+            memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
+        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+        swap = memory.swap_blocks(blocks, training.block_swap, denoiser.device)
+        if swap is not None:
+            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -339,6 +348,15 @@ class FluxFamily(Family):
     def full_size_parameters(self) -> dict[str, float]:
         return dict(self._parameters)
 
+    def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """fp8 storage keeps 1 byte per frozen weight; swapped blocks live in CPU memory (one on the GPU at a time).
+        FLUX.1's 57 blocks hold ~96 % of its parameters."""
+        params = self._parameters["denoiser"]
+        per_param = 1 if training.base_weights_fp8 else weight_bytes
+        block_share = 0.96 * params / 57
+        resident = params - block_share * max(0, min(training.block_swap, 57) - 1)
+        return resident * per_param
+
     def activation_gib(self, gradient_checkpointing: bool) -> float:
         return self._activations[1 if gradient_checkpointing else 0]
 
@@ -348,7 +366,7 @@ class FluxFamily(Family):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        from studio.engine.families.flux_files import SCHEDULER_CONFIG
+        from studio.engine.families.flux_files import SCHEDULER_CONFIGS
         from studio.engine.families.t5_tiny import tiny_t5_tokenizer
         from studio.engine.tokenizers import load_tokenizer
 
@@ -365,6 +383,10 @@ class FluxFamily(Family):
             up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=TINY_RESOLUTION,
             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
         )
+        with torch.no_grad():
+            # A trained VAE's posterior is narrow; a random one's (log-variance ≈ 0) would bury the images in
+            # sampling noise and leave nothing to learn. Its encoder's last conv outputs mean, then log-variance.
+            vae.encoder.conv_out.bias[4:] = -12.0
         clip = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=_TINY_TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=77, projection_dim=_TINY_TEXT_DIM,
@@ -377,7 +399,7 @@ class FluxFamily(Family):
             decoder_start_token_id=0,
         ))
         return FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[self.variant]), vae=vae, text_encoder=clip,
             tokenizer=load_tokenizer("clip-l"), text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
         )
 

@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.families.flux import FluxFamily
     from studio.engine.safe_load import WeightsFile
 
-# The tiny models' schedule (as FLUX.1-dev's: the resolution shift from the token count).
-SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-                    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# The tiny models' schedules, as the real ones: dev shifts by resolution (from the token count), schnell not at all.
+_SCHEDULE = {"num_train_timesteps": 1000, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096}
+SCHEDULER_CONFIGS = {"dev": {**_SCHEDULE, "shift": 3.0, "use_dynamic_shifting": True},
+                     "schnell": {**_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}}
 
 # Key marks of a FLUX.1 transformer, in the BFL layout (possibly under ComfyUI's "model.diffusion_model.") and in
 # diffusers' layout; the guidance embedder is what tells [dev] from [schnell].
@@ -136,12 +138,12 @@ def _clip_tokenizer() -> Any:
     return load_tokenizer("clip-l")
 
 
-def load_vae_file(family: "FluxFamily", path: Path) -> Any:
+def load_vae_file(family: "FluxFamily", path: Path, config_dir: Path | None = None) -> Any:
     """The 16-channel VAE from a single file ("ae.safetensors", BFL or diffusers layout), through the bundled config."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_single_file(str(path), config=str(family.bundled_config_dir()), subfolder="vae",
-                                          torch_dtype=torch.float32, local_files_only=True)
+    return AutoencoderKL.from_single_file(str(path), config=str(config_dir or family.bundled_config_dir()),
+                                          subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
 
 
 def load_single_file(family: "FluxFamily", path: Path, weights: "WeightsFile", detection: Detection,
@@ -162,7 +164,7 @@ def load_single_file(family: "FluxFamily", path: Path, weights: "WeightsFile", d
     check_complete(transformer, "transformer", path.name)
     clip = load_text_encoder(config_dir, "text_encoder", parts["text_encoder"], dtype)
     t5 = load_text_encoder(config_dir, "text_encoder_2", parts["text_encoder_2"], dtype)
-    vae = load_vae_file(family, parts["vae"])
+    vae = load_vae_file(family, parts["vae"], config_dir)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir, subfolder="scheduler", local_files_only=True)
     return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae, text_encoders=[clip, t5],
                        tokenizers=[_clip_tokenizer(), parts["tokenizer_2"]], noise_scheduler=scheduler,
@@ -182,22 +184,15 @@ def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype
             key = key.removeprefix(prefix)
         state[key] = value.to(dtype) if value.is_floating_point() else value
     if cls is CLIPTextModel:
-        state = {k if k.startswith("text_model.") or k.startswith("logit") else "text_model." + k: v
-                 for k, v in state.items()}
-    with torch.device("meta"):
-        encoder = cls(config)
-    result = encoder.load_state_dict(state, strict=False, assign=True)
-    encoder.to(dtype)
-    missing = [k for k in result.missing_keys if "position_ids" not in k]
-    if isinstance(encoder, T5EncoderModel) and "encoder.embed_tokens.weight" in missing and "shared.weight" in state:
-        encoder.encoder.embed_tokens.weight = encoder.shared.weight  # tied in T5; files keep one of them
-        missing.remove("encoder.embed_tokens.weight")
-    if isinstance(encoder, T5EncoderModel) and "shared.weight" in missing and "encoder.embed_tokens.weight" in state:
-        encoder.shared.weight = encoder.encoder.embed_tokens.weight
-        missing.remove("shared.weight")
-    if missing:
-        raise ModelLoadError(f"'{file.name}' is not a complete {'CLIP-L' if cls is CLIPTextModel else 'T5-XXL'} text "
-                             f"encoder: {len(missing)} weight(s) missing (e.g. {missing[0]})")
+        # Files say "text_model.…"; transformers >= 5.6 dropped that level from CLIPTextModel's own names.
+        with torch.device("meta"):
+            nested = any(k.startswith("text_model.") for k in cls(config).state_dict())
+        state = {("text_model." if nested else "") + k.removeprefix("text_model."): v for k, v in state.items()}
+    if cls is T5EncoderModel and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]  # tied in T5; files keep one of them
+    # transformers builds the model from the config and this state dict (buffers, tied weights and all).
+    encoder = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    check_complete(encoder, "CLIP-L text encoder" if cls is CLIPTextModel else "T5-XXL text encoder", file.name)
     return encoder
 
 
@@ -252,24 +247,22 @@ def _candidates(folders: list[Path]) -> list[Path]:
     return out
 
 
-def find_part(name: str, folders: list[Path]) -> Path | None:
+def find_part(name: str, folders: list[Path], latent_channels: int = 16) -> Path | None:
     """A file in ``folders`` whose name says it is this part (clip_l…, t5xxl…, ae…), checked by its keys."""
-    from studio.engine.safe_load import read_safetensors_header
-
     for file in _candidates(folders):
         lower = file.name.lower()
         if not any(hint in lower for hint in _NAME_HINTS[name]):
             continue
         try:
-            shapes = {k: tuple(v["shape"]) for k, v in read_safetensors_header(file)[0].items()}
+            shapes = open_weights(file).shapes
         except Exception:  # an unreadable file is not the part; the next candidate may be
             continue
-        if part_kind(shapes) == name:
+        if part_kind(shapes, latent_channels) == name:
             return file
     return None
 
 
-def part_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+def part_kind(shapes: Mapping[str, tuple[int, ...]], latent_channels: int = 16) -> str | None:
     """Which FLUX.1 part a file holds, by its keys: text_encoder (CLIP-L), text_encoder_2 (T5), vae, or None."""
     keys = list(shapes)
     if any("encoder.block.0.layer.0.SelfAttention.q.weight" in k for k in keys):
@@ -277,7 +270,8 @@ def part_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     if any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in keys):
         return "text_encoder"
     conv = next((shapes[k] for k in keys if k.endswith("encoder.conv_out.weight")), None)
-    if conv is not None and len(conv) == 4 and conv[0] == 32:  # 2 x 16 latent channels (mean and log-variance)
+    # The encoder's last conv gives mean and log-variance: 2 x 16 channels for Flux's VAE (SD's: 2 x 4).
+    if conv is not None and len(conv) == 4 and conv[0] == 2 * latent_channels:
         return "vae"
     return None
 
@@ -305,11 +299,18 @@ def find_t5_tokenizer(folders: list[Path]) -> Any | None:
 
 def resolve_parts(family: "FluxFamily", path: Path, model: "ModelSection") -> dict[str, Any]:
     """Each part: the file the job names, the model file itself when it carries the part, or one found nearby."""
+    from studio.engine.jsonfile import JsonFileError, read_json_object
+
     folders = search_folders(path)
+    config_dir = Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
+    try:
+        channels = int(read_json_object(config_dir / "vae" / "config.json").get("latent_channels", 16))
+    except (JsonFileError, TypeError, ValueError):
+        channels = 16
     chosen = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2, "vae": model.vae}
     out: dict[str, Any] = {}
     for name, value in chosen.items():
-        out[name] = Path(value).expanduser() if value else find_part(name, folders)
+        out[name] = Path(value).expanduser() if value else find_part(name, folders, channels)
     extra = [Path(v).expanduser().parent for v in chosen.values() if v]
     out["tokenizer_2"] = find_t5_tokenizer(folders + [f for f in extra if f not in folders])
     return out
