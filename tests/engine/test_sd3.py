@@ -362,3 +362,40 @@ def test_try_and_export_applies_the_kohya_file_like_the_diffusers_one(trained):
     assert np.abs(kohya - base).max() > 2  # 8-bit images: the LoRA shows
     assert np.abs(kohya - diffusers).max() <= 2  # both layouts give the same image (fp16 rounding aside)
     assert np.array_equal(off, base)
+
+
+def test_block_swap_and_fp8_storage_apply_to_the_joint_blocks(tiny_model):
+    """On the CPU a swapped block goes to and from the same device: the step must be unchanged; fp8 shrinks the stored weights."""
+    from studio.engine.config import LoraSection
+    from studio.engine.families import memory
+    from studio.engine.lora import inject_lora
+
+    def run(**training):
+        bundle = load_model(ModelSection(path=str(tiny_model(TINY, "flow"))))
+        torch.manual_seed(0)
+        inject_lora(bundle, LoraSection(rank=4, alpha=4.0), train_text_encoder=False)
+        section = TrainingSection(**training)
+        bundle.family.apply_speed_options(bundle, section, False)
+        g = torch.Generator().manual_seed(3)
+        latents = torch.randn(1, 16, 8, 8, generator=g)
+        cond = bundle.family.encode_text(bundle, ["a red circle"])
+        loss = bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=section,
+                                           generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32)
+        loss.backward()
+        grads = [p.grad.clone() for p in bundle.denoiser.parameters() if p.requires_grad]
+        return bundle, float(loss), grads
+
+    _, plain, plain_grads = run()
+    swapped, loss, grads = run(block_swap=1, gradient_checkpointing=True)
+    assert "block_swap" in swapped.extra and loss == pytest.approx(plain, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads))
+    full = load_model(ModelSection(path=str(tiny_model(TINY, "flow")))).denoiser
+    before = memory.parameter_bytes(full)
+    memory.store_frozen_in_fp8(full, torch.float32)
+    # Linear weights at 1 byte instead of 4; the tiny model's biases, norms and embeddings keep theirs.
+    assert memory.parameter_bytes(full) < 0.55 * before
+    family = get_family("sd3.5-large")
+    bf16 = family.denoiser_weight_bytes(TrainingSection(), 2)
+    assert family.denoiser_weight_bytes(TrainingSection(base_weights_fp8=True), 2) == bf16 / 2
+    # 20 of SD3.5 Large's 38 joint blocks in CPU memory (one at a time on the GPU): about half the bytes stay.
+    assert 0.45 < family.denoiser_weight_bytes(TrainingSection(block_swap=20), 2) / bf16 < 0.55

@@ -235,6 +235,15 @@ class SD3Family(Family):
         raise ValueError(f"unknown model component '{component}'; expected one of: {', '.join(self.component_names())}")
 
     def apply_speed_options(self, bundle: ModelBundle, training: "TrainingSection", train_text_encoder: bool) -> None:
+        from studio.engine.families import memory
+
+        denoiser = bundle.denoiser
+        # SD3.5 Large (8 B) on a consumer GPU: flux's fp8 storage and block swap apply to the joint blocks alike.
+        if training.base_weights_fp8:
+            memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
+        swap = memory.swap_blocks(list(denoiser.transformer_blocks), training.block_swap, denoiser.device)
+        if swap is not None:
+            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -423,6 +432,14 @@ class SD3Family(Family):
 
     def full_size_parameters(self) -> dict[str, float]:
         return dict(self._parameters)
+
+    def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """fp8 keeps 1 byte per frozen weight; swapped joint blocks live in CPU memory (one on the GPU at a time).
+        The joint blocks hold ~97 % of an MMDiT's parameters (the rest: embedders and the final layer)."""
+        params = self._parameters["denoiser"]
+        per_param = 1 if training.base_weights_fp8 else weight_bytes
+        block_share = 0.97 * params / self._depth
+        return (params - block_share * max(0, min(training.block_swap, self._depth) - 1)) * per_param
 
     def activation_gib(self, gradient_checkpointing: bool) -> float:
         return self._activations[1 if gradient_checkpointing else 0]
