@@ -111,6 +111,33 @@ class LoraSection:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA): often better quality, slower steps.", advanced=True)
     train_text_encoder: bool = option(False, "Also train LoRAs on the text encoder(s).")
     text_encoder_lr: float = option(5e-5, "Learning rate of the text-encoder LoRAs.", min=0.0, max=1.0, advanced=True)
+    # --- adapter type and its options (studio/engine/adapters/; one block, declared once) ---
+    algorithm: str = option(
+        "lora",
+        "Adapter type: 'lora' (LoRA; with '+conv' LoCon, with DoRA on DoRA), 'loha' (LyCORIS LoHa: Hadamard "
+        "product of two low-rank pairs, more capacity per parameter), 'lokr' (LyCORIS LoKr: Kronecker product, "
+        "very small files). All load in ComfyUI, A1111/Forge and InvokeAI; LoHa/LoKr not in diffusers.",
+        label="Adapter type", choices=("lora", "loha", "lokr"),
+    )
+    lokr_factor: int = option(
+        -1, "LoKr: split each weight side into factor × rest; -1 splits as evenly as possible (smallest file), "
+        "4–16 give the big Kronecker factor more of the weight.", min=-1, max=1024, label="LoKr factor", advanced=True,
+    )
+    lokr_decompose_both: bool = option(
+        False, "LoKr: also make the small Kronecker factor low-rank (fewer parameters).", label="LoKr: decompose both",
+        advanced=True,
+    )
+    lokr_full_matrix: bool = option(
+        False, "LoKr: train both Kronecker factors as full matrices (rank and alpha are not used; largest LoKr).",
+        label="LoKr: full matrix", advanced=True,
+    )
+    dora_target: str = option(
+        "lycoris",
+        "DoRA files: 'lycoris' writes the trained magnitude (exact in LyCORIS and diffusers-style loaders), "
+        "'comfyui' rescales it for ComfyUI/Forge's formula (exact there, on this base model only). A1111 cannot "
+        "apply DoRA as trained either way; the export report says so.",
+        label="DoRA target", choices=("lycoris", "comfyui"), advanced=True,
+    )
 
 
 @dataclass
@@ -135,6 +162,16 @@ class TrainingSection:
     seed: int = option(42, "Random seed: the same seed and job give the same LoRA.", min=0, max=2**32 - 1)
     noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).", min=0.0, max=1.0, advanced=True)
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 turns it off.", min=0.0, max=100.0, advanced=True)
+    max_token_length: int = option(
+        75, "How many caption tokens the text encoder reads. 75 is CLIP's own limit (longer captions are cut); 150 "
+        "or 225 read long captions in 75-token pieces, as kohya's sd-scripts and A1111 do (use the LoRA with long "
+        "prompts then).", choices=("75", "150", "225"), label="Caption tokens", advanced=True,
+    )
+    clip_skip: int = option(
+        1, "Which text-encoder layer conditions the model, counted from the end: 1 is the base models' own (SDXL: "
+        "its penultimate layer), 2 the one before it, which many anime SD 1.x models were made with. Use the value "
+        "your base model expects.", min=1, max=12, label="Clip skip", advanced=True,
+    )
     max_grad_norm: float = option(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1000.0, advanced=True)
     device: str = option("auto", "Where to train. 'auto' uses a GPU when there is one.", choices=("auto", "cpu", "cuda", "mps"), advanced=True)
     cache_latents: bool = option(True, "Encode every image with the VAE once before training instead of every step.", advanced=True)
@@ -529,7 +566,7 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     problems: list[Problem] = []
     for info in iter_fields():
         value = get_value(job, info.path)
-        if info.choices and value not in info.choices:
+        if info.choices and str(value) not in info.choices:  # choices are written as text, also for numbers
             problems.append(Problem(info.path, f"'{value}' is not one of: {', '.join(info.choices)}"))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:  # NaN
@@ -554,6 +591,11 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if lo.rank >= 1 and lo.alpha > 4 * lo.rank:
         problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
                                  f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
+    if lo.algorithm == "lokr" and lo.lokr_factor not in (-1,) and lo.lokr_factor < 2:
+        problems.append(Problem("lora.lokr_factor", f"must be -1 (automatic) or at least 2, got {lo.lokr_factor}"))
+    if lo.dora and lo.algorithm != "lora":
+        problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
+                                f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))

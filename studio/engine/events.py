@@ -37,6 +37,7 @@ class StepCompleted:
     steps_per_s: float  # recent throughput
     eta_s: float
     epoch: int = 0
+    skipped: bool = False  # fp16 gradients overflowed: the weights and the learning-rate schedule did not move
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class RunFailed:
     run_dir: Path | None = None
     log_path: Path | None = None
     lora_path: Path | None = None  # the last good LoRA, when one was saved
+    # The trained LoRA, kept in memory when the disk would not take it (studio.engine.unsaved.UnsavedLora):
+    # ``unsaved.save(folder)`` writes it elsewhere. None when nothing trained is left unsaved.
+    unsaved: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -99,11 +100,21 @@ def cache_latents(run: Run) -> Iterator[TrainEvent]:
 
 
 def _text_key(run: Run, caption: str) -> str:
-    return cache_key("text-v1", caption, run.model_fp)
+    t = run.job.training
+    options = () if (t.max_token_length, t.clip_skip) == (75, 1) else (t.max_token_length, t.clip_skip)
+    return cache_key("text-v1", caption, run.model_fp, *options)  # the defaults keep earlier caches valid
 
 
 def encode_text(run: Run, captions: list[str]) -> Conditioning:
     return run.bundle.family.encode_text(run.bundle, captions)
+
+
+def encode_text_for_training(run: Run, captions: list[str]) -> Conditioning:
+    """Encode through the text encoders as accelerate prepared them (DDP-wrapped under several processes), so
+    a trained text encoder's LoRA gradients are all-reduced like the denoiser's; the very same modules otherwise."""
+    if not run.te_ddp:
+        return encode_text(run, captions)
+    return run.bundle.family.encode_text(dataclasses.replace(run.bundle, text_encoders=list(run.te_ddp)), captions)
 
 
 def _cached_text(run: Run, caption: str) -> Conditioning:
@@ -283,7 +294,7 @@ def batch_inputs(run: Run, batch: list[int], micro: int) -> tuple[torch.Tensor, 
         cond = Conditioning.cat([_cached_text(run, c) for c in captions])
     else:
         with torch.no_grad() if not run.job.lora.train_text_encoder else nullcontext():
-            cond = encode_text(run, captions)
+            cond = encode_text_for_training(run, captions)
     w, h = run.buckets[batch[0]]
     cond = cond.with_tensors(**run.bundle.family.example_conditioning(entries, (h, w)))
     return latents, cond.to(run.device, run.weight_dtype)

@@ -46,10 +46,26 @@ def preflight(job: Job, resume_dir: Path | str | None = None) -> list[Problem]:
         problems.append(Problem("dataset.path", f"'{data}' cannot be read ({exc.strerror or exc}); check its permissions"))
     from studio.engine.export import kohya_export_problem
 
-    dora = kohya_export_problem(job.lora)
-    if dora and not job.output.save_diffusers:
-        problems.append(Problem("lora.dora", dora + " (set output.save_diffusers = true to train it anyway)"))
+    refusal = kohya_export_problem(job.lora)
+    if refusal:
+        problems.append(Problem("lora.algorithm", refusal))
+    problems += adapter_warnings(job)
     return problems
+
+
+def adapter_warnings(job: Job) -> list[Problem]:
+    """What the user should know before training an adapter some tools cannot apply as trained (never silent)."""
+    from studio.engine.adapters import adapter_for
+    from studio.engine.adapters.consumers import FULL, report
+
+    adapter = adapter_for(job.lora)
+    if adapter.name not in ("dora", "loha", "lokr"):
+        return []
+    info = {"layout": "kohya", "network_type": adapter.name, "family": job.model.family,
+            "metadata": {"lora_studio.dora_target": job.lora.dora_target}}
+    short = [f"{v.consumer} ({v.reason})" for v in report(info) if v.status != FULL]
+    field = "lora.dora" if adapter.name == "dora" else "lora.algorithm"
+    return [Problem(field, f"the {adapter.label} file will not load as trained in: " + "; ".join(short), "warning")]
 
 
 
@@ -66,7 +82,12 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
     mixed = devices.resolve_precision(t.mixed_precision, cpu)
     job = run.job
-    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    # A text encoder read at an inner layer (SDXL's penultimate states, clip skip) leaves its last layers' LoRA
+    # without gradients; DDP must be told, or it waits for them and fails at the second step.
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=job.lora.train_text_encoder)
+    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=[ddp])
 
     # The main process claims the (never overwritten) run folder; the others learn its name.
     chosen = [str(resume_dir) if resume_dir else str(claim_run_dir(Path(job.output.dir))) if accelerator.is_main_process
@@ -96,6 +117,10 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     yield StatusChanged("Loading model", job.model.path)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    from studio.engine.families.sd import TEXT_OPTIONS
+
+    # Caption length and clip skip, read by the family's text encoding (training, caching and previews).
+    bundle.extra[TEXT_OPTIONS] = (t.max_token_length, t.clip_skip)
     # The VAE runs in fp32: SDXL's VAE overflows in fp16 and the VAE is used only for caching and previews.
     bundle.vae.to(accelerator.device, torch.float32)
     log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)

@@ -42,6 +42,7 @@ class Run:
     elapsed: float = 0.0  # training seconds, the interrupted run's included
     elapsed_before: float = 0.0  # training seconds of the interrupted run, when resuming
     position: TrainPosition = field(default_factory=TrainPosition)
+    skipped_steps: int = 0  # steps fp16 loss scaling skipped (overflow) in this process's part of the run
     # ------------------------------------------------------------------ handles released at the end
     accelerator: Any = None
     folder: "RunFolder | None" = None

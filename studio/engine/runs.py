@@ -505,6 +505,7 @@ MUST_MATCH = (
     "dataset.path", "dataset.caption_extension", "dataset.repeats", "dataset.default_repeats",
     "dataset.resolution", "dataset.buckets", "dataset.bucket_step",
     "lora.rank", "lora.alpha", "lora.targets", "lora.conv_rank", "lora.conv_alpha", "lora.dora",
+    "lora.algorithm", "lora.lokr_factor", "lora.lokr_decompose_both", "lora.lokr_full_matrix",
     "lora.train_text_encoder",
     "training.epochs", "training.batch_size", "training.gradient_accumulation", "training.optimizer",
     "training.scheduler", "training.warmup_steps", "training.seed",

@@ -22,13 +22,14 @@ import torch
 from studio.engine import devices, failures, run_data, validation
 from studio.engine.config import Job, errors
 from studio.engine.events import (
-    CheckpointSaved, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged, StepCompleted,
-    TrainEvent, ValidationCompleted,
+    CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
+    StepCompleted, TrainEvent, ValidationCompleted,
 )
 from studio.engine.families import Conditioning
 from studio.engine.host_values import PendingValues
 from studio.engine.recovery import (
-    check_finite_weights, export_lora_file, failure_message, release, settle_failed_start, write_checkpoint,
+    check_finite_weights, export_lora_file, failure_message, keep_unsaved, release, settle_failed_start,
+    write_checkpoint,
 )
 from studio.engine.run_setup import preflight, setup
 from studio.engine.run_state import Cancelled, Run
@@ -67,23 +68,32 @@ def run_training(
         if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         details = traceback.format_exc()
+        unsaved = None
         try:
-            message = failure_message(exc, run)
+            unsaved = keep_unsaved(exc, run)  # before release(): the weights are still there
+        except Exception as second:
+            log.warning("could not keep the trained LoRA in memory: %r", second)
+        try:
+            message = failure_message(exc, run, unsaved)
         except Exception as second:  # explaining must never be what hides the failure
             log.warning("could not explain the failure: %r", second)
             message = f"Training failed ({type(exc).__name__}: {exc}). The log has the details."
         log.error("run failed: %s\n%s", message, details)
         run_dir, log_file = settle_failed_start(run, resume_dir is not None)
-        yield RunFailed(message, details, run_dir, log_file, run.lora_path)
+        yield RunFailed(message, details, run_dir, log_file, run.lora_path, unsaved)
     finally:
         release(run)
 
 
 def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: Path | None) -> Iterator[TrainEvent]:
     job = run.job
-    problems = errors(preflight(job, resume_dir))
+    checked = preflight(job, resume_dir)
+    problems = errors(checked)
     if problems:
         raise failures.ResumeRefused(resume_dir, problems) if resume_dir else failures.JobInvalid(problems)
+    for warning in checked:  # e.g. an adapter type some tools cannot apply as trained: said before training
+        if warning.severity == "warning" and warning.field.startswith("lora."):
+            yield LogMessage("warning", str(warning))
     yield from setup(run, stop, resume_dir)
     yield RunStarted(run.folder.root, run.total_steps, run.bundle.family.name, devices.describe_device(run.device),
                      run.report.usable, run.step, job)
@@ -103,7 +113,8 @@ def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: 
 def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iterator[TrainEvent]:
     s, o = run.job.sampling, run.job.output
     metrics = run.metrics = MetricsWriter(run.folder, run.step) if run.is_main else None
-    # Each step's loss on its way to the host, keyed (step, lr, time, extra metrics): read when the device has it.
+    # Each step's loss on its way to the host, keyed (step, lr, time, extra metrics, skipped): read when the
+    # device has it.
     pending = PendingValues()
     recent: deque[float] = deque(maxlen=20)
     data_cache: dict = {}
@@ -124,13 +135,14 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
     while run.step < run.total_steps:
         run.phase = "training"
         step_started = time.perf_counter()
-        loss = _train_step(run, data_cache)
+        loss, skipped = _train_step(run, data_cache)
         run.position.step += 1
         run.consistent = True
+        run.skipped_steps += skipped
         step = run.step
         recent.append(time.perf_counter() - step_started)
         extra: dict = {}
-        pending.put((step, run.scheduler.get_last_lr()[0], time.perf_counter() - started, extra), loss)
+        pending.put((step, run.scheduler.get_last_lr()[0], time.perf_counter() - started, extra, skipped), loss)
         at_sample = bool(every) and step % every == 0
         at_save = bool(o.save_every) and step % o.save_every == 0 and step < run.total_steps
         at_validate = bool(val_every) and (step % val_every == 0 or step == run.total_steps)
@@ -163,10 +175,15 @@ def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iter
     if metrics:
         metrics.close()
         run.metrics = None
+    if run.skipped_steps:
+        yield LogMessage("warning", f"{run.skipped_steps} of {run.total_steps} steps were skipped because fp16 "
+                                    "gradients overflowed (the loss scale adapted; the learning-rate schedule did not "
+                                    "advance on them). Many skips: try bf16 or a lower learning rate.")
 
 
-def _train_step(run: Run, data_cache: dict) -> torch.Tensor:
-    """Forward, backward and optimizer step over ``gradient_accumulation`` micro-batches; returns the loss (on device).
+def _train_step(run: Run, data_cache: dict) -> tuple[torch.Tensor, bool]:
+    """Forward, backward and optimizer step over ``gradient_accumulation`` micro-batches; returns the loss (on
+    device) and whether fp16 loss scaling skipped the optimizer step.
 
     If anything fails before the optimizer step, the data position goes back to where the step began, so
     the state is exactly that of the last completed step and can be saved and resumed from.
@@ -205,12 +222,37 @@ def _train_step(run: Run, data_cache: dict) -> torch.Tensor:
         raise
     run.consistent = False  # from here until the step is done, weights and optimizer state may be half-updated
     run.phase = "optimizer"
+    skipped = apply_step(run, finite)
+    run.phase = "training"
+    return total, skipped
+
+
+def apply_step(run: Run, finite: torch.Tensor) -> bool:
+    """The optimizer step, then the learning-rate schedule unless fp16 loss scaling skipped the step (its
+    gradients overflowed); returns whether it was skipped."""
+    scaler = getattr(run.accelerator, "scaler", None)
+    scale = getattr(scaler, "_scale", None)
+    scale_before = scale.clone() if isinstance(scale, torch.Tensor) else None  # a device copy: no sync
     _optimizer_step(run, finite)
-    if not acc.optimizer_step_was_skipped:  # fp16 overflow skips the step; the schedule must not move then
+    skipped = _step_was_skipped(run, scaler, scale_before)
+    if not skipped:
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.phase = "training"
-    return total
+    return skipped
+
+
+def _step_was_skipped(run: Run, scaler, scale_before: torch.Tensor | None) -> bool:
+    """Whether GradScaler skipped the step. accelerate tells by whether the optimizer's step() was called, which
+    holds for plain optimizers (GradScaler already read found_inf on the host for them); a fused one is always
+    called, with found_inf on the device, so only the scale's back-off (halved on overflow, never otherwise
+    lowered) tells: one read of a scalar, under fp16 with a fused optimizer only."""
+    if scaler is None:
+        return bool(run.accelerator.optimizer_step_was_skipped)
+    inner = getattr(run.optimizer, "optimizer", run.optimizer)
+    fused = getattr(inner, "_step_supports_amp_scaling", False)
+    if not fused or scale_before is None:
+        return bool(run.accelerator.optimizer_step_was_skipped)
+    return bool(scaler._scale < scale_before)
 
 
 def _loss(run: Run, latents: torch.Tensor, cond: Conditioning, micro: int) -> torch.Tensor:
@@ -254,7 +296,7 @@ def _flush(run: Run, pending: PendingValues, recent: deque, metrics: MetricsWrit
     done = pending.take(wait=wait)
     if not done:
         return
-    for (step, lr, when, extra), loss in done:
+    for (step, lr, when, extra, skipped), loss in done:
         if not math.isfinite(loss):
             raise failures.NonFiniteLoss(step, run.job, run.lora_path, checkpoint=run.checkpoint,
                                          run_dir=run.run_dir, family=run.bundle.family)
@@ -263,7 +305,7 @@ def _flush(run: Run, pending: PendingValues, recent: deque, metrics: MetricsWrit
         if metrics:
             metrics.write(step, loss, lr, when, **extra)
         yield StepCompleted(step, run.total_steps, loss, lr, time.perf_counter() - started, rate, eta,
-                            run.position.epoch)
+                            run.position.epoch, skipped)
     if metrics:
         metrics.flush()
 

@@ -60,7 +60,7 @@ class MainWindow(QMainWindow):
         self.model_page = ModelPage(self.model, self.tasks)
         self.dataset_page = DatasetPage(self.model, self.tasks)
         self.settings_page = SettingsPage(self.model, self.tasks)
-        self.train_page = TrainPage(self.model)
+        self.train_page = TrainPage(self.model, tasks=self.tasks)
         self.export_page = TryExportPage(self.model, self.tasks)
         self.pages: dict[str, Page] = {
             "model": self.model_page, "dataset": self.dataset_page, "settings": self.settings_page,
@@ -108,6 +108,7 @@ class MainWindow(QMainWindow):
         self.train_page.go_to_page.connect(self.go_to)
         self.train_page.try_requested.connect(lambda: self.go_to("export"))
         self.train_page.resume_run_requested.connect(self.resume_run)
+        self.train_page.lora_rescued.connect(self.export_page.set_run)
         self.model.problems_changed.connect(lambda _: self.refresh_rail())
         self.model.file_changed.connect(lambda _: self._update_status())
         self.model.dirty_changed.connect(lambda _: self._update_status())

@@ -321,6 +321,13 @@ class Family(abc.ABC):
         diffusers-layout state dict where diffusers cannot read the file's own layout (SD3's kohya files)."""
         return str(path)
 
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str],
+                              negative_prompt: str) -> dict[str, Any] | None:
+        """The prompts (and the negative prompt, one per prompt) as the pipeline's ``*_embeds`` arguments when the job
+        encodes text its own way (long captions, clip skip), so previews see what training saw; None lets the
+        pipeline encode the prompts itself."""
+        return None
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}

@@ -22,6 +22,8 @@ from studio.ui.pages.base import DONE, PENDING, Page, card, section_label
 from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.drop_zone import DropZone
+from studio.ui.widgets.export_report import ExportReportWidget
+from studio.ui.widgets.lora_tools import LoraToolsWidget
 from studio.ui.widgets.gallery import ImageDialog
 
 FORMATS = {
@@ -253,6 +255,10 @@ class TryExportPage(Page):
         self.show_exported = self.export_banner.add_action(QPushButton(theme.icon("folder"), "Show in folder"))
         self.show_exported.clicked.connect(self._show_exported)
         ec.addWidget(self.export_banner)
+        self.report = ExportReportWidget()  # per consumer: does the selected/exported file load fully
+        ec.addWidget(self.report)
+        self.tools = LoraToolsWidget(self.tasks, self.selected_lora)  # resize / merge
+        ec.addWidget(self.tools)
         ec.addStretch(1)
         halves.addWidget(export_card, 2)
 
@@ -351,6 +357,7 @@ class TryExportPage(Page):
         self.title_edit.setText(info.get("title") or meta.get("modelspec.title") or "")
         self.trigger_edit.setText(info.get("trigger_phrase") or meta.get("modelspec.trigger_phrase") or "")
         self.description_edit.setPlainText(meta.get("modelspec.description", ""))
+        self.report.set_report(info.get("consumers") or [], info.get("problem"))
 
     def _default_prompt(self) -> str:
         job = self.model.job
@@ -459,6 +466,10 @@ class TryExportPage(Page):
             "success", f"Saved <b>{html.escape(self.exported.name)}</b> in {html.escape(str(where))}. Copy it to "
                        "A1111's models/Lora or ComfyUI's models/loras folder to use it.")
         self.state_changed.emit()
+        if self.exported.is_file() and self.selected_format() != "merged":
+            # The report of the file just written (its layout may differ from the run's file).
+            self.tasks.run("report", backend.describe_lora, self.exported, engine=True, what="Checking the export",
+                           on_done=lambda info: self.report.set_report(info.get("consumers") or [], info.get("problem")))
 
     def _show_exported(self) -> None:
         if self.exported is not None:
