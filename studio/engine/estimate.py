@@ -501,7 +501,7 @@ def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     t, d = job.training, job.dataset
     family = get_family(family)
     sizes = family.full_size_parameters()
-    denoiser_params, te_params = sizes["denoiser"], sizes["text_encoders"]
+    te_params = sizes["text_encoders"]
     weight_bytes = 4 if t.mixed_precision == "no" else 2
     native = family.native_resolution(None)
     per_img = family.activation_gib(t.gradient_checkpointing) * 2**30
@@ -513,4 +513,6 @@ def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     # Frozen text encoders with fixed captions are encoded once, then moved off the GPU until previews.
     te_resident = 0 if _text_cached(job) else te_params * weight_bytes
     vae = sizes["vae"] * 4  # the VAE stays in fp32 (SDXL's overflows in fp16)
-    return int((denoiser_params * weight_bytes + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)
+    # The family says what its frozen weights cost on the GPU (fp8 storage, block swap: Flux).
+    denoiser = family.denoiser_weight_bytes(t, weight_bytes)
+    return int((denoiser + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)

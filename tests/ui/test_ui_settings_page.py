@@ -200,3 +200,15 @@ def test_estimate_shows_its_measured_range_and_preview_cost(qtbot, window, page,
     window.model.set_value("training.steps", 482)
     qtbot.waitUntil(lambda: "uncalibrated" in page.estimate_detail.text(), timeout=5000)
     assert page.estimate_label.text() == "About 0.05 s per step · 1 min in total"
+
+
+def test_each_family_has_a_preset_with_its_resolution_and_preview_sampler(qtbot, window, page):
+    names = [page.preset_combo.itemText(i) for i in range(page.preset_combo.count())]
+    assert {"SD 1.x defaults", "SDXL defaults", "SD3 Medium defaults", "SD3.5 Large defaults"} <= set(names)
+    page.preset_combo.setCurrentIndex(names.index("SD3.5 Large defaults"))
+    assert "Stable Diffusion 3.5 Large" in page.preset_description.text()
+    qtbot.mouseClick(page.apply_button, Qt.LeftButton)
+    job = window.model.job
+    assert (job.dataset.resolution, job.sampling.steps, job.sampling.guidance) == (1024, 28, 3.5)
+    assert (job.lora.rank, job.training.lr, job.training.min_snr_gamma) == (16, 1e-4, 0.0)
+    assert page.editor("dataset.resolution").input.value() == 1024
