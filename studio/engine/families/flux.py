@@ -156,6 +156,19 @@ class FluxFamily(Family):
 
     # -------------------------------------------------------------------------------------------- loading
 
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        from studio.engine.families.flux_files import transformer_layout, resolve_parts
+        from studio.engine.safe_load import open_weights
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            return {}  # a diffusers folder has every part
+        shapes = open_weights(path).shapes
+        if transformer_layout(shapes) is None:
+            return {}
+        parts = resolve_parts(self, path, model)
+        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae")}
+
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)
 
