@@ -88,7 +88,9 @@ def tiny_dataset(tmp_path) -> Path:
 def pytest_sessionfinish(session, exitstatus):
     """Skips hide missing pieces: in CI a skipped test fails the run loudly."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    # The one allowed skip: the CUDA sync checks on a machine without a CUDA GPU (its reason is printed by -ra).
+    skipped = len([r for r in (reporter.stats.get("skipped", []) if reporter else [])
+                   if "needs a CUDA GPU" not in str(getattr(r, "longrepr", ""))])
     if skipped and os.environ.get("CI") and exitstatus == 0:
         reporter.write_line(f"FAILED: {skipped} test(s) were skipped; CI must run every test", red=True)
         session.exitstatus = 1

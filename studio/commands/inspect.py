@@ -150,7 +150,19 @@ def _describe_lora(info: dict[str, Any]) -> str:
     if info.get("sha256"):
         rows.append(("SHA-256", info["sha256"]))
         rows.append(("A1111 hash", info.get("a1111_shorthash")))
-    return f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
+    text = f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
+    if info.get("problem"):
+        text += f"\n  Problem: {info['problem']}"
+    consumers = info.get("consumers") or []
+    if consumers:
+        # The export report: which tools load this file fully, and why not where they do not.
+        text += "\n  Loads in:\n" + "\n".join(f"    {_consumer_line(c)}" for c in consumers)
+    return text
+
+
+def _consumer_line(c: dict[str, str]) -> str:
+    mark = {"loads fully": "✓", "does not load": "✗"}.get(c["status"], "~")
+    return f"{mark} {c['consumer']}: {c['status']}" + (f" ({c['reason']})" if c.get("reason") else "")
 
 
 def _describe_dataset(info: dict[str, Any]) -> str:

@@ -64,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "may change what does not affect the saved state (previews, saving, steps, learning rate, speed)")
     p.add_argument("--estimate", action="store_true", help="print the time/memory estimate and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the result")
+    p.add_argument("--rescue-dir", metavar="DIR",
+                   help="if the disk fills up (or turns read-only) before the LoRA is written, save the trained LoRA "
+                   "in DIR instead; without it the command asks on a terminal, otherwise it uses a folder with room "
+                   "(the app's data folder, your home folder or the temporary folder) and prints where")
     return p
 
 
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.trainer import run_training
 
     resume = Path(args.resume) if args.resume else None
-    return consume(run_training(job, stop, resume_dir=resume), quiet=args.quiet)
+    return consume(run_training(job, stop, resume_dir=resume), quiet=args.quiet, rescue_dir=args.rescue_dir)
 
 
 def _stop_on_interrupt(stop: threading.Event) -> None:
@@ -170,13 +174,16 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def consume(events: Iterable, *, quiet: bool = False) -> int:
-    """The CLI's one dispatch over the engine's events: progress bar, messages, exit code."""
+def consume(events: Iterable, *, quiet: bool = False, rescue_dir: str | None = None) -> int:
+    """The CLI's one dispatch over the engine's events: progress bar, messages, exit code.
+
+    A failed run whose trained LoRA the disk would not take is saved elsewhere (see save_unsaved).
+    """
     from tqdm import tqdm
 
     from studio.engine.events import (
         CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-        StepCompleted,
+        StepCompleted, ValidationCompleted,
     )
 
     main = _is_main_process()
@@ -201,24 +208,31 @@ def consume(events: Iterable, *, quiet: bool = False) -> int:
                 if bar is not None:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.2e}", refresh=False)
+            case ValidationCompleted(step=step, loss=loss, best_step=best_step, best_loss=best_loss):
+                say(f"validation loss at step {step}: {loss:.4f} (lowest: {best_loss:.4f} at step {best_step})")
             case SampleReady(path=path):
                 say(f"sample: {path}")
             case CheckpointSaved(step=step, lora_path=lora_path):
                 say(f"checkpoint at step {step}" + (f": {lora_path}" if lora_path else ""))
             case LogMessage(level=level, message=message):
                 say(f"{level}: {message}")
-            case RunFinished(lora_path=lora_path, steps=steps, elapsed_s=elapsed):
+            case RunFinished(lora_path=lora_path, steps=steps, elapsed_s=elapsed, best_step=best_step,
+                             best_val_loss=best_val_loss):
                 _close(bar)
                 if main:
                     print(f"Done: {steps} steps in {elapsed:.0f} s. LoRA: {lora_path}")
+                    if best_step is not None:
+                        print(f"Lowest validation loss: {best_val_loss:.4f} at step {best_step}")
                 code = EXIT_OK
-            case RunFailed(message=message, log_path=log_path, lora_path=lora_path):
+            case RunFailed(message=message, log_path=log_path, lora_path=lora_path, unsaved=unsaved):
                 _close(bar)
                 print(f"error: {message}", file=sys.stderr)
                 if lora_path:
                     print(f"last good LoRA: {lora_path}", file=sys.stderr)
                 if log_path:
                     print(f"details: {log_path}", file=sys.stderr)
+                if unsaved is not None and main:
+                    save_unsaved(unsaved, rescue_dir)
                 code = EXIT_FAILED
             case RunCancelled(step=step, lora_path=lora_path, run_dir=run_dir):
                 _close(bar)
@@ -234,3 +248,49 @@ def consume(events: Iterable, *, quiet: bool = False) -> int:
 def _close(bar) -> None:
     if bar is not None:
         bar.close()
+
+
+def save_unsaved(unsaved, rescue_dir: str | None) -> Path | None:
+    """Save the trained LoRA a full disk would not take, before this process (and the LoRA in memory) ends.
+
+    ``--rescue-dir`` first; then, on a terminal, ask for a folder (Enter takes the suggested one); with nobody to
+    ask (a script, a scheduler) the first fallback folder with room. Prints exactly where it went.
+    """
+    from studio.engine.unsaved import RescueFailed
+
+    if rescue_dir:
+        try:
+            return _saved(unsaved.save(rescue_dir))
+        except RescueFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+    if sys.stdin is not None and sys.stdin.isatty():
+        while True:
+            suggestion = next(iter(unsaved.fallback_folders()), None)
+            hint = f" [{suggestion}]" if suggestion else ""
+            try:
+                answer = input(f"Folder to save the trained LoRA in{hint} (or 'skip' to lose it): ").strip()
+            except EOFError:
+                break
+            if answer.lower() == "skip":
+                print("The trained LoRA was not saved.", file=sys.stderr)
+                return None
+            target = answer or suggestion
+            if not target:
+                continue
+            try:
+                return _saved(unsaved.save(Path(target).expanduser()))
+            except RescueFailed as exc:
+                print(f"error: {exc}; try another folder", file=sys.stderr)
+    path, tried = unsaved.save_to_fallback()
+    for why in tried:
+        print(f"error: {why}", file=sys.stderr)
+    if path is not None:
+        return _saved(path)
+    print("error: no folder with room for the trained LoRA was found, so it is lost when this command ends. Free "
+          "some space and run again with --rescue-dir DIR pointing at a disk with room.", file=sys.stderr)
+    return None
+
+
+def _saved(path: Path) -> Path:
+    print(f"Saved the trained LoRA to another place: {path}")
+    return path

@@ -111,6 +111,33 @@ class LoraSection:
     dora: bool = option(False, "Weight-decomposed LoRA (DoRA): often better quality, slower steps.", advanced=True)
     train_text_encoder: bool = option(False, "Also train LoRAs on the text encoder(s).")
     text_encoder_lr: float = option(5e-5, "Learning rate of the text-encoder LoRAs.", min=0.0, max=1.0, advanced=True)
+    # --- adapter type and its options (studio/engine/adapters/; one block, declared once) ---
+    algorithm: str = option(
+        "lora",
+        "Adapter type: 'lora' (LoRA; with '+conv' LoCon, with DoRA on DoRA), 'loha' (LyCORIS LoHa: Hadamard "
+        "product of two low-rank pairs, more capacity per parameter), 'lokr' (LyCORIS LoKr: Kronecker product, "
+        "very small files). All load in ComfyUI, A1111/Forge and InvokeAI; LoHa/LoKr not in diffusers.",
+        label="Adapter type", choices=("lora", "loha", "lokr"),
+    )
+    lokr_factor: int = option(
+        -1, "LoKr: split each weight side into factor × rest; -1 splits as evenly as possible (smallest file), "
+        "4–16 give the big Kronecker factor more of the weight.", min=-1, max=1024, label="LoKr factor", advanced=True,
+    )
+    lokr_decompose_both: bool = option(
+        False, "LoKr: also make the small Kronecker factor low-rank (fewer parameters).", label="LoKr: decompose both",
+        advanced=True,
+    )
+    lokr_full_matrix: bool = option(
+        False, "LoKr: train both Kronecker factors as full matrices (rank and alpha are not used; largest LoKr).",
+        label="LoKr: full matrix", advanced=True,
+    )
+    dora_target: str = option(
+        "lycoris",
+        "DoRA files: 'lycoris' writes the trained magnitude (exact in LyCORIS and diffusers-style loaders), "
+        "'comfyui' rescales it for ComfyUI/Forge's formula (exact there, on this base model only). A1111 cannot "
+        "apply DoRA as trained either way; the export report says so.",
+        label="DoRA target", choices=("lycoris", "comfyui"), advanced=True,
+    )
 
 
 @dataclass
@@ -135,6 +162,16 @@ class TrainingSection:
     seed: int = option(42, "Random seed: the same seed and job give the same LoRA.", min=0, max=2**32 - 1)
     noise_offset: float = option(0.0, "Noise offset (0.05–0.1 helps very dark/bright images).", min=0.0, max=1.0, advanced=True)
     min_snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (Hang et al. 2023); 5 is typical, 0 turns it off.", min=0.0, max=100.0, advanced=True)
+    max_token_length: int = option(
+        75, "How many caption tokens the text encoder reads. 75 is CLIP's own limit (longer captions are cut); 150 "
+        "or 225 read long captions in 75-token pieces, as kohya's sd-scripts and A1111 do (use the LoRA with long "
+        "prompts then).", choices=("75", "150", "225"), label="Caption tokens", advanced=True,
+    )
+    clip_skip: int = option(
+        1, "Which text-encoder layer conditions the model, counted from the end: 1 is the base models' own (SDXL: "
+        "its penultimate layer), 2 the one before it, which many anime SD 1.x models were made with. Use the value "
+        "your base model expects.", min=1, max=12, label="Clip skip", advanced=True,
+    )
     max_grad_norm: float = option(1.0, "Clip gradients to this norm; 0 turns clipping off.", min=0.0, max=1000.0, advanced=True)
     device: str = option("auto", "Where to train. 'auto' uses a GPU when there is one.", choices=("auto", "cpu", "cuda", "mps"), advanced=True)
     cache_latents: bool = option(True, "Encode every image with the VAE once before training instead of every step.", advanced=True)
@@ -147,6 +184,15 @@ class TrainingSection:
     attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
     channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
     compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
+    compile_scope: str = option(
+        "blocks", "What 'compile' compiles: 'blocks' (each transformer block once, reused: the quicker start) or "
+        "'denoiser' (the whole UNet: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
+        advanced=True,
+    )
+    tf32: bool = option(
+        True, "Run fp32 matrix products and convolutions in TF32 on GPUs that have it (NVIDIA Ampere and newer): "
+        "several times faster fp32, at about 1e-3 relative precision. No effect elsewhere.", label="TF32", advanced=True,
+    )
     fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
     dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
     # Flow-matching families (Flux.1, SD3.x): how σ is drawn and weighted (families/flow.py); others ignore these.
@@ -192,7 +238,10 @@ class SamplingSection:
         [], "Prompts for preview images; empty uses the first captions of the dataset. '{trigger}' is replaced.",
     )
     negative_prompt: str = option("", "Negative prompt for preview images.", advanced=True)
-    every: int = option(100, "Make preview images every N steps; 0 turns previews off.", min=0, max=1_000_000, label="Sample every")
+    every: int = option(
+        -1, "Make preview images every N steps; 0 turns previews off; -1 (auto) about every 5 minutes of training, "
+        "judged from the estimated time per step.", min=-1, max=1_000_000, label="Sample every",
+    )
     steps: int = option(20, "Denoising steps per preview image.", min=1, max=200, advanced=True)
     base_weights_fp8: bool = option(
         False, "Big transformer models (Flux): keep the frozen base weights in fp8 (float8_e4m3fn), computing in "
@@ -208,6 +257,31 @@ class SamplingSection:
     seed: int = option(1234, "Seed of the preview images (the same for every step, so they are comparable).", min=0, max=2**32 - 1, advanced=True)
     width: int = option(0, "Preview width; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
     height: int = option(0, "Preview height; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
+
+
+@dataclass
+class ValidationSection:
+    # Validation loss (knowing when to stop): the denoising loss on images the LoRA never trains on, with the same
+    # noise and timesteps at every evaluation, so its curve moves only when the weights do.
+    split: float = option(
+        0.0, "Hold out images from training to measure the validation loss on: below 1 a share of the images "
+        "(0.1 = 10 %), 1 or more a number of images. 0 holds out none.", min=0.0, max=100_000,
+        label="Validation images held out",
+    )
+    folder: str = option(
+        "", "A folder of your own validation images (with captions) instead of holding out training images.",
+        label="Validation folder",
+    )
+    every: int = option(
+        50, "Measure the validation loss every N steps (and at the start and the end), when there are validation "
+        "images; 0 turns it off (held-out images still stay out of training).", min=0, max=1_000_000, label="Validate every",
+    )
+    images: int = option(8, "At most this many validation images are evaluated (fewer is faster).", min=1, max=1024,
+                         advanced=True)
+    timesteps: int = option(
+        4, "Noise draws per image at each evaluation (fixed noise and timesteps from a fixed seed, the same every "
+        "time): more gives a steadier curve, each costs one forward pass per image.", min=1, max=64, advanced=True,
+    )
 
 
 @dataclass
@@ -235,6 +309,7 @@ class Job:
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
     output: OutputSection = field(default_factory=OutputSection)
 
 
@@ -491,7 +566,7 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     problems: list[Problem] = []
     for info in iter_fields():
         value = get_value(job, info.path)
-        if info.choices and value not in info.choices:
+        if info.choices and str(value) not in info.choices:  # choices are written as text, also for numbers
             problems.append(Problem(info.path, f"'{value}' is not one of: {', '.join(info.choices)}"))
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:  # NaN
@@ -516,6 +591,11 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if lo.rank >= 1 and lo.alpha > 4 * lo.rank:
         problems.append(Problem("lora.alpha", f"alpha {lo.alpha:g} is far above rank {lo.rank}: the update is scaled by "
                                  f"{lo.alpha / lo.rank:g}×; usual values are rank/2 to rank", "warning"))
+    if lo.algorithm == "lokr" and lo.lokr_factor not in (-1,) and lo.lokr_factor < 2:
+        problems.append(Problem("lora.lokr_factor", f"must be -1 (automatic) or at least 2, got {lo.lokr_factor}"))
+    if lo.dora and lo.algorithm != "lora":
+        problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
+                                f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))
@@ -526,8 +606,26 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if t.mixed_precision == "fp16" and t.device == "cpu":
         problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
 
+    problems += _validation_problems(job.validation, check_paths)
     if check_paths:
         problems += _validate_paths(job)
+    return problems
+
+
+def _validation_problems(v: "ValidationSection", check_paths: bool) -> list[Problem]:
+    problems = []
+    if 0.5 < v.split < 1:
+        problems.append(Problem("validation.split", f"holding out {v.split:.0%} of the images leaves too few to train "
+                                "on; use at most 0.5 (or a number of images, 1 or more)"))
+    elif v.split >= 1 and not float(v.split).is_integer():
+        problems.append(Problem("validation.split", f"{v.split:g} is neither a share below 1 nor a whole number of "
+                                "images; use e.g. 0.1 or 4"))
+    if v.folder.strip() and v.split:
+        problems.append(Problem("validation.split", "a validation folder is set, so no training images are held out; "
+                                "set this to 0 (or clear the folder)", "warning"))
+    if check_paths and v.folder.strip() and not Path(v.folder).expanduser().is_dir():
+        problems.append(Problem("validation.folder", f"'{v.folder}' is not a folder; pick the folder with your "
+                                "validation images, or clear the field to hold out training images instead"))
     return problems
 
 

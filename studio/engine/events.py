@@ -37,6 +37,18 @@ class StepCompleted:
     steps_per_s: float  # recent throughput
     eta_s: float
     epoch: int = 0
+    skipped: bool = False  # fp16 gradients overflowed: the weights and the learning-rate schedule did not move
+
+
+@dataclass(frozen=True)
+class ValidationCompleted:
+    """The validation loss after ``step`` steps (0: the base model), and the best one so far."""
+
+    step: int
+    loss: float
+    best_step: int
+    best_loss: float
+    images: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,8 @@ class RunFinished:
     lora_path: Path
     steps: int
     elapsed_s: float
+    best_step: int | None = None  # the step with the lowest validation loss (None: no validation)
+    best_val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,9 @@ class RunFailed:
     run_dir: Path | None = None
     log_path: Path | None = None
     lora_path: Path | None = None  # the last good LoRA, when one was saved
+    # The trained LoRA, kept in memory when the disk would not take it (studio.engine.unsaved.UnsavedLora):
+    # ``unsaved.save(folder)`` writes it elsewhere. None when nothing trained is left unsaved.
+    unsaved: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,8 @@ class RunCancelled:
 
 
 TrainEvent = Union[
-    RunStarted, StatusChanged, StepCompleted, SampleReady, CheckpointSaved, LogMessage, RunFinished, RunFailed, RunCancelled
+    RunStarted, StatusChanged, StepCompleted, ValidationCompleted, SampleReady, CheckpointSaved, LogMessage, RunFinished,
+    RunFailed, RunCancelled,
 ]
 TERMINAL_EVENTS = (RunFinished, RunFailed, RunCancelled)
 

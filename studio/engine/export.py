@@ -4,12 +4,10 @@
 # consumer scales a module by ``alpha / rank`` exactly like peft's ``lora_alpha / r``, and ``.alpha`` is the
 # alpha the module was trained with (conv alpha for LoCon convolutions).
 #
-# DoRA is refused in this layout. peft's DoRA normalises each *output* row of ``W + ΔW``. diffusers drops
-# ``dora_scale`` keys with a warning (the LoRA then loads as plain LoRA), A1111 only implements LyCORIS'
-# per-input-column decomposition, and ComfyUI's output-axis branch divides by ``‖W‖`` instead of
-# ``‖W + ΔW‖`` (Comfy-Org/ComfyUI PR #15458, open). No ``dora_scale`` we could write reproduces the
-# trained model in all of them, so a DoRA LoRA is only written in the diffusers/PEFT layout
-# (``export_diffusers_lora``), which diffusers applies faithfully.
+# Each module's tensors are its adapter type's (studio/engine/adapters/: LoRA/LoCon lora_down/lora_up/alpha; DoRA
+# adds LyCORIS's dora_scale; LoHa hada_*; LoKr lokr_*), so a file holds one algorithm per module and the
+# metadata names the module that reads it (networks.lora or lycoris.kohya) with its arguments as that tool writes
+# them. Which consumers load a file fully (and where DoRA's formula differs) is adapters/consumers.py's.
 
 from __future__ import annotations
 
@@ -28,6 +26,7 @@ from studio.engine import families
 from studio.engine.families import Family, get_family
 from studio.engine.fileio import atomic_write_with
 from studio.engine.jsonfile import JsonFileError, parse_json
+from studio.engine.adapters import adapter_for, adapter_of_layer
 from studio.engine.lora import ADAPTER_NAME, components, lora_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,45 +69,60 @@ def kohya_module_names(bundle: "ModelBundle") -> dict[str, list[str]]:
 
 
 def kohya_export_problem(source: Any) -> str | None:
-    """Why a LoRA cannot be written in kohya layout, or None; ``source`` is a ModelBundle or a job's LoraSection.
+    """Why the adapters cannot be written in kohya layout, or None; ``source`` is a ModelBundle or a LoraSection.
 
     Lets validation and the trainer say so before training rather than at export.
     """
-    if hasattr(source, "dora") and not hasattr(source, "denoiser"):
-        dora = bool(source.dora)
-    else:
-        dora = any(layer.use_dora.get(ADAPTER_NAME, False)
-                   for model in components(source).values() for layer in lora_layers(model).values())
-    if dora:
-        return ("DoRA LoRAs cannot be written in the A1111/ComfyUI (kohya) layout: those tools apply DoRA's "
-                "magnitude differently from how it was trained, and diffusers ignores it. Export the "
-                "diffusers/PEFT layout instead (output.save_diffusers), or train without DoRA for a file "
-                "that works everywhere.")
+    if hasattr(source, "rank") and not hasattr(source, "denoiser"):
+        return adapter_for(source).export_problem(source)
     return None
 
 
-def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The trained adapters in kohya layout: ``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
-    problem = kohya_export_problem(bundle)
-    if problem:
-        raise LoraExportError(problem)
+def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16, *,
+                     dora_target: str = "lycoris") -> dict[str, torch.Tensor]:
+    """The trained adapters in kohya/LyCORIS layout: ``<name>.<suffix>`` with each adapter type's suffixes."""
     out: dict[str, torch.Tensor] = {}
     layers = []
     for key, model in components(bundle).items():
         for path, layer in lora_layers(model).items():
-            if getattr(layer, "use_rslora", {}).get(ADAPTER_NAME, False):
-                raise LoraExportError("rank-stabilised LoRA (scale alpha/√rank) has no kohya equivalent")
-            layers.append((key, path, layer.lora_A[ADAPTER_NAME].weight.detach(),
-                           layer.lora_B[ADAPTER_NAME].weight.detach(), float(layer.lora_alpha[ADAPTER_NAME])))
+            adapter = adapter_of_layer(layer)
+            try:
+                if adapter.name == "dora":
+                    tensors = adapter.export_tensors(layer, dtype, target=dora_target)
+                else:
+                    tensors = adapter.export_tensors(layer, dtype)
+            except ValueError as exc:
+                raise LoraExportError(str(exc)) from None
+            layers.append((key, path, tensors))
     # The family names the modules (and joins those its original model fuses, e.g. Flux's q/k/v).
-    for name, down, up, alpha in bundle.family.kohya_modules(layers, bundle.denoiser.config):
-        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
-        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    try:
+        modules = bundle.family.kohya_modules(layers, bundle.denoiser.config)
+    except ValueError as exc:
+        raise LoraExportError(str(exc)) from None
+    for name, tensors in modules:
+        for suffix, tensor in tensors.items():
+            out[f"{name}.{suffix}"] = tensor
     if not out:
         raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
     return out
+
+
+def kohya_keys(bundle: "ModelBundle") -> list[str]:
+    """Every key the kohya/LyCORIS export of the bundle's adapters writes (names only: works on meta models)."""
+    keys = []
+    for key, model in components(bundle).items():
+        for path, layer in lora_layers(model).items():
+            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
+            keys += [f"{name}.{suffix}" for suffix in adapter_of_layer(layer).export_suffixes(layer)]
+    return list(dict.fromkeys(keys))  # a family may join several layers into one module (Flux's fused qkv)
+
+
+def trained_adapter(bundle: "ModelBundle"):
+    """The adapter type the bundle carries (the first adapted layer's), or None."""
+    for model in components(bundle).values():
+        for layer in lora_layers(model).values():
+            return adapter_of_layer(layer)
+    return None
 
 
 def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float, weight_shape: torch.Size | tuple) -> torch.Tensor:
@@ -179,18 +193,16 @@ def build_metadata(
         trigger_words = [trigger_words] if trigger_words.strip() else []
     title = title or out.title or out.name
     description = description if description is not None else out.description
-    network_args: dict[str, str] = {}
-    if lo.targets == "+conv":
-        # kohya's spelling of a LoCon: networks.lora with conv_dim/conv_alpha (values are strings there too).
-        network_args = {"conv_dim": str(lo.conv_rank or lo.rank), "conv_alpha": _str_value(float(lo.conv_alpha or lo.alpha))}
-    if lo.dora:
-        network_args["dora_wd"] = "True"
+    # kohya's spelling of a LoCon is networks.lora with conv_dim/conv_alpha; LyCORIS's is lycoris.kohya with algo
+    # and its options (values are strings in both).
+    adapter = adapter_for(lo)
+    network_args = adapter.network_args(lo)
     model_name = Path(job.model.path).name if job.model.path else ""
 
     meta: dict[str, Any] = {
         # kohya sd-scripts (read by A1111's Lora tab, ComfyUI's LoRA info nodes, Civitai)
         "ss_output_name": out.name,
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": adapter.network_module,
         "ss_network_dim": network_dim if network_dim is not None else lo.rank,
         "ss_network_alpha": float(network_alpha if network_alpha is not None else lo.alpha),
         "ss_network_dropout": float(lo.dropout),
@@ -217,6 +229,9 @@ def build_metadata(
         "ss_noise_offset": float(tr.noise_offset),
         "ss_min_snr_gamma": float(tr.min_snr_gamma),
         "ss_max_grad_norm": float(tr.max_grad_norm),
+        # kohya writes "None" for its defaults (75 tokens, the last layer); the numbers say the same, explicitly.
+        "ss_max_token_length": int(tr.max_token_length),
+        "ss_clip_skip": int(tr.clip_skip),
         "ss_caption_dropout_rate": float(ds.caption_dropout),
         "ss_shuffle_caption": str(bool(ds.shuffle_tags)),
         "ss_keep_tokens": int(ds.keep_tokens),
@@ -317,22 +332,41 @@ def export_lora(
 ) -> Path:
     """Write the LoRA in kohya layout with metadata, atomically; returns the path.
 
-    Raises LoraExportError for a DoRA LoRA (see the comment at the top) or a model without LoRA.
+    Raises LoraExportError for a model without adapters.
     """
+    path = Path(path)
+    _write_chunks(path, lora_file_chunks(bundle, job, steps=steps, tag_frequency=tag_frequency, dtype=dtype,
+                                         extra_metadata=extra_metadata))
+    return path
+
+
+def lora_file_chunks(
+    bundle: "ModelBundle",
+    job: "Job",
+    *,
+    steps: int,
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    dtype: str = "fp16",
+    extra_metadata: dict[str, Any] | None = None,
+) -> list[bytes | memoryview]:
+    """The bytes of the kohya-layout LoRA file export_lora writes (in memory: a failed write can keep them)."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"unknown save dtype '{dtype}'; choose one of: {', '.join(SAVE_DTYPES)}")
-    tensors = kohya_state_dict(bundle, SAVE_DTYPES[dtype])
-    ranks = collections.Counter(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight"))
+    tensors = kohya_state_dict(bundle, SAVE_DTYPES[dtype], dora_target=getattr(job.lora, "dora_target", "lycoris"))
+    ranks = collections.Counter(t.shape[0] for k, t in tensors.items()
+                                if k.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")))
     metadata = build_metadata(
         job=job, family=bundle.family, prediction_type=bundle.prediction_type, steps=steps,
         tag_frequency=tag_frequency, resolution=job.dataset.resolution,
-        network_dim=ranks.most_common(1)[0][0],
+        network_dim=ranks.most_common(1)[0][0] if ranks else job.lora.rank,
     )
+    adapter = trained_adapter(bundle)
+    if adapter is not None and adapter.name == "dora":
+        # Which consumer's formula the magnitudes were written for (the export report reads it).
+        metadata["lora_studio.dora_target"] = getattr(job.lora, "dora_target", "lycoris")
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = _str_value(value)
-    path = Path(path)
-    _write_chunks(path, serialize_with_hashes(tensors, metadata))
-    return path
+    return serialize_with_hashes(tensors, metadata)
 
 
 def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -356,15 +390,20 @@ def diffusers_state_dict(bundle: "ModelBundle") -> tuple[dict[str, torch.Tensor]
 
 def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[str, str] | None = None) -> Path:
     """Write the diffusers/PEFT layout (loads with ``load_lora_weights`` in diffusers only), atomically."""
+    path = Path(path)
+    _write_chunks(path, diffusers_lora_chunks(bundle, metadata=metadata))
+    return path
+
+
+def diffusers_lora_chunks(bundle: "ModelBundle", *, metadata: dict[str, str] | None = None) -> list[bytes]:
+    """The bytes of the diffusers/PEFT-layout file export_diffusers_lora writes."""
     from safetensors.torch import save
 
     tensors, adapter_meta = diffusers_state_dict(bundle)
     # Same metadata keys as diffusers' own writer, so its loader rebuilds the exact LoraConfig (incl. DoRA).
     header = {**{k: _str_value(v) for k, v in (metadata or {}).items()}, "format": "pt",
               "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True, default=str)}
-    path = Path(path)
-    _write_chunks(path, [save(tensors, metadata=header)])
-    return path
+    return [save(tensors, metadata=header)]
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -373,7 +412,8 @@ def export_diffusers_lora(bundle: "ModelBundle", path: Path, *, metadata: dict[s
 def _kohya_weight() -> re.Pattern:
     """kohya-layout weight keys of any registered family: ``lora_unet_…``, ``lora_te1_…`` + lora_down/lora_up."""
     prefixes = "|".join(re.escape(p) for p in sorted(families.kohya_prefixes(), key=len, reverse=True))
-    return re.compile(rf"^({prefixes})_(.+)\.(lora_down|lora_up)\.weight$")
+    return re.compile(rf"^({prefixes})_(.+?)\.(lora_down\.weight|lora_up\.weight|hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b"
+                      rf"|lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b)$")
 
 
 @functools.cache
@@ -391,7 +431,7 @@ def _short_component(prefix: str, family: Family | None) -> str:
     if name == "te" and family is not None and len(family.text_encoder_names) > 1:
         name = "te1"  # diffusers calls the first of several text encoders plain text_encoder
     return name
-_LYCORIS_PARTS = ("hada_w1_a", "lokr_w1", "lokr_w2", "oft_blocks", "oft_diag", "a1.weight", "w_norm", ".diff")
+_LYCORIS_PARTS = ("oft_blocks", "oft_diag", "a1.weight", "w_norm", ".diff")  # LyCORIS algorithms LoRA Studio lacks
 
 
 def _open(path: Path):
@@ -424,7 +464,8 @@ def _classify_keys(keys: list[str], name: str) -> str:
     if any(k.startswith(("down_blocks.", "conv_in.", "mid_block.")) for k in keys):
         raise NotALoraError(f"'{name}' is a diffusers model part (UNet/VAE weights), not a LoRA")
     if any(part in k for k in keys for part in _LYCORIS_PARTS):
-        raise NotALoraError(f"'{name}' is a LyCORIS network (LoHa/LoKr/OFT/…), which LoRA Studio cannot read")
+        raise NotALoraError(f"'{name}' is a LyCORIS network of an algorithm LoRA Studio cannot read (OFT, GLoRA, "
+                            "full or norm); it reads LoRA, LoCon, DoRA, LoHa and LoKr")
     if any(k in ("emb_params", "clip_l", "clip_g", "string_to_param") for k in keys):
         raise NotALoraError(f"'{name}' is a textual-inversion embedding, not a LoRA")
     raise NotALoraError(f"'{name}' is not a LoRA file: it has no lora_down/lora_up (kohya) or lora_A/lora_B "
@@ -457,18 +498,27 @@ def describe_lora(path: Path) -> dict[str, Any]:
 
     modules: dict[str, dict[str, Any]] = {}
     dora = False
+    algorithms: collections.Counter = collections.Counter()
     for key, shape in shapes.items():
         m = _kohya_weight().match(key) if layout == "kohya" else _peft_weight().match(key)
         if m:
             prefix, rest, part = m.groups()
             module = f"{prefix}_{rest}" if layout == "kohya" else f"{prefix}.{rest}"
             entry = modules.setdefault(module, {"component": prefix})
-            if part in ("lora_down", "lora_A"):
+            if part in ("lora_down.weight", "lora_A"):
                 entry["rank"] = shape[0]
                 # k x k convolutions are LoCon's; 1x1 convs (SD1's proj_in/out) count as plain LoRA like kohya.
                 entry["spatial"] = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+            elif part == "hada_w1_b" or part in ("lokr_w1_b", "lokr_w2_b"):
+                entry["rank"] = shape[0]
+            if part.startswith("hada_"):
+                entry["algorithm"] = "loha"
+            elif part.startswith("lokr_"):
+                entry["algorithm"] = "lokr"
         elif key.endswith(("dora_scale", "lora_magnitude_vector")):
             dora = True
+    for entry in modules.values():
+        algorithms[entry.get("algorithm", "lora")] += 1
 
     family, prediction, family_source = families.lora_family(metadata, shapes, layout)
     counts: dict[str, int] = collections.Counter()
@@ -502,7 +552,9 @@ def describe_lora(path: Path) -> dict[str, Any]:
     alpha = alpha_values.most_common(1)[0][0] if alpha_values else None
     if alpha is None and layout == "kohya" and rank is not None and not alphas:
         alpha = float(rank)  # kohya's convention for files without .alpha: no scaling
-    network_type = "dora" if dora else ("locon" if spatial else "lora")
+    tucker = any(k.endswith((".lora_mid.weight", ".hada_t1", ".lokr_t2")) for k in keys)
+    lycoris = [a for a in algorithms if a in ("loha", "lokr")]
+    network_type = lycoris[0] if lycoris else ("dora" if dora else ("locon" if spatial else "lora"))
     info: dict[str, Any] = {
         "path": str(path),
         "size_bytes": path.stat().st_size,
@@ -525,6 +577,7 @@ def describe_lora(path: Path) -> dict[str, Any]:
         "steps": int(metadata["ss_steps"]) if metadata.get("ss_steps", "").isdigit() else None,
         "resolution": metadata.get("modelspec.resolution"),
         "metadata": metadata,
+        "tucker": tucker,
     }
     if spatial:
         info["conv_rank"] = conv_ranks.most_common(1)[0][0] if conv_ranks else None

@@ -287,8 +287,35 @@ def _lora_info(path: Path, hashes: bool) -> dict[str, Any]:
     except LoraFileError as exc:
         raise ModelLoadError(str(exc)) from None
     info = {**info, "kind": "lora", "name": path.name}
+    info.update(file_report(path, info))
     if "metadata" in info and isinstance(info["metadata"], dict):
         info["metadata"] = _trim(info["metadata"])
     if hashes:
         info.update(cached_file_hashes(path))
     return info
+
+
+def file_report(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The export report of a LoRA file: per consumer whether it loads fully, and a refusal if its modules are bad."""
+    from studio.engine.adapters.consumers import CONSUMERS, report_dicts
+
+    problem = lora_file_problem(path) if info.get("layout") == "kohya" else None
+    if problem:
+        return {"problem": problem,
+                "consumers": [{"consumer": c, "status": "does not load", "reason": problem} for c in CONSUMERS]}
+    return {"consumers": report_dicts(info)}
+
+
+def lora_file_problem(path: Path) -> str | None:
+    """Why a kohya/LyCORIS file's modules cannot be applied (unknown algorithm, factors that do not fit), or None."""
+    from safetensors import safe_open
+
+    from studio.engine.adapters import AdapterFileError, read_modules
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        read_modules(tensors)
+    except AdapterFileError as exc:
+        return str(exc)
+    return None

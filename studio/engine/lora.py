@@ -1,19 +1,28 @@
-"""LoRA adapters (peft) on a model bundle: which layers, rank/alpha/DoRA, fp32 trainable params, state dicts."""
+"""Adapters on a model bundle, by the names the rest of the engine uses: targets, inject, layers, state dicts.
+
+The behaviour lives in ``studio.engine.adapters`` (one module per adapter type); this module keeps the
+engine's long-standing entry points.
+"""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from studio.engine import adapters
+from studio.engine.adapters import ADAPTER_NAME, adapter_for, adapter_layers, components
+from studio.engine.adapters.base import is_spatial_conv as _is_spatial_conv  # noqa: F401  (kept name)
+from studio.engine.adapters.base import selected_modules
 from studio.engine.families import Family, get_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.families import ModelBundle
     from studio.engine.config import LoraSection
 
-ADAPTER_NAME = "default"
+__all__ = ["ADAPTER_NAME", "PRESETS", "components", "count_lora_modules", "inject_lora", "load_lora_state_dicts",
+           "lora_config", "lora_layers", "lora_state_dicts", "matching_modules", "target_modules"]
+
 PRESETS = ("attention", "kohya-default", "+conv")
 
 
@@ -27,132 +36,49 @@ def target_modules(family: Family | str, preset: str, component: str) -> str:
 
 def matching_modules(model: torch.nn.Module, pattern: str) -> list[str]:
     """Names of the Linear/Conv2d modules of ``model`` that ``pattern`` selects (what peft will wrap)."""
-    rx = re.compile(pattern)
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and rx.fullmatch(name)
-    ]
-
-
-def _is_spatial_conv(module: torch.nn.Module) -> bool:
-    # kohya gives 1x1 convolutions the normal rank (they are linear maps); only k x k convs use conv_dim.
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
-
-
-def components(bundle: "ModelBundle") -> dict[str, torch.nn.Module]:
-    """The bundle's LoRA-capable parts by the family's component names (denoiser first, then text encoders)."""
-    return bundle.components()
+    return selected_modules(model, pattern)
 
 
 def lora_config(lora: "LoraSection", family: Family | str, component: str, model: torch.nn.Module) -> Any:
-    """The peft LoraConfig for one component; conv layers get conv_rank/conv_alpha via rank/alpha patterns."""
-    from peft import LoraConfig
-
-    pattern = target_modules(family, lora.targets, component)
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    if lora.targets == "+conv" and component == get_family(family).denoiser_name:
-        conv_rank = lora.conv_rank or lora.rank
-        conv_alpha = lora.conv_alpha or lora.alpha
-        modules = dict(model.named_modules())
-        for name in matching_modules(model, pattern):
-            if _is_spatial_conv(modules[name]):
-                # Exact names (escaped): peft matches pattern keys as `(.*\.)?(key)$`.
-                if conv_rank != lora.rank:
-                    rank_pattern[re.escape(name)] = conv_rank
-                if conv_alpha != lora.alpha:
-                    alpha_pattern[re.escape(name)] = conv_alpha
-    return LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        use_dora=lora.dora,
-        target_modules=pattern,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        # kohya's initialisation: A kaiming-uniform, B zero, so the untrained LoRA changes nothing.
-        init_lora_weights=True,
-    )
+    """The peft config of the job's adapter type for one component."""
+    target_modules(family, lora.targets, component)  # an unknown preset is refused with the list
+    return adapter_for(lora).peft_config(lora, get_family(family), component, model)
 
 
 def inject_lora(bundle: "ModelBundle", lora: "LoraSection", *, train_text_encoder: bool) -> dict[str, list[torch.nn.Parameter]]:
-    """Add LoRA adapters to the denoiser (and the text encoders if chosen); return the trainable params per component."""
-    from diffusers.training_utils import cast_training_params
-
-    parts = components(bundle)
-    trained = (bundle.family.denoiser_name, *(bundle.family.trainable_text_encoders() if train_text_encoder else ()))
-    chosen = {k: m for k, m in parts.items() if k in trained}
-    for key, model in parts.items():
-        if lora_layers(model):
-            raise ValueError(f"the {key} already has a LoRA adapter; load a fresh model before injecting another")
-    for module in (*parts.values(), bundle.vae):
-        if module is not None:
-            module.requires_grad_(False)
-    trainable: dict[str, list[torch.nn.Parameter]] = {}
-    for key, model in chosen.items():
-        model.add_adapter(lora_config(lora, bundle.family, key, model), adapter_name=ADAPTER_NAME)
-        # Adapters are created in the base weights' dtype; optimizer state and updates of fp16/bf16 LoRA
-        # weights lose too much precision, so the trainable parameters are kept in fp32 (the forward pass
-        # still runs in the base dtype under autocast).
-        cast_training_params(model, dtype=torch.float32)
-        trainable[key] = [p for p in model.parameters() if p.requires_grad]
-    return trainable
+    """Add the job's adapter (LoRA, LoCon, DoRA, LoHa or LoKr) to the bundle; the trainable params per component."""
+    target_modules(bundle.family, lora.targets, bundle.family.denoiser_name)
+    return adapters.inject(bundle, lora, train_text_encoder=train_text_encoder)
 
 
 def lora_layers(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, Any]:
-    """Module name → peft LoRA layer carrying ``adapter_name``, in module order."""
-    from peft.tuners.lora import LoraLayer
+    """Module name → peft layer carrying the adapter (any type), in module order."""
+    if adapter_name != ADAPTER_NAME:
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
-    }
+        return {n: m for n, m in model.named_modules()
+                if isinstance(m, BaseTunerLayer) and adapter_name in getattr(m, "lora_A", {})}
+    return adapter_layers(model)
 
 
 def count_lora_modules(model: torch.nn.Module, adapter_name: str | None = None) -> int:
-    """How many modules of ``model`` carry a LoRA (any adapter, or the named one)."""
-    from peft.tuners.lora import LoraLayer
+    """How many modules of ``model`` carry an adapter (any adapter, or the named one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sum(
-        1 for module in model.modules()
-        if isinstance(module, LoraLayer) and (module.lora_A.keys() if adapter_name is None else adapter_name in module.lora_A)
-    )
+    def carries(module: Any) -> bool:
+        names = set()
+        for attr in module.adapter_layer_names:
+            names |= set(getattr(module, attr).keys())
+        return bool(names) if adapter_name is None else adapter_name in names
+
+    return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and carries(m))
 
 
 def lora_state_dicts(bundle: "ModelBundle") -> dict[str, dict[str, torch.Tensor]]:
     """The adapters' weights per component in peft layout (for checkpoints and resuming)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {
-        key: {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False).items()}
-        for key, model in components(bundle).items() if lora_layers(model)
-    }
+    return adapters.state_dicts(bundle)
 
 
 def load_lora_state_dicts(bundle: "ModelBundle", sds: dict[str, dict[str, torch.Tensor]]) -> None:
     """Load weights from ``lora_state_dicts`` into already injected adapters; every key must match."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-    parts = components(bundle)
-    problems = []
-    for key, sd in sds.items():
-        model = parts.get(key)
-        if model is None or not lora_layers(model):
-            problems.append(f"{key}: the saved state has LoRA weights for it but the model has no LoRA there")
-            continue
-        expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False))
-        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        if missing or unexpected:
-            problems.append(f"{key}: {len(missing)} missing keys (e.g. {missing[:2]}), "
-                            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
-    for key, model in parts.items():
-        if key not in sds and lora_layers(model):
-            problems.append(f"{key}: the model has a LoRA there but the saved state has none")
-    if problems:
-        raise ValueError("the saved LoRA state does not fit this model (were the LoRA settings changed?):\n  "
-                         + "\n  ".join(problems))
-    for key, sd in sds.items():
-        # load_state_dict copies into the existing parameters, so fp32 LoRA weights stay fp32.
-        result = set_peft_model_state_dict(parts[key], sd, adapter_name=ADAPTER_NAME)
-        if result.unexpected_keys:
-            raise ValueError(f"{key}: LoRA weights not used: {result.unexpected_keys[:3]}")
+    adapters.load_state_dicts(bundle, sds)

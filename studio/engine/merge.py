@@ -8,13 +8,13 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from studio.engine import families
+from studio.engine.adapters import AdapterFileError, FileModule, read_modules
 from studio.engine.config import ModelSection
 from studio.engine.detect import detect
 from studio.engine.families import ModelBundle
@@ -24,68 +24,35 @@ from studio.engine.safe_load import ModelLoadError, open_weights
 
 
 @functools.cache
-def _kohya_key() -> re.Pattern:
-    """Keys of a kohya-layout LoRA of any registered family: ``<prefix>_<module>.<part>``."""
+def _kohya_name() -> re.Pattern:
+    """Module names of a kohya/LyCORIS-layout file of any registered family: ``<prefix>_<module>``."""
     prefixes = "|".join(re.escape(p) for p in sorted(families.kohya_prefixes(), key=len, reverse=True))
-    return re.compile(rf"^((?:{prefixes})_.+?)\.(lora_down\.weight|lora_up\.weight|alpha|lora_mid\.weight|dora_scale)$")
+    return re.compile(rf"^(?:{prefixes})_[^.]+$")
 
 
-@dataclass
-class KohyaModule:
-    """One adapted layer of a kohya LoRA: ``ΔW = up @ down × alpha / rank``."""
-
-    name: str
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def delta(self, weight_shape: torch.Size, strength: float) -> torch.Tensor:
-        update = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        if update.numel() != weight_shape.numel():
-            raise ValueError(f"{tuple(update.shape)} vs {tuple(weight_shape)}")
-        # Computed in fp32 whatever the file's precision, then added once: no fp16 rounding of small updates.
-        return (update * (self.alpha / self.rank * strength)).reshape(weight_shape)
+# The adapter type of each module (LoRA, LoCon, DoRA, LoHa, LoKr) computes its own weight change.
+KohyaModule = FileModule
 
 
-def read_kohya_lora(path: str | Path) -> tuple[dict[str, KohyaModule], dict[str, str]]:
-    """The modules and metadata of a kohya-layout LoRA file; anything else is refused with a reason."""
+def read_kohya_lora(path: str | Path) -> tuple[dict[str, FileModule], dict[str, str]]:
+    """The modules and metadata of a kohya/LyCORIS-layout file; anything else is refused with a reason."""
     path = Path(path)
     w = open_weights(path)
     det = detect(w.shapes, w.metadata, path.name)
     if det.kind != "lora":
         raise ModelLoadError(f"'{path.name}' is not a LoRA: it is {det.architecture}")
-    if "LyCORIS" in det.architecture:
-        raise ModelLoadError(f"'{path.name}' is a LyCORIS network (LoHa/LoKr/OFT); only plain LoRA/LoCon can be baked")
-    parts: dict[str, dict[str, str]] = {}
-    for key in w.shapes:
-        m = _kohya_key().match(key)
-        if m:
-            parts.setdefault(m.group(1), {})[m.group(2)] = key
-    if not parts:
+    keys = [k for k in w.shapes if _kohya_name().match(k.partition(".")[0])]
+    if not keys:
         raise ModelLoadError(f"'{path.name}' is a LoRA in the diffusers/PEFT layout; baking needs the kohya layout "
                              "(lora_unet_…/lora_te_… keys) that LoRA Studio exports by default")
-    if any("dora_scale" in p for p in parts.values()):
-        raise ModelLoadError(f"'{path.name}' is a DoRA LoRA; tools disagree on how to apply its magnitude, so it "
-                             "cannot be baked faithfully. Bake a plain LoRA instead")
-    if any("lora_mid.weight" in p for p in parts.values()):
-        raise ModelLoadError(f"'{path.name}' uses LoCon's Tucker (lora_mid) decomposition, which cannot be baked here")
-    tensors = w.tensors([k for p in parts.values() for k in p.values()])
-    modules = {}
-    for name, p in parts.items():
-        if "lora_down.weight" not in p or "lora_up.weight" not in p:
-            raise ModelLoadError(f"'{path.name}' is incomplete: module {name} lacks its down or up weight")
-        down, up = tensors[p["lora_down.weight"]], tensors[p["lora_up.weight"]]
-        # kohya's convention: a module without .alpha is not scaled (alpha = rank).
-        alpha = float(tensors[p["alpha"]].float().item()) if "alpha" in p else float(down.shape[0])
-        modules[name] = KohyaModule(name, down, up, alpha)
+    try:
+        modules = read_modules(w.tensors(keys))
+    except AdapterFileError as exc:
+        raise ModelLoadError(f"'{path.name}': {exc}") from None
     return modules, w.metadata
 
 
-def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, KohyaModule], strength: float) -> dict[str, Any]:
+def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, FileModule], strength: float) -> dict[str, Any]:
     """Add each module's update to the model's weights in place; returns counts per component and misses."""
     index = bundle.family.kohya_index(bundle)
     counts: dict[str, int] = {}
@@ -98,10 +65,9 @@ def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, KohyaModule], stren
         component, module = target
         weight = module.weight
         try:
-            delta = lora.delta(weight.shape, strength)
-        except ValueError as exc:
-            raise ModelLoadError(f"the LoRA does not fit this model: {name} has shape {exc}; it was probably "
-                                 "trained for another model family") from None
+            delta = lora.delta(weight.detach(), strength)
+        except AdapterFileError as exc:
+            raise ModelLoadError(f"the LoRA does not fit this model: {exc}") from None
         with torch.no_grad():
             weight.copy_((weight.float() + delta).to(weight.dtype))
         counts[component] = counts.get(component, 0) + 1

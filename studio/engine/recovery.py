@@ -49,6 +49,8 @@ def restore(run: Run) -> None:
         sched._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     run.position = position
     run.elapsed_before = float(state.get("meta", {}).get("elapsed", 0.0))
+    if run.job.sampling.every < 0 and isinstance(state.get("meta", {}).get("sample_every"), int):
+        run.sample_every = state["meta"]["sample_every"]  # 'auto' keeps the cadence the run started with
     run.saved_step, run.checkpoint = position.step, folder
     previous = run.folder.lora_path(run.job.output.name, position.step)
     if previous.is_file():
@@ -69,7 +71,7 @@ def write_checkpoint(run: Run) -> tuple[Path, Path]:
     run.folder.prune_intermediate_loras(run.job.output.name, run.job.output.keep_last_loras)
     run.phase = "saving"
     started = run.started if run.started is not None else time.perf_counter()
-    meta = {"total_steps": run.total_steps, "elapsed": time.perf_counter() - started}
+    meta = {"total_steps": run.total_steps, "elapsed": time.perf_counter() - started, "sample_every": run.sample_every}
     folder = save_checkpoint(run.folder.checkpoints, run.position, lora, run.optimizer, run.scheduler,
                              getattr(run.accelerator, "scaler", None), run.job.output.keep_last, job=run.job, meta=meta)
     run.lora_path, run.checkpoint, run.saved_step = lora_path, folder, run.step
@@ -93,7 +95,8 @@ def export_lora_file(run: Run, *, final: bool) -> Path:
     path = run.folder.lora_path(run.job.output.name, None if final else run.position.step)
     if run.is_main:
         if kohya_export_problem(run.bundle):
-            # DoRA: only the diffusers/PEFT layout reproduces the trained model (preflight made sure it was asked for).
+            # An adapter with no kohya/LyCORIS form (none today; preflight refuses such jobs unless diffusers is
+            # asked for): only the diffusers/PEFT layout reproduces it.
             export_diffusers_lora(run.bundle, path)
             return path
         export_lora(run.bundle, run.job, path, steps=run.position.step, tag_frequency=run.report.tag_frequency(),
@@ -106,11 +109,19 @@ def export_lora_file(run: Run, *, final: bool) -> Path:
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def failure_message(exc: BaseException, run: Run) -> str:
-    """The sentence for RunFailed; first saves the last completed step when that is safe, so nothing is lost."""
+def failure_message(exc: BaseException, run: Run, unsaved: Any = None) -> str:
+    """The sentence for RunFailed; first saves the last completed step when that is safe, so nothing is lost.
+
+    ``unsaved`` (keep_unsaved's result) is the trained LoRA the disk would not take, still in memory.
+    """
     phase = run.phase
     saved = rescue(exc, run)
     run_dir = run.run_dir
+    if unsaved is not None:
+        from studio.engine.unsaved import describe_size
+
+        return (failures.explain(exc, run.job, phase) + f" The trained LoRA (step {unsaved.step}, "
+                f"{describe_size(unsaved.size)}) is kept in memory: save it to another disk or folder now.")
     if failures.is_oom(exc) and run.report is not None:
         return str(failures.OutOfMemory(run.job, step=run.step, checkpoint=run.checkpoint, last_good=run.lora_path,
                                         run_dir=run_dir, during=failures.PHASES.get(phase, ""),
@@ -121,6 +132,41 @@ def failure_message(exc: BaseException, run: Run) -> str:
                     f"cause, continue with `lora-studio train --resume {run_dir}`")
         message += " (add --sample-every 0 to train without previews)." if phase == "sampling" else "."
     return message
+
+
+def keep_unsaved(exc: BaseException, run: Run) -> Any:
+    """After a write failed for want of space (or permission), the trained LoRA as the bytes of its file, in
+    memory (studio.engine.unsaved.UnsavedLora), so the user can save it elsewhere; None when there is nothing
+    trained to keep or the failure was not the disk's.
+
+    rescue() cannot help here: a checkpoint on the same disk would fail the same way.
+    """
+    from studio.engine.fileio import is_disk_full
+    from studio.engine.lora import lora_state_dicts
+    from studio.engine.unsaved import UnsavedLora
+
+    if run.bundle is None or not run.params or not run.is_main or run.step == 0 or not run.consistent:
+        return None
+    disk = isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+    if not disk and not (run.phase in ("saving", "exporting") and is_disk_full(exc, run.run_dir)):
+        return None
+    if not all_finite(lora_state_dicts(run.bundle)):
+        return None
+    path = run.folder.lora_path(run.job.output.name, None)
+    chunks = lora_file_chunks(run)
+    log.info("kept the trained LoRA of step %d in memory (%s could not be written)", run.step, path)
+    return UnsavedLora(name=path.name, step=run.step, meant_for=path.parent, chunks=tuple(chunks))
+
+
+def lora_file_chunks(run: Run) -> list:
+    """The bytes of the final LoRA file as export_lora_file would write it."""
+    from studio.engine.export import diffusers_lora_chunks, kohya_export_problem
+    from studio.engine.export import lora_file_chunks as kohya_chunks
+
+    if kohya_export_problem(run.bundle):
+        return diffusers_lora_chunks(run.bundle)
+    return kohya_chunks(run.bundle, run.job, steps=run.position.step, tag_frequency=run.report.tag_frequency(),
+                        dtype=run.job.output.save_dtype)
 
 
 def rescue(exc: BaseException, run: Run) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -99,11 +100,21 @@ def cache_latents(run: Run) -> Iterator[TrainEvent]:
 
 
 def _text_key(run: Run, caption: str) -> str:
-    return cache_key("text-v1", caption, run.model_fp)
+    t = run.job.training
+    options = () if (t.max_token_length, t.clip_skip) == (75, 1) else (t.max_token_length, t.clip_skip)
+    return cache_key("text-v1", caption, run.model_fp, *options)  # the defaults keep earlier caches valid
 
 
 def encode_text(run: Run, captions: list[str]) -> Conditioning:
     return run.bundle.family.encode_text(run.bundle, captions)
+
+
+def encode_text_for_training(run: Run, captions: list[str]) -> Conditioning:
+    """Encode through the text encoders as accelerate prepared them (DDP-wrapped under several processes), so
+    a trained text encoder's LoRA gradients are all-reduced like the denoiser's; the very same modules otherwise."""
+    if not run.te_ddp:
+        return encode_text(run, captions)
+    return run.bundle.family.encode_text(dataclasses.replace(run.bundle, text_encoders=list(run.te_ddp)), captions)
 
 
 def _cached_text(run: Run, caption: str) -> Conditioning:
@@ -129,6 +140,78 @@ def cache_text(run: Run) -> Iterator[TrainEvent]:
         for te in run.bundle.text_encoders:
             te.to("cpu")
         run.bundle.extra["text_encoders_offloaded"] = True
+
+
+# ------------------------------------------------------------------------------------ the caches the step reads
+
+# Device memory the resident caches may take, as a share of what is free after the model is loaded: they are small
+# (an SDXL latent's mean and std are 0.5 MB), but activations need the room more.
+RESIDENT_SHARE = 0.25
+
+
+def make_resident(run: Run) -> None:
+    """Move what each step reads (cached latents, per-image conditioning, static text) to where the step needs it.
+
+    On the device when it fits, else pinned host memory, which the step copies with ``non_blocking=True``: either
+    way the step never waits for a pageable host→device copy. On the CPU the entries are the cached tensors.
+    Only with cached latents; without, every step reads and encodes images on the host anyway.
+    """
+    if not run.job.training.cache_latents:
+        return
+    flips = (False, True) if run.job.dataset.random_flip else (False,)
+    store: dict = {}
+    for index in range(len(run.report.items)):
+        w, h = run.buckets[index]
+        for flip in flips:
+            entry = _latent(run, index, flip)
+            extra = run.bundle.family.example_conditioning([entry], (h, w))
+            store[("latent", index, flip)] = {"mean": entry["mean"], "std": entry["std"],
+                                              **{f"cond:{k}": v for k, v in extra.items()}}
+    if run.text_is_static:
+        for caption in {item_caption(run, i, random.Random(0), dropout=False) for i in range(len(run.report.items))} | (
+                {""} if run.job.dataset.caption_dropout > 0 else set()):
+            store[("text", caption)] = {f"cond:{k}": v for k, v in _cached_text(run, caption).tensors.items()}
+    for entry in store.values():  # conditioning in the compute dtype once, not every step
+        for k, v in entry.items():
+            if k.startswith("cond:") and v.is_floating_point():
+                entry[k] = v.to(run.weight_dtype)
+    on_device = run.device.type != "cpu" and _fits(run, store)
+    if run.device.type != "cpu":
+        place = (lambda t: t.to(run.device)) if on_device else (lambda t: t.pin_memory())
+        store = {key: {k: place(v) for k, v in entry.items()} for key, entry in store.items()}
+    run.resident, run.resident_on_device = store, on_device or run.device.type == "cpu"
+    log.info("step inputs: %d cached entries %s", len(store),
+             "on the device" if on_device else "in pinned memory" if run.device.type != "cpu" else "on the CPU")
+
+
+def _fits(run: Run, store: dict) -> bool:
+    size = sum(v.numel() * v.element_size() for entry in store.values() for v in entry.values())
+    if run.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(run.device)
+        return size <= RESIDENT_SHARE * free
+    return False  # MPS and others: no free-memory query worth trusting; pinned copies are safe everywhere
+
+
+def _resident(run: Run, tensor: torch.Tensor) -> torch.Tensor:
+    """A resident entry on the device: as it is, or a non-blocking copy from pinned memory."""
+    return tensor if run.resident_on_device else tensor.to(run.device, non_blocking=True)
+
+
+def _resident_inputs(run: Run, batch: list[int], flips: list[bool], captions: list[str],
+                     gen: torch.Generator) -> tuple[torch.Tensor, Conditioning]:
+    entries = [run.resident[("latent", i, f)] for i, f in zip(batch, flips)]
+    mean = torch.stack([_resident(run, e["mean"]) for e in entries])
+    std = torch.stack([_resident(run, e["std"]) for e in entries])
+    latents = mean + std * torch.randn(mean.shape, generator=gen, device=gen.device)
+    names = [k for k in entries[0] if k.startswith("cond:")]
+    per_image = {k[5:]: torch.cat([_resident(run, e[k]) for e in entries]) for k in names}
+    if run.text_is_static:
+        texts = [run.resident[("text", c)] for c in captions]
+        text = {k[5:]: torch.cat([_resident(run, t[k]) for t in texts]) for k in texts[0]}
+    else:
+        with torch.no_grad() if not run.job.lora.train_text_encoder else nullcontext():
+            text = encode_text(run, captions).to(run.device, run.weight_dtype).tensors
+    return latents, Conditioning({**text, **per_image})
 
 
 # ------------------------------------------------------------------------------------------- data order
@@ -171,6 +254,16 @@ def next_batch(run: Run, cache: dict) -> list[int]:
 # ------------------------------------------------------------------------------------------- a step's data
 
 
+def make_generator(run: Run, seed: int) -> torch.Generator:
+    """A generator on the run's device, seeded from ``seed``.
+
+    Noise drawn on the device needs no host→device copy (which would make the host wait); seeded from (seed, step)
+    it still makes every step a pure function of its seed, so exact resume holds. On the CPU it is the CPU
+    generator with the same seed as before, so CPU results are bit-identical to drawing on the host.
+    """
+    return torch.Generator(device=run.device).manual_seed(seed)
+
+
 def step_seed(run: Run, micro: int) -> int:
     return (run.job.training.seed * 7919 + run.position.step * 104_729 + micro * 31 + run.accelerator.process_index) % (2**63)
 
@@ -188,18 +281,20 @@ def batch_inputs(run: Run, batch: list[int], micro: int) -> tuple[torch.Tensor, 
     derives per image (e.g. SDXL's size and crop ids)."""
     seed = step_seed(run, micro)
     rng = random.Random(seed)
-    gen = torch.Generator("cpu").manual_seed(seed)
+    gen = make_generator(run, seed)
     flips = [run.job.dataset.random_flip and rng.random() < 0.5 for _ in batch]
+    if run.resident is not None:
+        return _resident_inputs(run, batch, flips, [item_caption(run, i, rng) for i in batch], gen)
     entries = [_latent(run, i, f) for i, f in zip(batch, flips)]
     mean = torch.stack([e["mean"] for e in entries])
     std = torch.stack([e["std"] for e in entries])
-    latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(run.device, non_blocking=True)
+    latents = (mean + std * torch.randn(mean.shape, generator=gen, device=gen.device)).to(run.device, non_blocking=True)
     captions = [item_caption(run, i, rng) for i in batch]
     if run.text_is_static:
         cond = Conditioning.cat([_cached_text(run, c) for c in captions])
     else:
         with torch.no_grad() if not run.job.lora.train_text_encoder else nullcontext():
-            cond = encode_text(run, captions)
+            cond = encode_text_for_training(run, captions)
     w, h = run.buckets[batch[0]]
     cond = cond.with_tensors(**run.bundle.family.example_conditioning(entries, (h, w)))
     return latents, cond.to(run.device, run.weight_dtype)

@@ -10,14 +10,14 @@ from typing import Iterator
 
 import torch
 
-from studio.engine import devices, failures
+from studio.engine import devices, failures, validation
 from studio.engine.cache import TensorCache, model_fingerprint
 from studio.engine.checkpoint import load_model
 from studio.engine.config import Job, Problem, errors, validate
 from studio.engine.events import LogMessage, StatusChanged, TrainEvent
 from studio.engine.optim import make_optimizer
 from studio.engine.recovery import restore
-from studio.engine.run_data import cache_latents, cache_text, epoch_batches
+from studio.engine.run_data import cache_latents, cache_text, epoch_batches, make_resident
 from studio.engine.run_state import Cancelled, Run
 from studio.engine.runs import (
     RunFolder, attach_log_file, claim_run_dir, job_changes, lock_run, resume_problems, saved_job, writable_problems,
@@ -46,10 +46,26 @@ def preflight(job: Job, resume_dir: Path | str | None = None) -> list[Problem]:
         problems.append(Problem("dataset.path", f"'{data}' cannot be read ({exc.strerror or exc}); check its permissions"))
     from studio.engine.export import kohya_export_problem
 
-    dora = kohya_export_problem(job.lora)
-    if dora and not job.output.save_diffusers:
-        problems.append(Problem("lora.dora", dora + " (set output.save_diffusers = true to train it anyway)"))
+    refusal = kohya_export_problem(job.lora)
+    if refusal:
+        problems.append(Problem("lora.algorithm", refusal))
+    problems += adapter_warnings(job)
     return problems
+
+
+def adapter_warnings(job: Job) -> list[Problem]:
+    """What the user should know before training an adapter some tools cannot apply as trained (never silent)."""
+    from studio.engine.adapters import adapter_for
+    from studio.engine.adapters.consumers import FULL, report
+
+    adapter = adapter_for(job.lora)
+    if adapter.name not in ("dora", "loha", "lokr"):
+        return []
+    info = {"layout": "kohya", "network_type": adapter.name, "family": job.model.family,
+            "metadata": {"lora_studio.dora_target": job.lora.dora_target}}
+    short = [f"{v.consumer} ({v.reason})" for v in report(info) if v.status != FULL]
+    field = "lora.dora" if adapter.name == "dora" else "lora.algorithm"
+    return [Problem(field, f"the {adapter.label} file will not load as trained in: " + "; ".join(short), "warning")]
 
 
 
@@ -66,7 +82,12 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available())
     mixed = devices.resolve_precision(t.mixed_precision, cpu)
     job = run.job
-    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
+    # A text encoder read at an inner layer (SDXL's penultimate states, clip skip) leaves its last layers' LoRA
+    # without gradients; DDP must be told, or it waits for them and fails at the second step.
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=job.lora.train_text_encoder)
+    accelerator = run.accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=[ddp])
 
     # The main process claims the (never overwritten) run folder; the others learn its name.
     chosen = [str(resume_dir) if resume_dir else str(claim_run_dir(Path(job.output.dir))) if accelerator.is_main_process
@@ -96,6 +117,10 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     yield StatusChanged("Loading model", job.model.path)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    from studio.engine.families.sd import TEXT_OPTIONS
+
+    # Caption length and clip skip, read by the family's text encoding (training, caching and previews).
+    bundle.extra[TEXT_OPTIONS] = (t.max_token_length, t.clip_skip)
     # The VAE runs in fp32: SDXL's VAE overflows in fp16 and the VAE is used only for caching and previews.
     bundle.vae.to(accelerator.device, torch.float32)
     log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)
@@ -111,6 +136,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
             yield LogMessage("warning", f"{issue.file}: {issue.problem} ({issue.action})")
     if report.usable == 0:
         raise failures.NoUsableImages(d.path, report)
+    report.items, held_out = validation.split_items(job, report.items)
     run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
 
     frozen_te = not job.lora.train_text_encoder
@@ -125,6 +151,8 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
         yield from cache_latents(run)
     if run.text_is_static:
         yield from cache_text(run)
+    make_resident(run)
+    yield from _prepare_validation(run, held_out)
     if stop.is_set():
         raise Cancelled()
 
@@ -136,6 +164,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     apply_speed_options(run)
     run.optimizer = make_optimizer(run.params, job, accelerator.device)
     run.steps_per_epoch, run.total_steps = plan_steps(run)
+    run.sample_every = preview_cadence(run)
     from diffusers.optimization import get_scheduler
 
     schedule = {"constant": "constant_with_warmup"}.get(t.scheduler, t.scheduler)
@@ -155,9 +184,42 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
 
 
+def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
+    """Encode the validation images with the base model's VAE (and frozen text encoders), main process only."""
+    items, source = validation.validation_items(run, held_out)
+    if not items or not run.is_main:
+        return
+    yield StatusChanged("Preparing validation images", source)
+    run.validation = validation.prepare(run, items, source)
+    yield LogMessage("info", f"Validation loss on {source}, every {run.job.validation.every} steps")
+
+
 def apply_speed_options(run: Run) -> None:
-    """The job's speed switches, applied the family's way (checkpointing, attention kernel, memory format, compile)."""
+    """The job's speed switches: TF32 for the run's device, then the family's (checkpointing, attention kernel,
+    memory format, compile)."""
+    devices.set_tf32(run.device, run.job.training.tf32)
     run.bundle.family.apply_speed_options(run.bundle, run.job.training, run.job.lora.train_text_encoder)
+
+
+def preview_cadence(run: Run) -> int:
+    """Steps between previews: the job's ``sampling.every``, or for 'auto' (-1) about every
+    ``sampling.AUTO_PREVIEW_SECONDS`` of training, by the estimate's time per step for this job on this device."""
+    from studio.engine.sampling import auto_preview_cadence
+
+    every = run.job.sampling.every
+    if every >= 0:
+        return every
+    per_step = None
+    try:
+        from studio.engine.estimate import estimate
+
+        per_step = estimate(run.job, device=run.device.type).seconds_per_step
+    except Exception as exc:  # the estimate is advice; a preview cadence must never stop a run
+        log.warning("no estimate for the preview cadence (%s); previews every %d steps", exc, auto_preview_cadence(None))
+    cadence = auto_preview_cadence(per_step)
+    log.info("previews every %d steps (about every %.0f s at %s s/step)", cadence,
+             cadence * (per_step or 0), f"{per_step:.3g}" if per_step else "?")
+    return cadence
 
 
 def plan_steps(run: Run) -> tuple[int, int]:

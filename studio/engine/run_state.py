@@ -42,6 +42,7 @@ class Run:
     elapsed: float = 0.0  # training seconds, the interrupted run's included
     elapsed_before: float = 0.0  # training seconds of the interrupted run, when resuming
     position: TrainPosition = field(default_factory=TrainPosition)
+    skipped_steps: int = 0  # steps fp16 loss scaling skipped (overflow) in this process's part of the run
     # ------------------------------------------------------------------ handles released at the end
     accelerator: Any = None
     folder: "RunFolder | None" = None
@@ -63,8 +64,14 @@ class Run:
     steps_per_epoch: int = 1
     total_steps: int = 1
     prompts: list[str] = field(default_factory=list)
+    sample_every: int = 0  # steps between previews: the job's, or picked by time when the job says 'auto' (-1)
     denoiser_ddp: Any = None  # the denoiser as accelerate prepared it (DDP-wrapped under several processes)
     te_ddp: list = field(default_factory=list)
+    # The caches as the step reads them (run_data.make_resident): on the device when they fit, else pinned host memory.
+    resident: dict | None = None
+    resident_on_device: bool = False
+    validation: Any = None  # validation.ValidationSet: the images the validation loss is measured on (None: off)
+    best_validation: tuple[int, float] | None = None  # (step, loss) of the lowest validation loss so far
 
     @property
     def run_dir(self) -> Path | None:
@@ -93,4 +100,4 @@ class Run:
         """Forget every reference to the model, adapters and optimizer, so their memory can be freed."""
         self.bundle = self.optimizer = self.scheduler = self.denoiser_ddp = None
         self.params, self.te_ddp = {}, []
-        self.latents = self.text = None
+        self.latents = self.text = self.validation = self.resident = None

@@ -505,10 +505,12 @@ MUST_MATCH = (
     "dataset.path", "dataset.caption_extension", "dataset.repeats", "dataset.default_repeats",
     "dataset.resolution", "dataset.buckets", "dataset.bucket_step",
     "lora.rank", "lora.alpha", "lora.targets", "lora.conv_rank", "lora.conv_alpha", "lora.dora",
+    "lora.algorithm", "lora.lokr_factor", "lora.lokr_decompose_both", "lora.lokr_full_matrix",
     "lora.train_text_encoder",
     "training.epochs", "training.batch_size", "training.gradient_accumulation", "training.optimizer",
     "training.scheduler", "training.warmup_steps", "training.seed",
     "output.name",
+    "validation.split", "validation.folder",  # which images train
 )
 # Where the run folder was first asked for does not matter any more: the run continues where it is.
 _IGNORED = ("output.dir",)
@@ -638,6 +640,14 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.add_scalar("train/loss", loss, step)
             self._tb.add_scalar("train/lr", lr, step)
+            if "val_loss" in extra:
+                self._tb.add_scalar("validation/loss", extra["val_loss"], step)
+
+    def write_validation(self, step: int, val_loss: float, time_s: float) -> None:
+        """A line with only the validation loss: the base model's, before the first step (step 0)."""
+        self._fh.write(json.dumps({"step": step, "val_loss": val_loss, "time": round(time_s, 4)}) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("validation/loss", val_loss, step)
 
     def flush(self) -> None:
         self._fh.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +22,103 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# Previews rendered per pipeline call: one call for all prompts costs one denoiser pass per step instead of one per
+# prompt; more at once would need the memory of that many images (times two with guidance) at the preview size.
+PREVIEW_BATCH = 4
+
+
+def render(bundle: ModelBundle, prompt: str, *, seed: int = 0, **settings: Any) -> Image.Image:
+    """One image from the bundle's current weights (LoRA layers included, if any are active)."""
+    return render_many(bundle, [prompt], seeds=[seed], **settings)[0]
+
+
 @torch.no_grad()
-def render(
+def render_many(
     bundle: ModelBundle,
-    prompt: str,
+    prompts: list[str],
     *,
+    seeds: list[int],
     negative_prompt: str = "",
-    seed: int = 0,
     steps: int = 20,
     guidance: float = 7.0,
     width: int,
     height: int,
     autocast_dtype: torch.dtype | None = None,
     cross_attention_scale: float | None = None,
-) -> Image.Image:
-    """One image from the bundle's current weights (LoRA layers included, if any are active)."""
+) -> list[Image.Image]:
+    """One image per prompt, batched ``PREVIEW_BATCH`` to a pipeline call; each prompt has its own seeded generator,
+    so its image is the one a call for it alone would give (up to batched arithmetic)."""
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
     denoiser = bundle.denoiser
-    generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU generator: same image on every device
-    kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
-                                                           lora_scale=cross_attention_scale)
-    was_training = denoiser.training
-    denoiser.eval()
+    images: list[Image.Image] = []
+    with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
+        for k in range(0, len(prompts), PREVIEW_BATCH):
+            part, part_seeds = prompts[k:k + PREVIEW_BATCH], seeds[k:k + PREVIEW_BATCH]
+            # CPU generators: the same image on every device.
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in part_seeds]
+            kwargs: dict[str, Any] = bundle.family.pipeline_kwargs(negative_prompt=negative_prompt, guidance=guidance,
+                                                                   lora_scale=cross_attention_scale)
+            if isinstance(kwargs.get("negative_prompt"), str):  # pipelines want one per prompt with a list of prompts
+                kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
+            with _autocast(denoiser.device, autocast_dtype):
+                # Long captions and clip skip: the family encodes the prompts as training did.
+                embeds = bundle.family.preview_prompt_kwargs(bundle, list(part), negative_prompt)
+                if embeds:
+                    kwargs.pop("negative_prompt", None)
+                out = pipe(**(embeds or {"prompt": list(part)}), num_inference_steps=steps, width=width,
+                           height=height, generator=generators, output_type="pil", **kwargs)
+            images += out.images
+    return images
+
+
+AUTO_PREVIEW_SECONDS = 300.0  # 'auto' previews: about every 5 minutes of training
+FALLBACK_PREVIEW_STEPS = 100  # when no estimate is to be had
+
+
+def auto_preview_cadence(seconds_per_step: float | None) -> int:
+    """Steps between previews for about ``AUTO_PREVIEW_SECONDS`` of training, rounded down to 1, 2 or 5 × 10^k
+    (steps people recognise: 50, 100, 200, 500)."""
+    if not seconds_per_step or not seconds_per_step > 0 or seconds_per_step != seconds_per_step:
+        return FALLBACK_PREVIEW_STEPS
+    raw = max(1.0, AUTO_PREVIEW_SECONDS / seconds_per_step)
+    magnitude = 10 ** int(math.floor(math.log10(raw)))
+    return int(max(m * magnitude for m in (1, 2, 5) if m * magnitude <= raw))
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[Any]):
+    """Every network in eval mode for the preview (LoRA dropout off, on the text encoders too when they train),
+    each back in the mode it was in afterwards."""
+    was = [(m, m.training) for m in modules]
+    for m, _ in was:
+        m.eval()
     try:
-        with _autocast(denoiser.device, autocast_dtype):
-            out = pipe(prompt, num_inference_steps=steps, width=width, height=height, generator=generator,
-                       output_type="pil", **kwargs)
+        yield
     finally:
-        denoiser.train(was_training)
-    return out.images[0]
+        for m, training in was:
+            m.train(training)
+
+
+@contextlib.contextmanager
+def _vae_outside_autocast(vae: Any):
+    """Run the VAE's decode in its own (fp32) dtype even inside the preview's autocast.
+
+    The trainer keeps the VAE in fp32 because SDXL's overflows in fp16; autocast would cast its convolutions to
+    fp16 anyway (black/NaN previews on fp16 GPUs). The pipelines all call ``vae.decode``, so shadowing that one
+    method on the instance covers every family without knowing its latent layout.
+    """
+    original = vae.decode
+
+    def decode(latents, *args, **kwargs):
+        with torch.autocast(latents.device.type, enabled=False):
+            return original(latents.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str]) -> None:
@@ -126,6 +194,17 @@ def generate(
             if loaded:
                 pipe.enable_lora()
     path = Path(lora_path)
+    if not diffusers_can_load(path):
+        # LoHa/LoKr/DoRA files: diffusers' loader does not convert them, so their ΔW (each adapter type's own
+        # formula, as ComfyUI/A1111 apply it) is added to the weights for this image and taken off again.
+        if loaded:
+            pipe.disable_lora()
+        try:
+            with patched_weights(bundle, path, lora_scale):
+                return render(bundle, prompt, **settings)
+        finally:
+            if loaded:
+                pipe.enable_lora()
     name = _adapter_name(path)
     if name not in loaded:
         pipe.load_lora_weights(str(path), adapter_name=name)
@@ -133,3 +212,31 @@ def generate(
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[lora_scale])
     return render(bundle, prompt, **settings)
+
+
+def diffusers_can_load(path: Path) -> bool:
+    """Whether diffusers' ``load_lora_weights`` reads the file as trained (plain LoRA/LoCon, either layout)."""
+    from studio.engine.export import describe_lora
+
+    info = describe_lora(path)
+    return info["layout"] == "diffusers" or info["network_type"] in ("lora", "locon")
+
+
+@contextlib.contextmanager
+def patched_weights(bundle: ModelBundle, path: Path, strength: float):
+    """The bundle with a kohya/LyCORIS file's deltas added at ``strength``; the original weights come back after."""
+    from studio.engine.export import read_lora
+    from studio.engine.merge import apply_kohya_lora
+    from studio.engine.adapters import read_modules
+
+    tensors, _ = read_lora(path)
+    modules = read_modules(tensors)
+    index = bundle.family.kohya_index(bundle)
+    saved = {name: index[name][1].weight.detach().clone() for name in modules if name in index}
+    try:
+        apply_kohya_lora(bundle, modules, strength)
+        yield bundle
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                index[name][1].weight.copy_(weight)

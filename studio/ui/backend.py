@@ -265,8 +265,11 @@ def run_loras(run_dir: Path) -> list[Path]:
 def describe_lora(path: Path) -> dict:
     """What a LoRA file is: rank, alpha, steps, family, title, trigger phrase, metadata."""
     from studio.engine.export import describe_lora as engine_describe
+    from studio.engine.inspection import file_report
 
-    return engine_describe(path)
+    info = engine_describe(path)
+    # The export report: per consumer whether the file loads fully (and any refusal of its modules).
+    return {**info, **file_report(Path(path), info)}
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -306,3 +309,20 @@ def find_unfinished_runs(job: Job) -> list:
     out = Path(job.output.dir).expanduser()
     found = find(out.parent) if out.parent != out else []
     return [run for run in found if run.run_dir == out or run.run_dir.name.startswith(out.name)]
+
+
+# ------------------------------------------------------------------------------------------------ LoRA tools
+
+
+def resize_lora(src: Path, dst: Path, *, rank: int | None, fraction: float | None) -> Any:
+    """SVD resize of a kohya-layout LoRA (studio.engine.lora_tools)."""
+    from studio.engine.lora_tools import resize_lora as engine_resize
+
+    return engine_resize(src, dst, rank=rank, fraction=fraction)
+
+
+def merge_loras(sources: list[tuple[Path, float]], dst: Path) -> dict:
+    """Several LoRAs into one at their strengths (studio.engine.lora_tools)."""
+    from studio.engine.lora_tools import merge_loras as engine_merge
+
+    return engine_merge(sources, dst)

@@ -19,7 +19,7 @@ from studio import app_info
 from studio.engine import config
 from studio.engine.events import (
     CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-    StepCompleted,
+    StepCompleted, ValidationCompleted,
 )
 from studio.ui import backend, settings_store, theme
 from studio.ui.images import pil_to_pixmap
@@ -60,7 +60,7 @@ class MainWindow(QMainWindow):
         self.model_page = ModelPage(self.model, self.tasks)
         self.dataset_page = DatasetPage(self.model, self.tasks)
         self.settings_page = SettingsPage(self.model, self.tasks)
-        self.train_page = TrainPage(self.model)
+        self.train_page = TrainPage(self.model, tasks=self.tasks)
         self.export_page = TryExportPage(self.model, self.tasks)
         self.pages: dict[str, Page] = {
             "model": self.model_page, "dataset": self.dataset_page, "settings": self.settings_page,
@@ -108,6 +108,7 @@ class MainWindow(QMainWindow):
         self.train_page.go_to_page.connect(self.go_to)
         self.train_page.try_requested.connect(lambda: self.go_to("export"))
         self.train_page.resume_run_requested.connect(self.resume_run)
+        self.train_page.lora_rescued.connect(self.export_page.set_run)
         self.model.problems_changed.connect(lambda _: self.refresh_rail())
         self.model.file_changed.connect(lambda _: self._update_status())
         self.model.dirty_changed.connect(lambda _: self._update_status())
@@ -363,6 +364,8 @@ class MainWindow(QMainWindow):
                 page.on_status(event)
             case StepCompleted():
                 page.on_step(event)
+            case ValidationCompleted():
+                page.on_validation(event)
             case SampleReady():
                 pixmap = pil_to_pixmap(event.image) if event.image is not None else None  # GUI thread only
                 page.on_sample(event, pixmap)
@@ -372,7 +375,8 @@ class MainWindow(QMainWindow):
                 page.on_log(event)
             case RunFinished():
                 page.on_finished(event)
-                self.export_page.set_run(event.run_dir, event.lora_path)
+                self.export_page.set_run(event.run_dir, event.lora_path, best_step=event.best_step,
+                                         final_step=event.steps)
             case RunFailed():
                 page.on_failed(event)
                 if event.lora_path:

@@ -32,6 +32,16 @@ def test_flags_train_and_write_the_run_folder(tiny_sd1, tiny_dataset, tmp_path, 
     assert "LoRA:" in capsys.readouterr().out
 
 
+def test_validation_loss_is_printed_with_the_best_step(tiny_sd1, tiny_dataset, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_sd1), "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                 "--steps", "2", *TINY_FLAGS, "--set", "validation.split=1", "--set", "validation.every=1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    lines = [line for line in captured.err.splitlines() if line.startswith("validation loss at step")]
+    assert [line.split(":")[0] for line in lines] == [f"validation loss at step {s}" for s in (0, 1, 2)], captured.err
+    assert "Lowest validation loss: " in captured.out and " at step " in captured.out
+
+
 def test_job_file_with_flags_overriding_it(tiny_sd1, tiny_dataset, tmp_path):
     job = Job()
     job.model.path = str(tiny_sd1)

@@ -353,13 +353,15 @@ def test_a_failing_write_leaves_no_file_under_the_final_name(tiny_sd1, tmp_path,
 # ------------------------------------------------------------------------------------------------ DoRA & diffusers layout
 
 
-def test_dora_is_refused_in_kohya_layout_and_round_trips_in_the_diffusers_layout(tiny_sd1, tmp_path):
+def test_dora_is_written_in_the_lycoris_kohya_layout_and_round_trips_in_the_diffusers_layout(tiny_sd1, tmp_path):
     lora = LoraSection(rank=4, alpha=2.0, dora=True, train_text_encoder=True)
-    assert kohya_export_problem(lora) and kohya_export_problem(LoraSection()) is None
+    assert kohya_export_problem(lora) is None and kohya_export_problem(LoraSection()) is None
     bundle = _trained(tiny_sd1, lora)
-    with pytest.raises(LoraExportError, match="DoRA"):
-        export_lora(bundle, _job(lora), tmp_path / "dora.safetensors", steps=1)
-    assert not (tmp_path / "dora.safetensors").exists()
+    kohya = export_lora(bundle, _job(lora), tmp_path / "dora.safetensors", steps=1)
+    info = describe_lora(kohya)
+    assert (info["layout"], info["network_type"]) == ("kohya", "dora")
+    assert info["metadata"]["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(info["metadata"]["ss_network_args"]) == {"algo": "locon", "dora_wd": "True", "wd_on_output": "True"}
 
     path = export_diffusers_lora(bundle, tmp_path / "dora-diffusers.safetensors", metadata={"modelspec.title": "d"})
     info = describe_lora(path)

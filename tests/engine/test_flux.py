@@ -192,11 +192,12 @@ def test_diffusers_reads_the_fused_kohya_file_back_at_full_width():
     for path in paths:
         down = torch.randn(rank, inner, generator=gen) * 0.1
         up = torch.randn(widths[path.split(".", 2)[2]], rank, generator=gen) * 0.1
-        layers.append(("transformer", path, down, up, alpha))
+        layers.append(("transformer", path, {"lora_down.weight": down, "lora_up.weight": up,
+                                             "alpha": torch.tensor(alpha)}))
         expected["transformer." + path] = up @ down * (alpha / rank)
     sd = {}
-    for name, down, up, a in FLUX_DEV.kohya_modules(layers, config):
-        sd.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(a)})
+    for name, tensors in FLUX_DEV.kohya_modules(layers, config):
+        sd.update({f"{name}.{suffix}": tensor for suffix, tensor in tensors.items()})
     converted = _convert_kohya_flux_lora_to_diffusers(dict(sd))
     assert {k.rsplit(".lora_", 1)[0] for k in converted} == set(expected)
     for module, delta in expected.items():
@@ -224,9 +225,10 @@ def golden_flux_names(preset: str) -> list[str]:
 
     bundle = _meta_flux_bundle()
     inject_lora(bundle, LoraSection(rank=4, alpha=4.0, targets=preset), train_text_encoder=True)
-    layers = [(key, path, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 4.0)
+    layers = [(key, path, {"lora_down.weight": layer.lora_A["default"].weight,
+                           "lora_up.weight": layer.lora_B["default"].weight, "alpha": torch.tensor(4.0)})
               for key, model in bundle.components().items() for path, layer in lora_layers(model).items()]
-    return sorted(name for name, *_ in FLUX_DEV.kohya_modules(layers, bundle.denoiser.config))
+    return sorted(name for name, _ in FLUX_DEV.kohya_modules(layers, bundle.denoiser.config))
 
 
 @pytest.mark.parametrize("preset", ["kohya-default", "attention"])

@@ -221,7 +221,9 @@ class Family(abc.ABC):
 
     def example_conditioning(self, examples: list[Mapping[str, "torch.Tensor"]],
                              size_hw: tuple[int, int]) -> dict[str, "torch.Tensor"]:
-        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries."""
+        """Per-image conditioning beyond the text (SDXL's size/crop ids), from the cached latent entries.
+
+        Per image: a batch's is the concatenation of its images' (the core computes it once per cached image)."""
         return {}
 
     def encode_image(self, bundle: ModelBundle, pixels: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -243,7 +245,8 @@ class Family(abc.ABC):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: "torch.Tensor", cond: Conditioning, *,
                       training: "TrainingSection", generator: "torch.Generator",
                       weight_dtype: "torch.dtype") -> "torch.Tensor":
-        """The batch's mean training loss: draw noise and timesteps from ``generator`` (CPU), noise the latents,
+        """The batch's mean training loss: draw noise and timesteps from ``generator`` (on the run's device: draw with
+        ``device=generator.device``, so the step copies nothing from the host), noise the latents,
         run ``denoiser`` (possibly DDP-wrapped), compare with the family's target, weight per timestep.
 
         Only the generator may be used for randomness, so a step is a pure function of its seed (exact resume).
@@ -262,6 +265,9 @@ class Family(abc.ABC):
             if train_text_encoder:
                 for te in bundle.text_encoders:
                     te.gradient_checkpointing_enable()
+        if training.compile and training.compile_scope == "denoiser":
+            # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
+            bundle.denoiser.compile()
 
     # ------------------------------------------------------------------------------------------- export
 
@@ -269,12 +275,12 @@ class Family(abc.ABC):
     def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
         """The kohya LoRA name (key without ``.lora_down.weight``) of one adapted module."""
 
-    def kohya_modules(self, layers: list[tuple[str, str, "torch.Tensor", "torch.Tensor", float]],
-                      denoiser_config: Any = None) -> list[tuple[str, "torch.Tensor", "torch.Tensor", float]]:
-        """The kohya modules a file carries, from the adapted layers ``(component, module path, down, up, alpha)``:
-        ``(kohya name, down, up, alpha)``. One each here; a family whose original model fuses layers diffusers
-        keeps apart (Flux's q/k/v) joins their LoRAs into one."""
-        return [(self.kohya_name(c, path, denoiser_config), down, up, alpha) for c, path, down, up, alpha in layers]
+    def kohya_modules(self, layers: list[tuple[str, str, dict[str, "torch.Tensor"]]],
+                      denoiser_config: Any = None) -> list[tuple[str, dict[str, "torch.Tensor"]]]:
+        """The kohya modules a file carries, from the adapted layers ``(component, module path, tensors by key
+        suffix)``: ``(kohya name, tensors)``. One each here; a family whose original model fuses layers diffusers
+        keeps apart (Flux's q/k/v) joins them (ValueError when an adapter type cannot be joined)."""
+        return [(self.kohya_name(c, path, denoiser_config), tensors) for c, path, tensors in layers]
 
     def diffusers_lora_key(self, component: str, name: str) -> str:
         """A peft state-dict key as diffusers' ``save_lora_weights`` layout writes it (without the component)."""
@@ -308,6 +314,13 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def pipeline(self, bundle: ModelBundle) -> Any:
         """A diffusers pipeline over the bundle's modules (no copies) with the family's preview sampler."""
+
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str],
+                              negative_prompt: str) -> dict[str, Any] | None:
+        """The prompts (and the negative prompt, one per prompt) as the pipeline's ``*_embeds`` arguments when the job
+        encodes text its own way (long captions, clip skip), so previews see what training saw; None lets the
+        pipeline encode the prompts itself."""
+        return None
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""

@@ -287,21 +287,28 @@ class FluxFamily(Family):
             return "lora_te3_" + module_path.replace(".", "_")
         raise ValueError(f"{self.label} has no component '{component}'")
 
-    def kohya_modules(self, layers: list[tuple[str, str, torch.Tensor, torch.Tensor, float]],
-                      denoiser_config: Any = None) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    def kohya_modules(self, layers: list[tuple[str, str, dict[str, torch.Tensor]]],
+                      denoiser_config: Any = None) -> list[tuple[str, dict[str, torch.Tensor]]]:
         fused: dict[str, list] = {}
-        out: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
-        for component, path, down, up, alpha in layers:
+        out: list[tuple[str, dict[str, torch.Tensor]]] = []
+        for component, path, tensors in layers:
             if component != "transformer":
-                out.append((self.kohya_name(component, path), down, up, alpha))
+                out.append((self.kohya_name(component, path), tensors))
                 continue
             name, group, index = bfl_name(path)
             if group is None:
-                out.append(("lora_unet_" + name, down, up, alpha))
-            else:
-                fused.setdefault(name, [None] * len(group))[index] = (down, up, alpha)
+                out.append(("lora_unet_" + name, tensors))
+                continue
+            if set(tensors) != {"lora_down.weight", "lora_up.weight", "alpha"}:
+                raise ValueError(f"FLUX.1's kohya layout fuses q/k/v into one module ({name}); only plain LoRA can "
+                                 "be fused exactly. Export the diffusers layout (output.save_diffusers) for this "
+                                 "adapter type, or train a plain LoRA")
+            fused.setdefault(name, [None] * len(group))[index] = (
+                tensors["lora_down.weight"], tensors["lora_up.weight"], float(tensors["alpha"]))
         for name, members in fused.items():
-            out.append(("lora_unet_" + name, *_fuse(members, _fused_widths(denoiser_config, name), name)))
+            down, up, alpha = _fuse(members, _fused_widths(denoiser_config, name), name)
+            out.append(("lora_unet_" + name, {"lora_down.weight": down, "lora_up.weight": up,
+                                              "alpha": torch.tensor(alpha, dtype=torch.float32)}))
         return out
 
     def diffusers_lora_key(self, component: str, name: str) -> str:

@@ -67,6 +67,77 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+# ----------------------------------------------------------------------------------- long captions, clip skip
+# Where the job's text options live on a loaded bundle (run setup puts them there; a bundle without them encodes
+# as the base pipelines do: 75 tokens, the last layer).
+TEXT_OPTIONS = "text_options"
+
+
+def text_options(bundle: ModelBundle) -> tuple[int, int]:
+    """(caption tokens: 75, 150 or 225; clip skip: 1 = the last layer) the bundle encodes with."""
+    return bundle.extra.get(TEXT_OPTIONS, (75, 1))
+
+
+def chunked_ids(tokenizer: Any, prompts: list[str], max_tokens: int) -> torch.Tensor:
+    """Token ids as (batch, chunks, 77): the caption's first ``max_tokens`` tokens in 75-token pieces, each
+    wrapped in BOS … EOS so CLIP (77 positions) reads it as a prompt of its own (kohya's long-caption scheme).
+
+    A piece the caption fills to its end closes with EOS; one past the caption's end is BOS, EOS, padding.
+    With 75 tokens this is exactly the plain tokenisation.
+    """
+    width = tokenizer.model_max_length - 2  # 75
+    ids = tokenizer(prompts, padding="max_length", max_length=max_tokens + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    if max_tokens == width:
+        return ids[:, None]
+    bos, eos, pad = ids[:, :1], tokenizer.eos_token_id, tokenizer.pad_token_id
+    chunks = []
+    for start in range(1, max_tokens + 1, width):
+        body = ids[:, start:start + width].clone()
+        ended = (body[:, :1] == eos) | (body[:, :1] == pad)  # the caption ended before this piece
+        body[:, :1] = torch.where(ended, torch.full_like(body[:, :1], eos), body[:, :1])
+        last = body[:, -1:]
+        closing = torch.where((last == eos) | (last == pad), torch.full_like(last, pad), torch.full_like(last, eos))
+        chunks.append(torch.cat([bos, body, closing], dim=1))
+    return torch.stack(chunks, dim=1)
+
+
+def join_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch × chunks, 77, d) encoder states → (batch, 75 × chunks + 2, d): the first piece's BOS, every piece's
+    75 inner states, the last piece's final state (kohya's layout; 77 states for one piece, unchanged)."""
+    states = states.reshape(batch, -1, *states.shape[1:])
+    inner = states[:, :, 1:-1].reshape(batch, -1, states.shape[-1])
+    return torch.cat([states[:, 0, :1], inner, states[:, -1, -1:]], dim=1)
+
+
+def _skip_problem(encoder: Any, clip_skip: int) -> None:
+    layers = encoder.config.num_hidden_layers
+    if clip_skip > layers + 1:  # hidden_states holds the embeddings and every layer's output
+        raise ValueError(f"training.clip_skip is {clip_skip}, but the text encoder has only {layers} layers; "
+                         "use 1 (the last layer) or 2")
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ) / SNR for ε-prediction, / (SNR + 1) for v.
+
+    Written as min(γ / SNR, 1) for ε so a zero-terminal-SNR schedule's last timestep (SNR 0) gets its limit, 1,
+    instead of 0 / 0 = NaN (diffusers' scripts set that weight to 1 as well); no device value is read back.
+    """
+    if v_prediction:
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(gamma / snr, max=1.0)
+
+
+def _inner(encoder: Any) -> Any:
+    """The encoder itself when accelerate wrapped it in DDP (training the text encoder on several processes)."""
+    return getattr(encoder, "module", encoder)
+
+
+def _final_norm(encoder: Any) -> Any:
+    # transformers >= 5.6 flattened CLIPTextModel (no `text_model`); CLIPTextModelWithProjection kept it.
+    return getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+
+
 def lora_widths(shapes: Mapping[str, tuple[int, ...]], layout: str, pattern: str) -> set[int]:
     """Input widths of the LoRA down/A matrices of modules whose key matches ``pattern`` (e.g. attn2's to_k)."""
     down = "lora_down" if layout == "kohya" else "lora_A"
@@ -213,9 +284,26 @@ class StableDiffusionFamily(Family):
     # -------------------------------------------------------------------------------------- conditioning
 
     def encode_text(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
+        """CLIP's last layer (or, with clip skip k, the k-th from last through the final layer norm, as A1111 and
+        diffusers' clip_skip do), over 75-token pieces joined for longer captions."""
+        max_tokens, clip_skip = text_options(bundle)
         encoder = bundle.text_encoders[0]
-        out = encoder(tokenize(bundle.tokenizers[0], captions).to(encoder.device), output_hidden_states=False)
-        return Conditioning(hidden=out[0])
+        ids = chunked_ids(bundle.tokenizers[0], captions, max_tokens)
+        flat = ids.reshape(-1, ids.shape[-1]).to(encoder.device)
+        if clip_skip <= 1:
+            states = encoder(flat, output_hidden_states=False)[0]
+        else:
+            _skip_problem(_inner(encoder), clip_skip)
+            out = encoder(flat, output_hidden_states=True)
+            states = _final_norm(_inner(encoder))(out.hidden_states[-clip_skip])
+        return Conditioning(hidden=join_chunks(states, len(captions)))
+
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict | None:
+        if text_options(bundle) == (75, 1):
+            return None  # the pipeline's own encoding is the same
+        n = len(prompts)
+        hidden = self.encode_text(bundle, [*prompts, negative_prompt or ""])["hidden"]
+        return {"prompt_embeds": hidden[:n], "negative_prompt_embeds": hidden[n:].expand(n, -1, -1)}
 
     def added_cond_kwargs(self, cond: Conditioning) -> dict | None:
         """The UNet's extra inputs besides the text states (SDXL's pooled text and time ids; none here)."""
@@ -230,10 +318,13 @@ class StableDiffusionFamily(Family):
         from diffusers.training_utils import compute_snr
 
         sched = bundle.noise_scheduler
-        noise = torch.randn(latents.shape, generator=generator)
+        # Drawn where the generator lives (the run's device): no host→device copy in the step.
+        where = generator.device
+        noise = torch.randn(latents.shape, generator=generator, device=where)
         if training.noise_offset:
-            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noise += training.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=where)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=where)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = sched.add_noise(latents, noise, timesteps)
         v_prediction = bundle.prediction_type == "v_prediction"
@@ -242,10 +333,7 @@ class StableDiffusionFamily(Family):
                         added_cond_kwargs=self.added_cond_kwargs(cond)).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if training.min_snr_gamma > 0:
-            # Min-SNR weighting (Hang et al. 2023): clamp the per-timestep weight at gamma / SNR.
-            snr = compute_snr(sched, timesteps)
-            weight = torch.clamp(snr, max=training.min_snr_gamma) / (snr + 1 if v_prediction else snr)
-            loss = loss * weight
+            loss = loss * min_snr_weight(compute_snr(sched, timesteps), training.min_snr_gamma, v_prediction)
         return loss.mean()
 
     # --------------------------------------------------------------------------------------------- LoRA
@@ -270,7 +358,7 @@ class StableDiffusionFamily(Family):
             unet.set_attn_processor(AttnProcessor())
         if training.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if training.compile:
+        if training.compile and training.compile_scope == "blocks":
             # Compile the repeated transformer blocks, not the whole UNet: each block compiles once and is reused.
             for _, module in unet.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":

@@ -8,7 +8,9 @@ from typing import Any, Mapping
 import torch
 
 from studio.engine.families.base import Conditioning, ModelBundle
-from studio.engine.families.sd import _TINY_TEXT_DIM, StableDiffusionFamily, lora_widths, tokenize
+from studio.engine.families.sd import (
+    _TINY_TEXT_DIM, StableDiffusionFamily, _inner, _skip_problem, chunked_ids, join_chunks, lora_widths, text_options,
+)
 from studio.engine.ldm import unet_module_path
 
 
@@ -44,12 +46,30 @@ class SDXLFamily(StableDiffusionFamily):
     # -------------------------------------------------------------------------------------- conditioning
 
     def encode_text(self, bundle: ModelBundle, captions: list[str]) -> Conditioning:
-        states, pooled = [], None
+        """Both encoders' penultimate layers side by side (clip skip k: k layers further in, as diffusers' SDXL
+        clip_skip counts), over 75-token pieces for longer captions; the pooled text is the second encoder's on
+        the first piece (as kohya's sd-scripts does)."""
+        max_tokens, clip_skip = text_options(bundle)
+        batch, states, pooled = len(captions), [], None
         for encoder, tokenizer in zip(bundle.text_encoders, bundle.tokenizers):
-            out = encoder(tokenize(tokenizer, captions).to(encoder.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = out[0]  # the second encoder (with projection) supplies the pooled embedding
+            ids = chunked_ids(tokenizer, captions, max_tokens)
+            _skip_problem(_inner(encoder), clip_skip + 1)
+            out = encoder(ids.reshape(-1, ids.shape[-1]).to(encoder.device), output_hidden_states=True)
+            states.append(join_chunks(out.hidden_states[-(clip_skip + 1)], batch))
+            pooled = out[0].reshape(batch, -1, out[0].shape[-1])[:, 0]  # the second encoder's (with projection)
         return Conditioning(hidden=torch.cat(states, dim=-1), pooled=pooled)
+
+    def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict | None:
+        if text_options(bundle) == (75, 1):
+            return None  # the pipeline's own encoding is the same
+        n = len(prompts)
+        cond = self.encode_text(bundle, [*prompts, negative_prompt or ""])
+        hidden, pooled = cond["hidden"], cond["pooled"]
+        negative, negative_pooled = hidden[n:].expand(n, -1, -1), pooled[n:].expand(n, -1)
+        if not negative_prompt:  # the pipeline's force_zeros_for_empty_prompt, as without these options
+            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+        return {"prompt_embeds": hidden[:n], "pooled_prompt_embeds": pooled[:n],
+                "negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
 
     def example_conditioning(self, examples: list[Mapping[str, torch.Tensor]],
                              size_hw: tuple[int, int]) -> dict[str, torch.Tensor]:

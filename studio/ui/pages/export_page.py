@@ -22,6 +22,8 @@ from studio.ui.pages.base import DONE, PENDING, Page, card, section_label
 from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.drop_zone import DropZone
+from studio.ui.widgets.export_report import ExportReportWidget
+from studio.ui.widgets.lora_tools import LoraToolsWidget
 from studio.ui.widgets.gallery import ImageDialog
 
 FORMATS = {
@@ -100,6 +102,8 @@ class TryExportPage(Page):
 
     def __init__(self, model: JobModel, tasks, parent: QWidget | None = None):
         super().__init__(parent)
+        self.best_step: int | None = None  # the run's step with the lowest validation loss, when it was measured
+        self.final_step: int | None = None
         self.model = model
         self.tasks = tasks
         self.cache = backend.ModelCache()
@@ -251,6 +255,10 @@ class TryExportPage(Page):
         self.show_exported = self.export_banner.add_action(QPushButton(theme.icon("folder"), "Show in folder"))
         self.show_exported.clicked.connect(self._show_exported)
         ec.addWidget(self.export_banner)
+        self.report = ExportReportWidget()  # per consumer: does the selected/exported file load fully
+        ec.addWidget(self.report)
+        self.tools = LoraToolsWidget(self.tasks, self.selected_lora)  # resize / merge
+        ec.addWidget(self.tools)
         ec.addStretch(1)
         halves.addWidget(export_card, 2)
 
@@ -272,9 +280,12 @@ class TryExportPage(Page):
 
     # ------------------------------------------------------------------------------------------ choosing
 
-    def set_run(self, run_dir: Path | None, lora_path: Path | None = None) -> None:
-        """Show the LoRAs of a run folder, selecting ``lora_path`` (the final one after a finished run)."""
+    def set_run(self, run_dir: Path | None, lora_path: Path | None = None, *, best_step: int | None = None,
+                final_step: int | None = None) -> None:
+        """Show the LoRAs of a run folder, selecting ``lora_path`` (the final one after a finished run); the file of
+        ``best_step`` (the lowest validation loss) is marked."""
         self.run_dir = Path(run_dir) if run_dir else None
+        self.best_step, self.final_step = best_step, final_step
         files = backend.run_loras(self.run_dir) if self.run_dir else []
         if lora_path and Path(lora_path) not in files and Path(lora_path).is_file():
             files.insert(0, Path(lora_path))
@@ -292,7 +303,10 @@ class TryExportPage(Page):
         self.lora_combo.clear()
         for f in files:
             step = f.stem.rsplit("-step", 1)
-            label = f"{f.name} — step {int(step[1])}" if len(step) == 2 and step[1].isdigit() else f"{f.name} — final"
+            at = int(step[1]) if len(step) == 2 and step[1].isdigit() else None
+            label = f"{f.name} — step {at}" if at is not None else f"{f.name} — final"
+            if self.best_step is not None and (at if at is not None else self.final_step) == self.best_step:
+                label += " ★ lowest validation loss"
             if self.run_dir is None or f.parent != self.run_dir:
                 label = f"{f.name} — {f.parent}"
             self.lora_combo.addItem(theme.icon("export"), label, str(f))
@@ -343,6 +357,7 @@ class TryExportPage(Page):
         self.title_edit.setText(info.get("title") or meta.get("modelspec.title") or "")
         self.trigger_edit.setText(info.get("trigger_phrase") or meta.get("modelspec.trigger_phrase") or "")
         self.description_edit.setPlainText(meta.get("modelspec.description", ""))
+        self.report.set_report(info.get("consumers") or [], info.get("problem"))
 
     def _default_prompt(self) -> str:
         job = self.model.job
@@ -451,6 +466,10 @@ class TryExportPage(Page):
             "success", f"Saved <b>{html.escape(self.exported.name)}</b> in {html.escape(str(where))}. Copy it to "
                        "A1111's models/Lora or ComfyUI's models/loras folder to use it.")
         self.state_changed.emit()
+        if self.exported.is_file() and self.selected_format() != "merged":
+            # The report of the file just written (its layout may differ from the run's file).
+            self.tasks.run("report", backend.describe_lora, self.exported, engine=True, what="Checking the export",
+                           on_done=lambda info: self.report.set_report(info.get("consumers") or [], info.get("problem")))
 
     def _show_exported(self) -> None:
         if self.exported is not None:

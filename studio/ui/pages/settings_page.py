@@ -19,8 +19,8 @@ from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.fields import FieldEditor
 
 SECTION_TITLES = {"lora": "LoRA", "training": "Training", "dataset": "Images", "sampling": "Preview images",
-                  "output": "Output", "model": "Model"}
-SECTION_ORDER = ("lora", "training", "dataset", "sampling", "output", "model")
+                  "validation": "Validation loss", "output": "Output", "model": "Model"}
+SECTION_ORDER = ("lora", "training", "dataset", "sampling", "validation", "output", "model")
 # What changes the estimate; other settings (names, prompts) do not.
 ESTIMATE_SECTIONS = ("model.", "dataset.resolution", "lora.", "training.")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from PySide6.QtCore import Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
-    QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
+    QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
 )
 
 from studio.engine.events import (
     CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
-    StepCompleted,
+    StepCompleted, ValidationCompleted,
 )
 from studio.ui import theme
 from studio.ui.format import format_duration, format_rate, plural
@@ -43,10 +43,13 @@ class TrainPage(Page):
     go_to_page = Signal(str)
     try_requested = Signal()
     resume_run_requested = Signal(object)  # an engine UnfinishedRun
+    lora_rescued = Signal(object, object)  # (run folder, the LoRA file saved elsewhere after a full disk)
 
-    def __init__(self, model: JobModel, parent: QWidget | None = None):
+    def __init__(self, model: JobModel, parent: QWidget | None = None, tasks=None):
         super().__init__(parent)
         self.model = model
+        self.tasks = tasks  # a TaskRunner: saving elsewhere runs off the GUI thread (a big LoRA, a slow disk)
+        self.unsaved = None  # the trained LoRA a full disk would not take (engine UnsavedLora), until saved
         self.run_state = "idle"  # idle | starting | running | paused | stopping | finished | failed | cancelled
         self.run_dir: Path | None = None
         self.lora_path: Path | None = None
@@ -112,6 +115,11 @@ class TrainPage(Page):
         self.try_button.clicked.connect(self.try_requested)
         self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
         self.folder_button.clicked.connect(self.open_run_folder)
+        self.rescue_button = self.banner.add_action(QPushButton(theme.icon("export"), "Save LoRA elsewhere…"))
+        self.rescue_button.setToolTip("The disk was full: save the trained LoRA, still in memory, to another "
+                                      "disk or folder")
+        self.rescue_button.clicked.connect(self.save_elsewhere)
+        self.rescue_button.hide()
         self.layout_.addWidget(self.banner)
 
         self.unfinished = None
@@ -234,7 +242,8 @@ class TrainPage(Page):
         self.gallery.clear()
         self.log_view.clear()
         self.banner.hide()
-        self.run_dir = self.lora_path = None
+        self.rescue_button.hide()
+        self.run_dir = self.lora_path = self.unsaved = None
         self.step = self.total_steps = 0
         self._started = time.monotonic()
         self.progress.setRange(0, 0)  # busy until the first step reports the total
@@ -286,6 +295,11 @@ class TrainPage(Page):
         if self.run_state == "starting":
             self.set_run_state("running")
 
+    def on_validation(self, event: ValidationCompleted) -> None:
+        self.loss_plot.add_validation_point(event.step, event.loss)
+        self.log("info", f"Validation loss at step {event.step}: {event.loss:.4f} (lowest {event.best_loss:.4f} at "
+                         f"step {event.best_step})")
+
     def on_sample(self, event: SampleReady, pixmap: QPixmap | None) -> None:
         if pixmap is None and event.path and Path(event.path).is_file():
             pixmap = QPixmap(str(event.path))
@@ -313,7 +327,9 @@ class TrainPage(Page):
                                             f"{html.escape(str(self.run_dir))}. Try it against the base model, then export it.")
         self.try_button.show()
         self.folder_button.show()
-        self.log("info", f"Finished: {event.lora_path}")
+        self.log("info", f"Finished: {event.lora_path}" + (
+            f" (lowest validation loss {event.best_val_loss:.4f} at step {event.best_step})"
+            if event.best_step is not None else ""))
         self.set_run_state("finished")
 
     def on_failed(self, event: RunFailed) -> None:
@@ -329,8 +345,59 @@ class TrainPage(Page):
         self.banner.show_message("error", html.escape(event.message) + extra, event.details)
         self.try_button.setVisible(bool(event.lora_path))
         self.folder_button.setVisible(self.run_dir is not None)
+        self.unsaved = event.unsaved
+        self.rescue_button.setVisible(self.unsaved is not None)
         self.log("error", event.message)
         self.set_run_state("failed")
+
+    # ------------------------------------------------------------------------ a LoRA the disk would not take
+
+    def choose_rescue_path(self) -> str:
+        """Where to save the unsaved LoRA (a save dialog, which asks before replacing a file); "" if cancelled."""
+        start = str(Path.home() / self.unsaved.name)
+        path, _ = QFileDialog.getSaveFileName(self, "Save the trained LoRA elsewhere", start,
+                                              "LoRA files (*.safetensors)")
+        return path
+
+    def save_elsewhere(self) -> None:
+        if self.unsaved is None:
+            return
+        path = self.choose_rescue_path()
+        if not path:
+            return
+        if not path.lower().endswith(".safetensors"):
+            path += ".safetensors"
+        self.rescue_button.setEnabled(False)
+        self.phase.start("Saving the LoRA…")
+        if self.tasks is None:
+            try:
+                saved = self.unsaved.save(path)
+            except OSError as exc:
+                self._rescue_failed(str(exc), "")
+            else:
+                self._rescued(saved)
+            return
+        self.tasks.run("rescue-lora", self.unsaved.save, path, what="Saving the LoRA", on_done=self._rescued,
+                       on_error=self._rescue_failed)
+
+    def _rescued(self, path: object) -> None:
+        self.phase.stop()
+        self.rescue_button.setEnabled(True)
+        self.rescue_button.hide()
+        self.unsaved, self.lora_path = None, Path(path)
+        self.banner.show_message("success", f"The trained LoRA is saved as <b>{html.escape(str(path))}</b>. "
+                                            "Try it against the base model, then export it.")
+        self.try_button.show()
+        self.log("info", f"Saved the trained LoRA to {path}.")
+        self.lora_rescued.emit(self.run_dir, self.lora_path)
+
+    def _rescue_failed(self, message: str, details: str) -> None:
+        self.phase.stop()
+        self.rescue_button.setEnabled(True)
+        self.banner.show_message("error", f"{html.escape(message.rstrip('.'))}. The trained LoRA is still in memory: "
+                                          "choose another disk or folder.", details)
+        self.rescue_button.show()
+        self.log("error", f"Saving the LoRA elsewhere failed: {message}")
 
     def on_cancelled(self, event: RunCancelled) -> None:
         self.phase.stop()

@@ -22,7 +22,7 @@ INT32_MAX = 2**31 - 1
 # Fields holding a path get a Browse button; the value says what the dialog picks.
 PATH_FIELDS = {
     "model.path": "model", "model.vae": "file", "model.config_dir": "folder", "dataset.path": "folder",
-    "output.dir": "folder",
+    "output.dir": "folder", "validation.folder": "folder",
 }
 
 
@@ -150,6 +150,8 @@ class FieldEditor(QWidget):
         if info.type is int and (info.max is None or info.max <= INT32_MAX):
             w = QSpinBox()
             w.setRange(int(info.min if info.min is not None else -INT32_MAX), int(info.max if info.max is not None else INT32_MAX))
+            if info.min == -1:  # -1 is a field's "auto" (e.g. sampling.every): say so instead of showing "-1"
+                w.setSpecialValueText("auto")
             w.setKeyboardTracking(False)
             if info.unit:
                 w.setSuffix(f" {info.unit}")

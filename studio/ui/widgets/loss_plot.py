@@ -1,11 +1,11 @@
-"""LossPlot: raw loss, its moving average, and the learning rate, drawn with pyqtgraph as steps arrive."""
+"""LossPlot: raw loss, its moving average, the validation loss with its best step, and the learning rate (pyqtgraph)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from studio.ui import theme
 
@@ -21,6 +21,8 @@ class LossPlot(QWidget):
         self.losses: list[float] = []
         self.smoothed: list[float] = []
         self.lrs: list[float] = []
+        self.val_steps: list[int] = []
+        self.val_losses: list[float] = []
         self._ema: float | None = None
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -46,6 +48,17 @@ class LossPlot(QWidget):
         self.raw_curve = self.loss_plot.plot(name="loss")
         self.ema_curve = self.loss_plot.plot(name="smoothed")
         self.lr_curve = self.lr_plot.plot()
+        # Validation loss: points joined by a line on the loss axis, the lowest one starred with a line at its step.
+        self.val_curve = self.loss_plot.plot(name="validation", symbol="o", symbolSize=6)
+        self.best_marker = pg.ScatterPlotItem(symbol="star", size=16)
+        self.loss_plot.addItem(self.best_marker)
+        self.best_line = pg.InfiniteLine(angle=90, movable=False)
+        self.loss_plot.addItem(self.best_line, ignoreBounds=True)
+        self.best_line.hide()
+        self.best_label = QLabel()
+        self.best_label.setObjectName("muted")
+        self.best_label.hide()
+        layout.addWidget(self.best_label)
         self.empty_text = pg.TextItem("The loss curve is drawn here once training starts.", anchor=(0.5, 0.5))
         self.loss_plot.addItem(self.empty_text, ignoreBounds=True)
         self.empty_text.setPos(0.5, 0.5)
@@ -67,6 +80,12 @@ class LossPlot(QWidget):
         self.raw_curve.setPen(pg.mkPen(c["muted"], width=1))
         self.ema_curve.setPen(pg.mkPen(theme.ACCENT, width=2))
         self.lr_curve.setPen(pg.mkPen(theme.WARN_COLOUR, width=1.5))
+        self.val_curve.setPen(pg.mkPen(theme.OK_COLOUR, width=2))
+        self.val_curve.setSymbolBrush(pg.mkBrush(theme.OK_COLOUR))
+        self.val_curve.setSymbolPen(pg.mkPen(theme.OK_COLOUR))
+        self.best_marker.setBrush(pg.mkBrush(theme.OK_COLOUR))
+        self.best_marker.setPen(pg.mkPen(c["muted"]))
+        self.best_line.setPen(pg.mkPen(theme.OK_COLOUR, width=1, style=Qt.DashLine))
 
     @property
     def point_count(self) -> int:
@@ -77,6 +96,8 @@ class LossPlot(QWidget):
         self.losses.clear()
         self.smoothed.clear()
         self.lrs.clear()
+        self.val_steps.clear()
+        self.val_losses.clear()
         self._ema = None
         self.redraw()
 
@@ -97,8 +118,31 @@ class LossPlot(QWidget):
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
 
+    @property
+    def best(self) -> tuple[int, float] | None:
+        """(step, loss) of the lowest validation loss drawn (the earliest on a tie), or None."""
+        finite = [(s, v) for s, v in zip(self.val_steps, self.val_losses) if np.isfinite(v)]
+        return min(finite, key=lambda sv: sv[1]) if finite else None
+
+    def add_validation_point(self, step: int, loss: float) -> None:
+        if self.val_steps and step <= self.val_steps[-1]:  # a resumed run measures again: keep the newest values
+            cut = next(i for i, s in enumerate(self.val_steps) if s >= step)
+            del self.val_steps[cut:], self.val_losses[cut:]
+        self.val_steps.append(step)
+        self.val_losses.append(loss)
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
     def redraw(self) -> None:
-        self.empty_text.setVisible(not self.steps)
+        self.empty_text.setVisible(not self.steps and not self.val_steps)
+        self.val_curve.setData(np.asarray(self.val_steps, dtype=float), np.asarray(self.val_losses, dtype=float))
+        best = self.best
+        self.best_marker.setData([best[0]] if best else [], [best[1]] if best else [])
+        self.best_line.setVisible(best is not None)
+        self.best_label.setVisible(best is not None)
+        if best is not None:
+            self.best_line.setPos(best[0])
+            self.best_label.setText(f"Lowest validation loss {best[1]:.4g} at step {best[0]} (★)")
         x = np.asarray(self.steps, dtype=float)
         self.raw_curve.setData(x, np.asarray(self.losses, dtype=float))
         self.ema_curve.setData(x, np.asarray(self.smoothed, dtype=float))
