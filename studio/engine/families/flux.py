@@ -464,7 +464,9 @@ def _fuse(members: list, widths: tuple[int, ...], name: str) -> tuple[torch.Tens
 
 
 # Reference sizes: FLUX.1 transformer 11.90 B parameters, CLIP-L 123 M + T5-XXL encoder 4.76 B, the VAE 83.8 M.
-# Activations per 1024 px image (bf16, GiB, without/with gradient checkpointing): see flux_files.ACTIVATIONS_NOTE.
+# Activations per 1024 px image (bf16, GiB, without/with gradient checkpointing) are NOT measured yet (no GPU was
+# available): 30 / 2 are estimates from 4096 image + 512 text tokens x 3072 wide x 57 blocks; measure them on a GPU
+# (benchmarks/) before trusting the estimate's ≤ 12 GB claims.
 _PARAMETERS = {"denoiser": 11.90e9, "text_encoders": 123.1e6 + 4.76e9, "vae": 83.8e6}
 FLUX_DEV = FluxFamily(
     name="flux-dev", label="FLUX.1 [dev]", short_label="FLUX.1 dev", listed_as="FLUX.1 [dev]", variant="dev",
