@@ -9,7 +9,7 @@ import sys
 from studio.app_info import APP_EXECUTABLE, APP_NAME, VERSION
 
 # Each name is a module in studio.commands with add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("train", "demo", "inspect", "merge", "lora", "caption", "screenshots")
+COMMANDS = ("train", "demo", "inspect", "merge", "lora", "caption", "grid", "screenshots")
 
 
 def build_parser() -> argparse.ArgumentParser:

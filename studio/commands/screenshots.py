@@ -1,4 +1,4 @@
-"""`lora-studio screenshots DIR`: render every page of the window to DIR/<page>.png after a short demo run."""
+"""`lora-studio screenshots DIR`: render every page of the window to DIR/<page>.png after the demo run."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder for the PNG files (created if missing)")
     p.add_argument("--theme", choices=("light", "dark"), default="light", help="colour scheme (default light)")
     p.add_argument("--size", default="1280x820", help="window size in pixels, WIDTHxHEIGHT (default 1280x820)")
-    p.add_argument("--steps", type=int, default=8, help="training steps of the demo run (default 8)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of the demo run (default: the demo's own, about a minute on a CPU)")
     p.add_argument("--no-train", action="store_true", help="skip the demo run (pages show their empty states)")
     return p
 
@@ -51,7 +52,7 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
     from PySide6.QtCore import QSettings
 
     QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp / "settings"))
-    from studio.commands.demo import demo_job
+    from studio.engine.demo import DEMO_STEPS, demo_job
     from studio.ui.app import create_app
     from studio.ui.main_window import MainWindow
 
@@ -69,8 +70,7 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
             time.sleep(0.01)
         return until()
 
-    job = demo_job(tmp / "runs" / "demo", steps)
-    job.sampling.steps = 4  # quick previews; the demo model's pictures are noise at any step count
+    job = demo_job(tmp / "runs" / "demo", steps or DEMO_STEPS)
     window.model.replace(job)
     page = window.train_page
     if train:
@@ -82,9 +82,14 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
         export = window.export_page
         if export.selected_lora() is not None:
             export.prompt.setText(job.sampling.prompts[0])
-            export.steps.setValue(8)
+            export.steps.setValue(job.sampling.steps)
             export.generate()
             pump(lambda: not export.tasks.is_running("generate"), 300)
+            # The Compare steps grid: every saved step at 0, 0.5 and 1× (what `lora-studio grid` draws).
+            export.try_tabs.setCurrentIndex(1)
+            export.grid.render_grid()
+            pump(lambda: not export.grid.rendering, 300)
+            export.try_tabs.setCurrentIndex(0)
     dataset = window.dataset_page
     pump(lambda: not dataset.scanning and not dataset.tasks.is_running("thumbs"), 60)
     settings = window.settings_page
@@ -98,12 +103,25 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
         path = out / f"{name}.png"
         window.grab().save(str(path))
         saved.append(path)
+        if key == "export" and train and window.export_page.grid.grid is not None:
+            saved.append(_render_grid_tab(window, out, pump))
     saved += _render_captioning(window, out, pump)
     window.shutdown()
     window.close()
     for path in saved:
         print(path)
     return 0
+
+
+def _render_grid_tab(window, out: Path, pump: Callable) -> Path:
+    """Try & Export with its Compare steps grid showing (try_and_export.png shows the side-by-side tab)."""
+    export = window.export_page
+    export.try_tabs.setCurrentIndex(1)
+    pump(lambda: False, 0.3)
+    path = out / "grid.png"
+    window.grab().save(str(path))
+    export.try_tabs.setCurrentIndex(0)
+    return path
 
 
 def _render_captioning(window, out: Path, pump: Callable) -> list[Path]:

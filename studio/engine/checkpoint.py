@@ -32,18 +32,42 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 
 
 def demo_model_path() -> Path:
-    """The built-in demo model (a tiny random model of the default family), built once into the user cache."""
-    from studio.engine.tiny import save_tiny_model
+    """The built-in demo model, ready to load: its shipped weights plus the bundled CLIP tokenizer, in the user cache.
 
-    folder = user_cache_dir() / f"demo-model-{DEFAULT_FAMILY}"
-    if not (folder / "model_index.json").is_file():
-        tmp = folder.with_name(folder.name + ".partial")
-        import shutil
+    The weights (resources/demo/model, made by resources/demo/train_demo_model.py) ship without a tokenizer, which
+    the app already carries once; the folder here is assembled on first use and again whenever the weights change.
+    """
+    import hashlib
+    import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_tiny_model(tmp, DEFAULT_FAMILY)
-        shutil.rmtree(folder, ignore_errors=True)
+    from studio.engine.demo import demo_model_folder
+    from studio.engine.families.sd_loading import tokenizer_folder
+    from studio.engine.tokenizers import write_tokenizer
+
+    source = demo_model_folder()
+    if not (source / "model_index.json").is_file():
+        raise ModelLoadError(f"The demo model is missing from '{source}'; reinstall LoRA Studio, or recreate it with "
+                             "`python resources/demo/train_demo_model.py` in a source checkout")
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    digest = hashlib.sha1()
+    for p in files:
+        digest.update(str(p.relative_to(source)).encode())
+        digest.update(p.read_bytes())
+    folder = user_cache_dir() / f"demo-model-{digest.hexdigest()[:12]}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")  # two apps starting at once do not collide
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    family = get_family(DEFAULT_FAMILY)
+    for encoder, name in zip(family.text_encoder_names, family.tokenizer_names):
+        write_tokenizer(name, tmp / tokenizer_folder(encoder))
+    try:
         tmp.rename(folder)
+    except OSError:  # another process finished first: theirs is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model_index.json").is_file():
+            raise
     return folder
 
 

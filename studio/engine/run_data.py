@@ -210,7 +210,7 @@ def _resident_inputs(run: Run, batch: list[int], flips: list[bool], captions: li
         text = {k[5:]: torch.cat([_resident(run, t[k]) for t in texts]) for k in texts[0]}
     else:
         with torch.no_grad() if not run.job.lora.train_text_encoder else nullcontext():
-            text = encode_text(run, captions).to(run.device, run.weight_dtype).tensors
+            text = encode_text_for_training(run, captions).to(run.device, run.weight_dtype).tensors
     return latents, Conditioning({**text, **per_image})
 
 

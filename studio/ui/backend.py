@@ -72,10 +72,12 @@ def model_parts(family: str, model: dict) -> list[tuple[str, str, str | None]]:
 def inspect_model(path: str) -> dict:
     """What the engine can tell about a base model without loading it (family, prediction type, size, dtype)."""
     if path == BUILTIN_DEMO_MODEL:
+        from studio.engine.demo import DEMO_RESOLUTION, demo_model_size_bytes
         from studio.engine.families import DEFAULT_FAMILY, family_label
 
         return {"kind": "checkpoint", "family": DEFAULT_FAMILY, "family_label": family_label(DEFAULT_FAMILY),
-                "prediction_type": "epsilon", "native_resolution": 64, "dtype": "float32", "builtin": True, "path": path}
+                "prediction_type": "epsilon", "native_resolution": DEMO_RESOLUTION, "dtype": "float16",
+                "size_bytes": demo_model_size_bytes(), "builtin": True, "path": path}
     from studio.engine.inspection import inspect_path
 
     return inspect_path(Path(path).expanduser())
@@ -248,6 +250,16 @@ def generate_pair(cache: ModelCache, model: ModelSection, lora_path: Path, promp
         base = generate(bundle, prompt, **kw)
         with_lora = generate(bundle, prompt, lora_path=lora_path, lora_scale=strength, **kw)
     return base, with_lora
+
+
+def generate_with_lora(cache: ModelCache, model: ModelSection, lora_path: Path, prompt: str, *, negative_prompt: str,
+                       seed: int, steps: int, guidance: float, strength: float, size: int | None) -> Any:
+    """Only the LoRA picture (a new strength: the base picture at the same seed has not changed)."""
+    from studio.engine.sampling import generate
+
+    with cache.exclusive(model) as bundle:
+        return generate(bundle, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                        width=size, height=size, lora_path=lora_path, lora_scale=strength)
 
 
 def run_loras(run_dir: Path) -> list[Path]:

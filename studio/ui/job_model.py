@@ -147,7 +147,11 @@ def default_run_root() -> Path:
 
 
 def new_job() -> Job:
-    """A job ready for the window: the demo model and a run folder under the user's data folder."""
+    """A job ready for the window: the demo model with the demo's recipe, a run folder under the user's data folder."""
+    from studio.engine.demo import demo_model_settings
+
     job = Job()
+    if job.model.path == config.BUILTIN_DEMO_MODEL:
+        config.apply_overrides(job, demo_model_settings())  # the first run in the window learns, as the CLI demo does
     job.output.dir = str(default_run_root() / job.output.name)
     return job

@@ -57,7 +57,7 @@ def prepared_run(job):
 def steps(run: Run, n: int, pending: PendingValues, cache: dict) -> None:
     """What the loop does per step, up to handing the loss to the host copy (trainer._train_loop)."""
     for _ in range(n):
-        loss = trainer._train_step(run, cache)
+        loss, _skipped = trainer._train_step(run, cache)
         run.position.step += 1
         pending.put(run.step, loss)
 

@@ -139,13 +139,13 @@ def test_bulk_replace_and_remove_then_undo_each(qtbot, page, demo_copy, monkeypa
     raw = {p.name: p.read_bytes() for p in demo_copy.glob("*.txt")}
     counts = lambda: {page.tags.topLevelItem(i).text(0): page.tags.topLevelItem(i).text(1)  # noqa: E731
                       for i in range(page.tags.topLevelItemCount())}
-    assert counts()["flat illustration"] == "8"
-    assert page.tag_panel.select_tag("flat illustration")
+    assert counts()["striped"] == "8"
+    assert page.tag_panel.select_tag("striped")
     monkeypatch.setattr(QInputDialog, "getText", lambda *a, **kw: ("flat color", True))
     qtbot.mouseClick(page.tag_panel.replace_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not page.scanning and not page.tasks.is_running("bulk-edit") and
                     counts().get("flat color") == "8", timeout=20_000)
-    assert "flat illustration" not in counts()
+    assert "striped" not in counts()
     assert (demo_copy / "shape_00.txt").read_text() == "studioshape, a red circle, flat color, black outline"
     assert page.remove_tag("black outline")
     qtbot.waitUntil(lambda: not page.scanning and not page.tasks.is_running("bulk-edit") and
@@ -154,10 +154,10 @@ def test_bulk_replace_and_remove_then_undo_each(qtbot, page, demo_copy, monkeypa
     qtbot.mouseClick(page.tag_panel.undo_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not page.scanning and not page.tasks.is_running("bulk-edit") and
                     counts().get("black outline") == "8", timeout=20_000)
-    assert page.tag_panel.undo_button.text() == "Undo: Replace “flat illustration” with “flat color”"
+    assert page.tag_panel.undo_button.text() == "Undo: Replace “striped” with “flat color”"
     qtbot.mouseClick(page.tag_panel.undo_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: not page.scanning and not page.tasks.is_running("bulk-edit") and
-                    counts().get("flat illustration") == "8", timeout=20_000)
+                    counts().get("striped") == "8", timeout=20_000)
     assert {p.name: p.read_bytes() for p in demo_copy.glob("*.txt")} == raw  # byte for byte
     assert not page.tag_panel.undo_button.isEnabled()
 

@@ -21,9 +21,10 @@ def test_set_value_coerces_and_announces_once(qtbot):
 
 def test_unreadable_value_raises_and_leaves_job_alone(qtbot):
     model = JobModel()
+    before = model.job.lora.rank
     with pytest.raises(ValueError):
         model.set_value("lora.rank", "many")
-    assert model.job.lora.rank == 16
+    assert model.job.lora.rank == before
 
 
 def test_problems_follow_changes(qtbot):
@@ -48,9 +49,10 @@ def test_replace_refreshes_every_field(qtbot):
 
 def test_apply_is_all_or_nothing(qtbot):
     model = JobModel()
+    before = model.job.lora.rank
     with pytest.raises(config.ConfigError):
         model.apply({"lora.rank": 8, "training.stepz": 5})
-    assert model.job.lora.rank == 16
+    assert model.job.lora.rank == before
     model.apply({"lora.rank": 8, "training.steps": 200})
     assert (model.job.lora.rank, model.job.training.steps) == (8, 200)
 

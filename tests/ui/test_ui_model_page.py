@@ -19,11 +19,15 @@ def page(window):
 def test_demo_model_is_the_default_with_a_clear_note(qtbot, window, page):
     assert window.model.job.model.path == BUILTIN_DEMO_MODEL
     assert "Built-in demo model" in page.name_label.text()
-    assert "tiny random model" in page.note.text()
+    assert "draws simple coloured shapes" in page.note.text()
     qtbot.waitUntil(lambda: page.info is not None, timeout=5000)
     assert page.detail_labels["family"].text() == "Stable Diffusion 1.x"
+    assert page.detail_labels["size"].text().endswith("MB")  # the shipped weights
     assert window.rail_state("model") == "done"
-    # The demo makes 64 px images; one click trains at that size.
+    # The demo makes 64 px images, and the new job trains at that size already.
+    assert window.model.job.dataset.resolution == 64 and not page.use_native.isVisible()
+    # Another size: one click trains at the native one again.
+    window.model.set_value("dataset.resolution", 512)
     assert page.use_native.isVisible()
     page.use_native.click()
     assert window.model.job.dataset.resolution == 64

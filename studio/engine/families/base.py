@@ -344,6 +344,11 @@ class Family(abc.ABC):
         """FLOPs of the text encoders (config folder) over ``batch`` captions; 0 if unknown."""
         return 0
 
+    def preview_batch_factor(self, guidance: float) -> int:
+        """Denoiser batch per preview image: 2 under classifier-free guidance (scale > 1: the pipeline runs the
+        prompt and the negative prompt together), 1 for a family whose guidance is an input (distilled)."""
+        return 2 if guidance > 1 else 1
+
     @abc.abstractmethod
     def full_size_parameters(self) -> dict[str, float]:
         """Parameter counts of the family's reference model: {"denoiser", "text_encoders", "vae"}."""

@@ -368,6 +368,9 @@ class FluxFamily(Family):
     def full_size_parameters(self) -> dict[str, float]:
         return dict(self._parameters)
 
+    def preview_batch_factor(self, guidance: float) -> int:
+        return 1  # guidance-distilled: the guidance value is an input, one forward per step
+
     def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
         """fp8 storage keeps 1 byte per frozen weight; swapped blocks live in CPU memory (one on the GPU at a time).
         FLUX.1's 57 blocks hold ~96 % of its parameters."""

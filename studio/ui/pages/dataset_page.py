@@ -206,16 +206,14 @@ class DatasetPage(Page):
         self.model.set_value("dataset.path", path)
 
     def use_demo_images(self) -> None:
-        """The bundled shapes, with the demo's trigger word (and its 64 px size when the demo model is chosen)."""
-        from studio.commands.demo import demo_job
+        """The bundled shapes with the demo's trigger word (and the demo's recipe when the demo model is chosen)."""
         from studio.engine.config import BUILTIN_DEMO_MODEL
+        from studio.engine.demo import demo_dataset_settings, demo_model_settings
 
-        demo = demo_job().dataset
-        self.model.set_value("dataset.trigger_word", demo.trigger_word)
+        settings = demo_dataset_settings()
         if self.model.value("model.path") == BUILTIN_DEMO_MODEL:
-            self.model.set_value("dataset.resolution", demo.resolution)
-            self.model.set_value("dataset.bucket_step", demo.bucket_step)
-        self.choose(demo.path)
+            settings.update(demo_model_settings())
+        self.model.apply(settings)
 
     def browse(self) -> None:
         start = self.model.value("dataset.path") or str(Path.home())

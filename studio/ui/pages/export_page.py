@@ -7,11 +7,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
     QButtonGroup, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-    QPushButton, QRadioButton, QSizePolicy, QSlider, QSpinBox, QStackedWidget, QVBoxLayout, QWidget,
+    QPushButton, QRadioButton, QSizePolicy, QSlider, QSpinBox, QStackedWidget, QTabWidget, QVBoxLayout, QWidget,
 )
 
 from studio.ui import backend, theme
@@ -20,6 +20,7 @@ from studio.ui.images import pil_to_pixmap
 from studio.ui.job_model import JobModel
 from studio.ui.pages.base import DONE, PENDING, Page, card, section_label
 from studio.ui.widgets.banner import Banner
+from studio.ui.widgets.compare_grid import CompareGridWidget
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.drop_zone import DropZone
 from studio.ui.widgets.export_report import ExportReportWidget
@@ -63,12 +64,26 @@ class ImagePanel(QWidget):
         self.image.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
         self.image.mousePressEvent = lambda e: self.enlarge()
         self.pixmap: QPixmap | None = None
+        self.stale = False  # the picture no longer matches the controls (a new one is on its way)
         col.addWidget(self.title)
         col.addWidget(self.image, 1)
 
     def set_pixmap(self, pixmap: QPixmap | None) -> None:
         self.pixmap = pixmap
+        self.set_stale(False)
         self._rescale()
+
+    def set_stale(self, stale: bool) -> None:
+        """Dim the picture while it shows settings that are no longer the current ones."""
+        from PySide6.QtWidgets import QGraphicsOpacityEffect
+
+        self.stale = stale
+        if stale:
+            effect = QGraphicsOpacityEffect(self.image)
+            effect.setOpacity(0.35)
+            self.image.setGraphicsEffect(effect)
+        else:
+            self.image.setGraphicsEffect(None)
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
@@ -96,6 +111,8 @@ class TryExportPage(Page):
         "<p>Choose a LoRA from the last run (the final one, or one saved at an earlier step) or open any LoRA file. "
         "<b>Generate</b> makes one image with the base model and one with the LoRA, with the same prompt and seed, "
         "so the difference is the LoRA alone. <b>Strength</b> is how strongly it is applied (1.0 = as trained).</p>"
+        "<p><b>Compare steps</b> draws every LoRA the run saved (one row per step) at several strengths, with one "
+        "prompt and seed: where the pictures stop getting better is the step to export.</p>"
         "<p><b>Export</b> writes the chosen file with your title, trigger words and description in its metadata "
         "(A1111's Lora tab and Civitai show them). Put it into <i>models/Lora</i> (A1111) or <i>models/loras</i> "
         "(ComfyUI).</p>")
@@ -208,7 +225,15 @@ class TryExportPage(Page):
         images.addWidget(self.base_panel)
         images.addWidget(self.lora_panel)
         tc.addLayout(images, 1)
-        halves.addWidget(try_card, 3)
+        # Compare steps: the run's saved LoRAs × strengths (its own widget; the cells are cached in the run folder).
+        self.grid = CompareGridWidget(tasks, self.cache, lambda: self.model.snapshot().model)
+        self.grid.step_chosen.connect(self.select_lora)
+        grid_card, gc = card()
+        gc.addWidget(self.grid)
+        self.try_tabs = QTabWidget()
+        self.try_tabs.addTab(try_card, "Try it")
+        self.try_tabs.addTab(grid_card, "Compare steps")
+        halves.addWidget(self.try_tabs, 3)
 
         # Export.
         export_card, ec = card()
@@ -262,6 +287,13 @@ class TryExportPage(Page):
         ec.addStretch(1)
         halves.addWidget(export_card, 2)
 
+        # A new strength regenerates the LoRA picture once the slider rests (the old one is dimmed meanwhile).
+        self._shown_strength: float | None = None
+        self._pair_key: tuple | None = None  # (LoRA, prompt, seed, steps) of the base picture shown
+        self.regenerate_timer = QTimer(self)
+        self.regenerate_timer.setSingleShot(True)
+        self.regenerate_timer.setInterval(350)
+        self.regenerate_timer.timeout.connect(self._regenerate_lora)
         self._on_strength(self.strength.value())
         model.changed.connect(self._on_model_changed)
 
@@ -290,6 +322,26 @@ class TryExportPage(Page):
         if lora_path and Path(lora_path) not in files and Path(lora_path).is_file():
             files.insert(0, Path(lora_path))
         self._fill(files, Path(lora_path) if lora_path else (files[0] if files else None))
+        self.grid.set_run(self.run_dir, self._prompt_choices())
+
+    def _prompt_choices(self) -> list[str]:
+        """The run's preview prompts (with its trigger word), then the current prompt."""
+        job = self.model.job
+        if self.run_dir is not None and (self.run_dir / "job.toml").is_file():
+            from studio.engine.grid import run_job
+
+            try:
+                job = run_job(self.run_dir)
+            except Exception:  # an unreadable job.toml: the window's job still gives useful prompts
+                pass
+        prompts = [p.replace("{trigger}", job.dataset.trigger_word).strip() for p in job.sampling.prompts]
+        return [p for p in prompts if p] + ([self.prompt.text()] if self.prompt.text() else [])
+
+    def select_lora(self, path: Path) -> None:
+        """Choose one of the listed LoRAs (e.g. a step picked in the grid) for trying and export."""
+        index = self.lora_combo.findData(str(path))
+        if index >= 0:
+            self.lora_combo.setCurrentIndex(index)
 
     def add_file(self, path: str) -> None:
         p = Path(path)
@@ -370,9 +422,24 @@ class TryExportPage(Page):
 
     def _on_strength(self, value: int) -> None:
         self.strength_label.setText(f"{value / 100:.2f}×")
-        self.lora_panel.title.setText(f"With LoRA at {value / 100:.2f}×")
+        if self._shown_strength is None or self.lora_image is None:
+            self.lora_panel.title.setText(f"With LoRA at {value / 100:.2f}×")
+            return
+        # The title says what the picture shows until the new one arrives.
+        stale = abs(self._shown_strength - value / 100) > 1e-9
+        self.lora_panel.set_stale(stale)
+        self.lora_panel.title.setText(f"With LoRA at {self._shown_strength:.2f}×" +
+                                      (f" — updating to {value / 100:.2f}×…" if stale else ""))
+        if stale:
+            self.regenerate_timer.start()  # restarts while the slider moves: one picture when it rests
 
-    def generate(self) -> None:
+    def _regenerate_lora(self) -> None:
+        if self.tasks.is_running("generate"):
+            self.regenerate_timer.start()  # after the picture being made now
+            return
+        self.generate(lora_only=True)
+
+    def generate(self, lora_only: bool = False) -> None:
         lora = self.selected_lora()
         if lora is None or self.tasks.is_running("generate"):
             return
@@ -385,11 +452,19 @@ class TryExportPage(Page):
         job = self.model.snapshot()
         size = job.sampling.width or job.dataset.resolution  # as trained, so the comparison is fair
         self.generate_button.setEnabled(False)
-        self.generate_busy.start("Loading the model and generating both images…")
-        self.tasks.run("generate", backend.generate_pair, self.cache, job.model, lora, prompt,
-                       negative_prompt=job.sampling.negative_prompt, seed=self.seed.value(), steps=self.steps.value(),
-                       guidance=job.sampling.guidance, strength=self.strength.value() / 100, size=size,
-                       engine=True, what="Generating", on_done=self._show_pair,
+        strength = self.strength.value() / 100
+        kwargs = dict(negative_prompt=job.sampling.negative_prompt, seed=self.seed.value(), steps=self.steps.value(),
+                      guidance=job.sampling.guidance, strength=strength, size=size)
+        key = (str(lora), prompt, self.seed.value(), self.steps.value())
+        if lora_only and self.base_image is not None and key == self._pair_key:
+            self.generate_busy.start(f"Generating with the LoRA at {strength:.2f}×…")
+            fn, on_done = backend.generate_with_lora, lambda image: self._show_pair((self.base_image, image), strength)
+        else:
+            self.generate_busy.start("Loading the model and generating both images…")
+            self._pair_key = key
+            fn, on_done = backend.generate_pair, lambda pair: self._show_pair(pair, strength)
+        self.tasks.run("generate", fn, self.cache, job.model, lora, prompt, **kwargs,
+                       engine=True, what="Generating", on_done=on_done,
                        on_error=lambda m, d: self.try_banner.show_message("error", m, d),
                        on_finished=self._generate_finished)
 
@@ -397,10 +472,12 @@ class TryExportPage(Page):
         self.generate_button.setEnabled(True)
         self.generate_busy.stop()
 
-    def _show_pair(self, pair: tuple[Any, Any]) -> None:
+    def _show_pair(self, pair: tuple[Any, Any], strength: float | None = None) -> None:
         self.base_image, self.lora_image = pair
+        self._shown_strength = strength if strength is not None else self.strength.value() / 100
         self.base_panel.set_pixmap(pil_to_pixmap(self.base_image))
         self.lora_panel.set_pixmap(pil_to_pixmap(self.lora_image))
+        self._on_strength(self.strength.value())  # the title, and another picture if the slider moved meanwhile
 
     # ------------------------------------------------------------------------------------------ export
 

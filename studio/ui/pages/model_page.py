@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.engine.config import BUILTIN_DEMO_MODEL
+from studio.engine.demo import DEMO_LR, DEMO_RESOLUTION, DEMO_STEPS
 from studio.ui import backend, settings_store, theme
 from studio.ui.format import format_bytes
 from studio.ui.job_model import JobModel
@@ -25,9 +26,10 @@ RECENT_KEY = "models/recent"
 PREDICTION_NAMES = {"epsilon": "noise (epsilon)", "v_prediction": "v-prediction", "v": "v-prediction"}
 DTYPE_NAMES = {"float16": "fp16 (half)", "fp16": "fp16 (half)", "bfloat16": "bf16", "bf16": "bf16",
                "float32": "fp32 (full)", "fp32": "fp32 (full)"}
-DEMO_NOTE = ("A tiny random model (Stable Diffusion 1.x layout, 64 px) that comes with LoRA Studio for trying "
-             "the app: a run takes seconds even without a GPU, but its pictures are coloured noise. Choose a real "
-             "checkpoint to make a LoRA you can use.")
+DEMO_NOTE = ("A small model (Stable Diffusion 1.x layout, 64 px) that comes with LoRA Studio for trying the app: it "
+             "draws simple coloured shapes (“a red circle”), and a LoRA teaches it the demo images' striped style "
+             f"in about a minute, even without a GPU. Choosing it sets the demo's recipe ({DEMO_RESOLUTION} px, "
+             f"learning rate {DEMO_LR:g}, {DEMO_STEPS} steps). Choose a real checkpoint to make a LoRA you can use.")
 
 
 def model_check(path: Path) -> str | None:
@@ -60,8 +62,8 @@ class ModelPage(Page):
         "(as used by AUTOMATIC1111 and ComfyUI) or a <b>diffusers</b> folder. Drop it on the page, browse for it, or "
         "pick one found in the usual A1111/ComfyUI folders and the Hugging Face cache.</p>"
         "<p>LoRA Studio reads the file to tell its family (SD 1.x, 2.x or XL), what it predicts and its precision; "
-        "nothing is downloaded.</p><p>The <b>built-in demo model</b> is tiny and random: good for learning the "
-        "app, useless for real pictures.</p>")
+        "nothing is downloaded.</p><p>The <b>built-in demo model</b> is small and only draws simple shapes: good "
+        "for learning the app (a LoRA visibly changes its pictures within a minute), useless for real pictures.</p>")
 
     def __init__(self, model: JobModel, tasks: TaskRunner, parent: QWidget | None = None):
         super().__init__(parent)
@@ -191,7 +193,16 @@ class ModelPage(Page):
     # ---------------------------------------------------------------------------------------------- actions
 
     def choose(self, path: str) -> None:
-        """Make ``path`` the job's base model (what a drop, a browse or a list pick does)."""
+        """Make ``path`` the job's base model (what a drop, a browse or a list pick does).
+
+        The demo model comes with its recipe (its 64 px size, a learning rate and step count that visibly learn
+        within a minute): choosing it applies them, so the page, Settings and a run agree with `lora-studio demo`.
+        """
+        if path == BUILTIN_DEMO_MODEL:
+            from studio.engine.demo import demo_model_settings
+
+            self.model.apply({"model.path": path, **demo_model_settings()})
+            return
         self.model.set_value("model.path", path)
 
     def find_models(self) -> None:
@@ -219,7 +230,7 @@ class ModelPage(Page):
 
     def _fill_recent(self) -> None:
         self.recent_list.clear()
-        demo = QListWidgetItem(theme.icon("sparkle"), "Built-in demo model (tiny, for trying the app)")
+        demo = QListWidgetItem(theme.icon("sparkle"), "Built-in demo model (small, draws shapes; for trying the app)")
         demo.setData(Qt.UserRole, BUILTIN_DEMO_MODEL)
         self.recent_list.addItem(demo)
         for path in settings_store.read_list(RECENT_KEY):
@@ -309,7 +320,7 @@ class ModelPage(Page):
         self.detail_labels["prediction"].setText(PREDICTION_NAMES.get(prediction, prediction or "—"))
         native = info.get("native_resolution")
         self.detail_labels["resolution"].setText(f"{native} px" if native else "—")
-        size_text = "tiny" if info.get("builtin") else (format_bytes(info["size_bytes"]) if info.get("size_bytes") else "—")
+        size_text = format_bytes(info["size_bytes"]) if info.get("size_bytes") else "—"
         self.detail_labels["size"].setText(size_text)
         dtype = info.get("dtype")
         self.detail_labels["precision"].setText(DTYPE_NAMES.get(str(dtype), str(dtype)) if dtype else "—")
