@@ -96,3 +96,18 @@ def test_missing_parts_are_named(comfy_tree, tmp_path):
                                      text_encoder_2=str(models / "text_encoders" / "t5xxl_fp16.safetensors"),
                                      vae=str(models / "vae" / "ae.safetensors")))
     assert bundle.family.name == "flux-dev"
+
+
+def test_an_incomplete_part_file_is_refused_by_name(comfy_tree, tmp_path):
+    from safetensors.torch import load_file
+
+    from studio.engine.checkpoint import load_model
+
+    folder, models = comfy_tree
+    clip = load_file(str(models / "text_encoders" / "clip_l.safetensors"))
+    clip.pop(next(k for k in clip if k.endswith("layers.1.mlp.fc2.weight")))
+    broken = tmp_path / "clip_l-broken.safetensors"
+    save_file(clip, str(broken))
+    with pytest.raises(ModelLoadError, match="clip_l-broken.safetensors' is not a complete CLIP-L text encoder"):
+        load_model(ModelSection(path=str(models / "unet" / "tiny-flux1-dev.safetensors"), config_dir=str(folder),
+                                text_encoder=str(broken)))

@@ -195,6 +195,11 @@ class Family(abc.ABC):
 
     # -------------------------------------------------------------------------------------------- loading
 
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        """Parts a model file of this family lacks, each with the file chosen (``model.<part>``) or found nearby,
+        None when not found; the Model page asks for these by ``parts()`` label. SD files carry every part: {}."""
+        return {}
+
     @abc.abstractmethod
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         """The shipped diffusers config folder single files of this family load through (offline)."""

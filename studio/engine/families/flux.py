@@ -156,6 +156,19 @@ class FluxFamily(Family):
 
     # -------------------------------------------------------------------------------------------- loading
 
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        from studio.engine.families.flux_files import transformer_layout, resolve_parts
+        from studio.engine.safe_load import open_weights
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            return {}  # a diffusers folder has every part
+        shapes = open_weights(path).shapes
+        if transformer_layout(shapes) is None:
+            return {}
+        parts = resolve_parts(self, path, model)
+        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae")}
+
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)
 
@@ -348,6 +361,9 @@ class FluxFamily(Family):
     def full_size_parameters(self) -> dict[str, float]:
         return dict(self._parameters)
 
+    def preview_batch_factor(self, guidance: float) -> int:
+        return 1  # guidance-distilled: the guidance value is an input, one forward per step
+
     def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
         """fp8 storage keeps 1 byte per frozen weight; swapped blocks live in CPU memory (one on the GPU at a time).
         FLUX.1's 57 blocks hold ~96 % of its parameters."""
@@ -444,7 +460,9 @@ def _fuse(members: list, widths: tuple[int, ...], name: str) -> tuple[torch.Tens
 
 
 # Reference sizes: FLUX.1 transformer 11.90 B parameters, CLIP-L 123 M + T5-XXL encoder 4.76 B, the VAE 83.8 M.
-# Activations per 1024 px image (bf16, GiB, without/with gradient checkpointing): see flux_files.ACTIVATIONS_NOTE.
+# Activations per 1024 px image (bf16, GiB, without/with gradient checkpointing) are NOT measured yet (no GPU was
+# available): 30 / 2 are estimates from 4096 image + 512 text tokens x 3072 wide x 57 blocks; measure them on a GPU
+# (benchmarks/) before trusting the estimate's ≤ 12 GB claims.
 _PARAMETERS = {"denoiser": 11.90e9, "text_encoders": 123.1e6 + 4.76e9, "vae": 83.8e6}
 FLUX_DEV = FluxFamily(
     name="flux-dev", label="FLUX.1 [dev]", short_label="FLUX.1 dev", listed_as="FLUX.1 [dev]", variant="dev",

@@ -191,8 +191,14 @@ def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype
     if cls is T5EncoderModel and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]  # tied in T5; files keep one of them
     # transformers builds the model from the config and this state dict (buffers, tied weights and all).
-    encoder = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-    check_complete(encoder, "CLIP-L text encoder" if cls is CLIPTextModel else "T5-XXL text encoder", file.name)
+    encoder, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    what = "CLIP-L text encoder" if cls is CLIPTextModel else "T5-XXL text encoder"
+    # transformers fills missing weights with random ones; a part file missing some is damaged or another model.
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise ModelLoadError(f"'{file.name}' is not a complete {what}: {len(missing)} weight(s) missing "
+                             f"(e.g. {sorted(missing)[0]}); choose the {what} file (model.{sub})")
+    check_complete(encoder, what, file.name)
     return encoder
 
 
