@@ -256,11 +256,12 @@ def test_flux_lora_files_are_told_apart_from_sd():
 
 
 def test_flux_presets_set_the_family_s_resolution_guidance_and_sampler_steps():
-    from studio.ui.presets import builtin_presets
+    from studio.ui.presets import family_presets
 
-    presets = {p.path.stem: p for p in builtin_presets()}
-    dev, schnell = presets["flux-dev"].values, presets["flux-schnell"].values
+    presets = {p.name: p for p in family_presets()}
+    dev, schnell = presets["FLUX.1 dev defaults"].values, presets["FLUX.1 schnell defaults"].values
     assert (dev["dataset.resolution"], dev["training.guidance"], dev["sampling.steps"]) == (1024, 1.0, FLUX_DEV.preview.steps)
     assert (schnell["sampling.steps"], schnell["sampling.guidance"]) == (FLUX_SCHNELL.preview.steps, 0.0)
+    assert "training.guidance" not in schnell  # schnell has no guidance input to train at
     assert dev["training.base_weights_fp8"] and dev["training.gradient_checkpointing"]
     assert "model.family" not in dev  # a preset says how to train, not what (a Flux preset on SD must not break it)
