@@ -6,6 +6,7 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox, QTextBrowser
 
 from studio.engine import config
+from studio.ui.job_model import new_job
 from studio.ui import settings_store
 from studio.ui.main_window import about_html
 
@@ -91,7 +92,7 @@ def test_unsaved_changes_are_offered_for_saving(qtbot, window, tmp_path, monkeyp
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Save)
     window.new_job()
     assert config.load_job(path).lora.rank == 7
-    assert window.model.job.lora.rank == 16 and window.model.file_path == ""
+    assert window.model.job.lora.rank == new_job().lora.rank and window.model.file_path == ""
 
 
 def test_window_and_last_job_are_remembered(qtbot, make_window, tiny_dataset):
