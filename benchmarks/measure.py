@@ -412,7 +412,7 @@ def _preflight(job: Any) -> dict[str, Any]:
         return {"failed": f"{type(exc).__name__}: {exc}"}
     return {"seconds_per_step": e.seconds_per_step, "step_tflop": e.step_tflop, "calibrated_tflops": e.peak_tflops,
             "gpu_memory_bytes": e.gpu_memory_bytes, "launch_bound": e.launch_bound, "warnings": e.warnings,
-            "error": None}
+            "calibrated": e.calibrated, "error_band": e.error_band, "preview_seconds": e.preview_seconds, "error": None}
 
 
 def spec_dict(spec: RunSpec) -> dict[str, Any]:

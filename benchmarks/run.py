@@ -6,7 +6,9 @@ Examples (from the repository root)::
     python -m benchmarks.run --compare caching --repeats 3     # a technique on and off, interleaved, as a ratio
     python -m benchmarks.run --compare training.attention=sdpa,classic
     python -m benchmarks.run --suite cpu --repeats 3 --results-md benchmarks/RESULTS.md
-    python -m benchmarks.run --suite gpu --results-md benchmarks/RESULTS.md   # SD1.5-512 and SDXL-1024
+    python -m benchmarks.run --suite limit --peer-script PATH   # ours vs the bare loop vs diffusers' script (CPU)
+    python -m benchmarks.run --suite estimate                  # the estimate on held-out settings (CPU)
+    benchmarks/gpu_suite.sh run                                # on a GPU machine: SD1.5-512 + SDXL-1024, < 8 min
 
 Every measured run happens in a fresh worker process (``--in-process`` turns that off), so peak RSS, cold load
 time and torch.compile caches belong to that run alone. A and B repetitions alternate (A B, B A, A B, ...) so
@@ -102,12 +104,6 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
 CPU_SUITE = ["baseline", "omp-wait", "caching", "disk-cache", "attention", "bf16", "checkpointing", "channels-last",
              "fused-optimizer", "batch", "compile"]
 
-# GPU suite: (name, model, resolution, settings); max-batch searches are added per model and checkpointing mode.
-GPU_SUITE = [
-    ("sd1-512", "sd1", 512),
-    ("sdxl-1024", "sdxl", 1024),
-]
-
 METRICS = ["seconds_per_step", "cpu_seconds_per_step", "cores_busy", "images_per_s", "peak_rss_bytes",
            "gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes",
            "cold_load_s", "cache_build_s", "setup_s", "time_to_first_sample_s", "sampling_s", "first_step_s",
@@ -171,9 +167,7 @@ def run_one(spec: dict[str, Any], *, in_process: bool, env: dict[str, str | None
     """Measure one run: in a fresh worker process (default) or here. ``env``: variables to set (None: unset)."""
     load_before = load_average()
     if in_process:
-        from benchmarks.measure import RunSpec, measure
-
-        result = measure(RunSpec(**spec))
+        result = _run_spec(spec)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
             spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -198,6 +192,17 @@ def run_one(spec: dict[str, Any], *, in_process: bool, env: dict[str, str | None
     return result
 
 
+def _run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured run: the engine (default), or the limit suite's bare loop or peer script (``kind``)."""
+    if spec.get("kind") in ("bare", "peer"):
+        from benchmarks.limit import run_worker_spec
+
+        return run_worker_spec(spec)
+    from benchmarks.measure import RunSpec, measure
+
+    return measure(RunSpec(**spec))
+
+
 def _worker(spec_path: str, out_path: str) -> int:
     import time
 
@@ -206,10 +211,9 @@ def _worker(spec_path: str, out_path: str) -> int:
     import torch  # noqa: F401
 
     import studio.engine.trainer  # noqa: F401
-    from benchmarks.measure import RunSpec, measure
 
     import_s = time.perf_counter() - started
-    result = measure(RunSpec(**json.loads(Path(spec_path).read_text())))
+    result = _run_spec(json.loads(Path(spec_path).read_text()))
     result["import_s"] = import_s  # torch/diffusers import, paid once per process, outside every timed phase
     Path(out_path).write_text(json.dumps(result, default=str))
     return 0
@@ -475,7 +479,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any job field, e.g. --set training.gradient_checkpointing=true")
     p.add_argument("--compare", action="append", default=[], metavar="TECHNIQUE|KEY=A,B",
                    help="measure two variants alternately and report B/A ratios (repeatable)")
-    p.add_argument("--suite", choices=("cpu", "gpu"), help="the full set of measurements for this kind of machine")
+    p.add_argument("--suite", choices=("cpu", "gpu", "limit", "estimate"), help="the full set of measurements for this "
+                   "kind of machine; 'limit': ours beside the bare loop and diffusers' reference script (CPU); "
+                   "'estimate': the pre-flight estimate against measured runs it was not fitted on")
+    p.add_argument("--dry-run", action="store_true", help="--suite limit/gpu: the same path on the tiny model, a few "
+                   "steps, on any machine (the test suite runs it so the suite never rots)")
+    p.add_argument("--peer-script", type=Path, help="diffusers' examples/text_to_image/train_text_to_image_lora.py "
+                   "(not in this repository: fetch diffusers and pass the file)")
+    p.add_argument("--peer-commit", help="the diffusers commit the peer script came from (read from its git work "
+                   "tree when there is one)")
+    p.add_argument("--peer-python", type=Path, help="interpreter for the peer script (it needs torchvision and "
+                   "datasets); default: this one")
+    p.add_argument("--peer-script-sdxl", type=Path, help="--suite gpu: diffusers' "
+                   "examples/text_to_image/train_text_to_image_lora_sdxl.py, the SDXL peer")
+    p.add_argument("--batch-sizes", default="1,4", help="--suite limit: batch sizes to compare")
+    p.add_argument("--only", help="--suite estimate: the configurations to measure (comma-separated names)")
+    p.add_argument("--budget-s", type=float, help="--suite gpu: wall-clock budget; runs that would end past it are "
+                   "skipped and listed (default 390 s, so the wrapper's whole run stays under 8 minutes)")
     p.add_argument("--repeats", type=int, default=1, help="repetitions of every variant")
     p.add_argument("--sample", action="store_true", help="also make previews (time to first sample)")
     p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU)")
@@ -504,6 +524,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.suite == "gpu":
         return _gpu_suite(args)
+    if args.suite == "limit":
+        from benchmarks.limit import limit_suite
+
+        return limit_suite(args)
+    if args.suite == "estimate":
+        from benchmarks.estimate_check import estimate_suite
+
+        return estimate_suite(args)
     model_dir, native = model_folder(args.model, args.model_cache)
     resolution = args.resolution or native
     data_root = args.model_cache.parent / "data"
@@ -560,59 +588,25 @@ def _report(args: argparse.Namespace, ctx: dict[str, Any], experiments: list[dic
     }
 
 
-def _write(args: argparse.Namespace, report: dict[str, Any], section: str) -> int:
+def _write(args: argparse.Namespace, report: dict[str, Any], section: str, markdown_fn: Any = None) -> int:
     path = args.json or DEFAULT_OUT / f"{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    text = markdown(report)
+    text = (markdown_fn or markdown)(report)
     if args.markdown:
         args.markdown.write_text(text, encoding="utf-8")
     if args.results_md:
         write_section(args.results_md, section, text)
     print(text)
     print(f"JSON: {path}", file=sys.stderr)
-    failed = [r for e in report["experiments"] for v in e["variants"] for r in v["runs"] if not r.get("ok")]
+    failed = [r for e in report["experiments"] for v in e.get("variants", []) for r in v["runs"] if not r.get("ok")]
     return 1 if failed and not report.get("max_batch") else 0
 
 
 def _gpu_suite(args: argparse.Namespace) -> int:
-    """SD1.5 at 512 and SDXL at 1024: batch 1 with checkpointing off/on, then the largest batch in each mode."""
-    from benchmarks.models import make_dataset, model_folder
+    from benchmarks.gpu_suite import gpu_suite
 
-    all_experiments, max_batches = [], []
-    ctx: dict[str, Any] = {}
-    for name, model, resolution in GPU_SUITE:
-        model_dir, _ = model_folder(model, args.model_cache)
-        # 64 images: enough for every batch size the search tries to fill whole batches from one bucket.
-        dataset = make_dataset(args.model_cache.parent / "data" / f"64x{resolution}", 64, resolution)
-        ctx = {"model": name, "model_dir": model_dir, "dataset_dir": dataset, "resolution": resolution,
-               "settings": {"dataset.resolution": resolution, "training.batch_size": 1, **parse_set(args.overrides)},
-               "steps": max(args.steps, 20), "warmup": max(args.warmup, 5), "in_process": args.in_process,
-               "sync_debug": True, "env": _worker_env(args)}
-        all_experiments.append(experiment(f"{name}-baseline", f"{name} batch 1", [("default", {})], ctx,
-                                          repeats=args.repeats, sample=True))
-        for key in ("checkpointing", "caching", "attention", "channels-last", "fused-optimizer", "compile"):
-            technique = TECHNIQUES[key]
-            all_experiments.append(experiment(f"{name}-{key}", f"{name} batch 1: {technique['title']}",
-                                              technique["variants"], ctx, repeats=args.repeats,
-                                              warmup=technique.get("warmup"),
-                                              fresh_inductor_cache=technique.get("fresh_inductor_cache", False)))
-        for ckpt in (False, True):
-            found = find_max_batch(ctx, {"training.gradient_checkpointing": ckpt})
-            entry = {"name": f"{name}, checkpointing {'on' if ckpt else 'off'}", **found}
-            if found["largest"] and found["largest"] > 1:
-                entry["measured"] = experiment(
-                    f"{name}-max-batch-{'ckpt' if ckpt else 'nockpt'}", f"{name} batch {found['largest']}",
-                    [("batch 1", {"training.gradient_checkpointing": ckpt}),
-                     (f"batch {found['largest']}", {"training.gradient_checkpointing": ckpt,
-                                                    "training.batch_size": found["largest"]})],
-                    ctx, repeats=args.repeats)
-                all_experiments.append(entry["measured"])
-            max_batches.append(entry)
-    report = _report(args, ctx, all_experiments)
-    report["model"], report["resolution"] = "sd1-512 + sdxl-1024", "512/1024"
-    report["max_batch"] = [{k: v for k, v in e.items() if k != "measured"} for e in max_batches]
-    return _write(args, report, args.section or "gpu")
+    return gpu_suite(args)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,8 @@ def user_data_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / APP_EXECUTABLE
     return _xdg("XDG_DATA_HOME", ".local/share") / APP_EXECUTABLE
+
+
+def queue_file() -> Path:
+    """The job queue the window keeps between sessions (engine.job_queue reads and writes it)."""
+    return user_data_dir() / "queue.json"

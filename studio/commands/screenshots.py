@@ -106,6 +106,7 @@ def _render(out: Path, tmp: Path, width: int, height: int, steps: int, train: bo
         if key == "export" and train and window.export_page.grid.grid is not None:
             saved.append(_render_grid_tab(window, out, pump))
     saved += _render_captioning(window, out, pump)
+    saved.append(_render_queue(window, out, pump))
     window.shutdown()
     window.close()
     for path in saved:
@@ -143,3 +144,21 @@ def _render_captioning(window, out: Path, pump: Callable) -> list[Path]:
     dialog.close()
     return [tags, path]
 
+
+
+def _render_queue(window, out: Path, pump: Callable) -> Path:
+    """The job queue beside the Train page: the demo run that finished, and two more jobs waiting."""
+    queue = window.queue_panel.queue
+    run_dir = window.train_page.run_dir
+    window.add_to_queue()
+    if run_dir is not None:
+        queue.entries[-1].state, queue.entries[-1].run_dir = "finished", str(run_dir)
+    for name in ("demo-lora-rank8", "demo-lora-long"):
+        window.model.set_value("output.name", name)
+        window.add_to_queue()
+    window.queue_panel.refresh()
+    window.go_to("train")
+    pump(lambda: False, 0.3)
+    path = out / "queue.png"
+    window.grab().save(str(path))
+    return path

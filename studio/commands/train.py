@@ -57,7 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train", help="train a LoRA headless", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a LoRA from a job file and/or flags (flags override the file).", epilog=settings_epilog(),
     )
-    p.add_argument("job", nargs="?", help="job file (.toml) as saved by the app or a previous run")
+    p.add_argument("job", nargs="*", help="job file(s) (.toml) as saved by the app or a previous run; several run "
+                   "one after another (a queue), the flags apply to each")
+    p.add_argument("--stop-on-failure", action="store_true",
+                   help="with several job files: stop the queue at the first job that fails (default: run the rest)")
     add_job_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run in RUN_DIR from its latest checkpoint, with its job.toml; flags "
@@ -121,6 +124,34 @@ def _load_collecting(path, problems: list) -> Job:
 
 
 def run(args: argparse.Namespace) -> int:
+    jobs = list(args.job or [])
+    if len(jobs) <= 1:
+        args.job = jobs[0] if jobs else None
+        return run_one(args)
+    if args.resume:
+        print("error: --resume continues one run; give one job file with it, not several", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_queue(args, jobs)
+
+
+def run_queue(args: argparse.Namespace, jobs: list[str]) -> int:
+    """Each job file in order; a failed job does not stop the rest unless --stop-on-failure. The exit code is 0
+    when every job finished, else that of the first job that did not (2 bad input, 1 failed, 130 stopped)."""
+    results: list[tuple[str, int]] = []
+    for index, path in enumerate(jobs, 1):
+        print(f"[{index}/{len(jobs)}] {path}", file=sys.stderr)
+        one = argparse.Namespace(**{**vars(args), "job": path})
+        code = run_one(one)
+        results.append((path, code))
+        if code == EXIT_CANCELLED or (code != EXIT_OK and args.stop_on_failure):
+            break  # Ctrl+C stops the queue, not only the job
+    words = {EXIT_OK: "finished", EXIT_FAILED: "failed", EXIT_BAD_INPUT: "refused (bad input)", EXIT_CANCELLED: "stopped"}
+    print("Queue: " + "; ".join(f"{Path(p).name} {words.get(c, c)}" for p, c in results)
+          + (f"; {len(jobs) - len(results)} not run" if len(results) < len(jobs) else ""), file=sys.stderr)
+    return next((c for _, c in results if c != EXIT_OK), EXIT_OK if len(results) == len(jobs) else EXIT_FAILED)
+
+
+def run_one(args: argparse.Namespace) -> int:
     try:
         job = job_from_args(args)
     except ConfigError as exc:

@@ -56,6 +56,13 @@ class ModelSection:
         advanced=True,
     )
     vae: str = option("", "Optional separate VAE file (.safetensors) to use instead of the checkpoint's own.", advanced=True)
+    # Parts a transformer-only file (FLUX.1 …) lacks; the Model page asks for them by the family's part names.
+    text_encoder: str = option(
+        "", "Separate text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; empty "
+        "finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+    text_encoder_2: str = option(
+        "", "Separate second text encoder file (e.g. t5xxl_fp16.safetensors) for a model file that does not carry "
+        "it; empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
     config_dir: str = option(
         "",
         "Optional diffusers config folder for a single-file checkpoint of unusual shape; normally the bundled "
@@ -188,6 +195,41 @@ class TrainingSection:
     )
     fused_optimizer: bool = option(True, "Use the fused/foreach AdamW implementation when available.", advanced=True)
     dataloader_workers: int = option(0, "Background processes that load images when latents are not cached.", min=0, max=64, advanced=True)
+    # Flow-matching families (Flux.1, SD3.x): how σ is drawn and weighted (families/flow.py); others ignore these.
+    flow_timestep_sampling: str = option(
+        "logit_normal",
+        "Flow models (Flux, SD3): how noise levels are drawn. 'logit_normal' favours the middle (SD3 paper), "
+        "'uniform' draws all alike, 'mode' peaks where 'flow mode scale' puts it.",
+        choices=("logit_normal", "uniform", "mode"), advanced=True,
+    )
+    flow_logit_mean: float = option(0.0, "Flow models, logit-normal sampling: mean (above 0 trains noisier steps more).", min=-5.0, max=5.0, advanced=True)
+    flow_logit_std: float = option(1.0, "Flow models, logit-normal sampling: spread.", min=0.01, max=10.0, advanced=True)
+    flow_mode_scale: float = option(1.29, "Flow models, 'mode' sampling: scale of the mode density (SD3 paper: 1.29).", min=-1.0, max=2.0, advanced=True)
+    flow_shift: str = option(
+        "auto",
+        "Flow models: shift of the noise levels towards the noisy end. 'auto' uses the family's own (Flux: by "
+        "resolution, SD3: constant), 'constant' uses 'flow shift value', 'resolution' Flux's shift from the image size.",
+        choices=("auto", "none", "constant", "resolution"), advanced=True,
+    )
+    flow_shift_value: float = option(3.0, "Flow models, constant shift: the shift factor (SD3: 3.0; 1 = no shift).", min=0.1, max=100.0, advanced=True)
+    flow_loss_weighting: str = option(
+        "none", "Flow models: loss weight per noise level ('sigma_sqrt', 'cosmap' as diffusers' SD3 script; 'none' is usual).",
+        choices=("none", "sigma_sqrt", "cosmap"), advanced=True,
+    )
+    base_weights_fp8: bool = option(
+        False, "Big transformer models (Flux): keep the frozen base weights in fp8 (float8_e4m3fn), computing in "
+        "bf16: about half the memory of bf16 weights, with a small loss of precision.", label="Base weights in fp8",
+        advanced=True,
+    )
+    block_swap: int = option(
+        0, "Big transformer models (Flux): keep this many transformer blocks in CPU memory and move each to the GPU "
+        "only while it runs (slower steps, less GPU memory; use with gradient checkpointing). 0 keeps all on the GPU.",
+        min=0, max=64, advanced=True,
+    )
+    guidance: float = option(
+        1.0, "Flux.1 [dev]: the value its guidance input gets while training (1.0 is usual); models without one ignore it.",
+        min=0.0, max=30.0, label="Training guidance", advanced=True,
+    )
 
 
 @dataclass
@@ -201,6 +243,16 @@ class SamplingSection:
         "judged from the estimated time per step.", min=-1, max=1_000_000, label="Sample every",
     )
     steps: int = option(20, "Denoising steps per preview image.", min=1, max=200, advanced=True)
+    base_weights_fp8: bool = option(
+        False, "Big transformer models (Flux): keep the frozen base weights in fp8 (float8_e4m3fn), computing in "
+        "bf16: about half the memory of bf16 weights, with a small loss of precision.", label="Base weights in fp8",
+        advanced=True,
+    )
+    block_swap: int = option(
+        0, "Big transformer models (Flux): keep this many transformer blocks in CPU memory and move each to the GPU "
+        "only while it runs (slower steps, less GPU memory; use with gradient checkpointing). 0 keeps all on the GPU.",
+        min=0, max=64, advanced=True,
+    )
     guidance: float = option(7.0, "Classifier-free guidance scale for previews.", min=0.0, max=50.0, advanced=True)
     seed: int = option(1234, "Seed of the preview images (the same for every step, so they are comparable).", min=0, max=2**32 - 1, advanced=True)
     width: int = option(0, "Preview width; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
@@ -509,8 +561,21 @@ def save_job(job: Job, path: str | os.PathLike) -> None:
 _NAME_RE = re.compile(r"[\w.\- ]+")
 
 
-def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
-    """Every problem with the job at once, each naming the field and what to do."""
+def optimizer_device_problem(optimizer: str, device_type: str | None) -> str | None:
+    """Why ``optimizer`` cannot run on a ``device_type`` ("cpu", "cuda", "mps") device, as a sentence; None when it can
+    (or the device is not known yet). One sentence for the Settings page, the CLI and the trainer."""
+    if optimizer == "adamw8bit" and device_type in ("cpu", "mps"):
+        return (f"8-bit AdamW (bitsandbytes) needs an NVIDIA GPU with CUDA, and this job trains on the "
+                f"{device_type.upper()}; set training.optimizer to 'adamw'")
+    return None
+
+
+def validate(job: Job, *, check_paths: bool = True, device_type: str | None = None) -> list[Problem]:
+    """Every problem with the job at once, each naming the field and what to do.
+
+    ``device_type`` is what training.device = 'auto' means on this machine, when the caller knows it (the window
+    detects it at start, preflight asks torch); without it only an explicit device is checked against the job.
+    """
     problems: list[Problem] = []
     for info in iter_fields():
         value = get_value(job, info.path)
@@ -547,6 +612,13 @@ def validate(job: Job, *, check_paths: bool = True) -> list[Problem]:
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))
+    optimizer_problem = optimizer_device_problem(t.optimizer, device_type if t.device == "auto" else t.device)
+    if optimizer_problem:
+        problems.append(Problem("training.optimizer", optimizer_problem))
+    if t.block_swap and not t.gradient_checkpointing:
+        problems.append(Problem("training.block_swap", "block swap saves memory only with gradient checkpointing "
+                                "(otherwise backward keeps every block's weights); turn gradient checkpointing on",
+                                "warning"))
     if t.mixed_precision == "fp16" and t.device == "cpu":
         problems.append(Problem("training.mixed_precision", "fp16 is not supported on the CPU; use 'no' or 'bf16'"))
 
@@ -582,6 +654,11 @@ def _validate_paths(job: Job) -> list[Problem]:
         problems.append(Problem("model.path", f"'{model}' does not exist; pick a checkpoint file or diffusers folder"))
     if job.model.vae and not Path(job.model.vae).expanduser().is_file():
         problems.append(Problem("model.vae", f"VAE file '{job.model.vae}' does not exist; clear the field to use the model's own"))
+    for name in ("text_encoder", "text_encoder_2"):
+        value = getattr(job.model, name)
+        if value and not Path(value).expanduser().is_file():
+            problems.append(Problem(f"model.{name}", f"'{value}' does not exist; choose the file, or clear the field "
+                                    "to find it next to the model"))
     if job.model.config_dir and not Path(job.model.config_dir).expanduser().is_dir():
         problems.append(Problem("model.config_dir", f"'{job.model.config_dir}' is not a folder"))
     data = job.dataset.path.strip()

@@ -497,6 +497,12 @@ def scan_dataset(
         if key not in walk.folders and key not in names:
             issues.append(DatasetIssue(key, f"Repeats are set for folder '{key}', but the dataset has no such folder",
                                        "warning", "setting ignored"))
+    if items and not any_caption and not trigger:
+        # Training still works (kohya allows it), but the LoRA then has no word that calls it up: say so once.
+        issues.append(DatasetIssue(".", "No image has a caption and no trigger word is set, so nothing in a prompt "
+                                   "will call up what the LoRA learns",
+                                   "warning", "trained with empty captions; set a trigger word (Dataset page, "
+                                   "dataset.trigger_word) or add caption files"))
     if not items:
         issues.append(DatasetIssue(".", "The folder contains no usable images (png, jpg, jpeg, webp, bmp)",
                                    "error", "nothing to train on"))

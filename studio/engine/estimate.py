@@ -7,7 +7,14 @@ re-counts it for every benchmark run). Without caches the VAE encoder and the te
 LoRA adapters add ~1 % to the FLOPs and are left out; their parameter count (for memory) is exact.
 The device's throughput comes from a short matmul calibration, discounted by the fraction of it that a denoiser
 step was measured to reach (benchmarks/RESULTS.md). On GPUs a step also cannot be faster than launching its
-kernels one by one (eager PyTorch at small batches is launch-bound), so the op count sets a floor.
+kernels one by one (eager PyTorch at small batches is launch-bound), so the op count sets a floor; on a CPU the
+same per-op cost adds to the compute (one core does both). Previews (prompts × sampler steps × CFG at the preview
+cadence) are costed from the same counts and added to the total.
+
+How good it is: the CPU constants were fitted on two measured configurations and checked on held-out ones (other
+resolutions, batches, ranks, targets, caching, checkpointing); ``HELD_OUT_ERROR`` is that check's error band
+(benchmarks/RESULTS.md, "The estimate, held out"; ``python -m benchmarks.run --suite estimate``). GPU constants
+are not measured yet: a GPU estimate says it is uncalibrated.
 """
 
 from __future__ import annotations
@@ -33,14 +40,21 @@ from studio.engine.jsonfile import JsonFileError, read_json_object
 # recomputes the forward during backward: 1.37x on SD1.5 (FACTS.md: 2.1 and +34 %).
 STEP_OVER_FORWARD = 2.15
 CHECKPOINTING_OVERHEAD = 1.34
-# Aten ops of that LoRA step over those of a plain forward: SD1.5 9.4 k / 2.1 k = 4.4, SDXL 36.6 k / 7.6 k = 4.8
-# (peft adds ~5 ops per adapted module to the forward; backward roughly doubles the rest).
-OPS_STEP_OVER_FORWARD = 4.6
-# Fraction of the calibrated matmul peak a LoRA training step reaches at batch 1 (convolutions, norms,
-# attention, launches). cpu: measured 0.44-0.52 on the benchmark's small SD-architecture model, fp32, default
-# OpenMP settings (benchmarks/RESULTS.md, "The estimate"). cuda/mps: not measured yet (no GPU was available);
-# peers reach at most ~0.25 of peak on GPUs (FACTS.md).
-ACHIEVED_FRACTION = {"cuda": 0.25, "mps": 0.20, "cpu": 0.48}
+# Aten ops of a LoRA step: ~2.8 per op of a plain forward plus ~16 per adapted module (peft's wrapper adds a few
+# ops to the forward, backward roughly doubles them); checkpointing replays the forward: +1.4 per forward op and
+# +10 per module. Counted on the meta device for the benchmark's small and tiny SD models with the attention,
+# kohya-default and +conv targets (within 4 %), SD1.5 (192 modules: 9.0 k vs 9.4 k counted, FACTS.md) and SDXL
+# (33 k vs 36.6 k).
+OPS_STEP_OVER_FORWARD = 2.8
+OPS_PER_LORA_MODULE = 16.0
+OPS_CHECKPOINTING = (1.4, 10.0)
+# Fraction of the calibrated matmul peak a LoRA training step's FLOPs reach at batch 1 (convolutions, norms,
+# attention, memory traffic). cpu: 0.52, solved together with OP_OVERHEAD_FLOPS["cpu"] from two measured runs (the
+# benchmark's small model at 256 px and the tiny one at 64 px, batch 1, kohya-default rank 16, fp32;
+# benchmarks/results/estimate-cpu.json, `python -m benchmarks.estimate_check` re-solves it) and checked on held-out
+# ones (HELD_OUT_ERROR); the earlier in-sample figure was 0.48. cuda/mps: not measured yet (no GPU was
+# available); peers reach at most ~0.25 of peak on GPUs (FACTS.md).
+ACHIEVED_FRACTION = {"cuda": 0.25, "mps": 0.20, "cpu": 0.52}
 # Bigger batches keep the cores busier: on the CPU batch 4 reached 0.72 of peak against 0.50 at batch 1, i.e.
 # the fraction grows like batch**0.25 there (capped at batch 8). On GPUs the op-count floor below already
 # models why small batches are slow, so their fraction does not grow.
@@ -49,9 +63,20 @@ BATCH_EXPONENT = {"cpu": 0.25}
 # encoding of uncached steps reached 0.79 of peak on the CPU. GPU figures are guesses until measured (the VAE
 # runs in fp32 there, against a bf16 calibration).
 ENCODER_FRACTION = {"cuda": 0.30, "mps": 0.20, "cpu": 0.80}
-# Host-side cost of one eager op (dispatch + kernel launch), seconds: the floor of a launch-bound step.
-# Typical eager PyTorch figures; uncalibrated until a GPU benchmark runs.
-OP_OVERHEAD_S = {"cuda": 10e-6, "mps": 20e-6, "cpu": 0.0}
+# Host-side cost of one eager op (dispatch + kernel launch), seconds: typical eager PyTorch figures on GPUs,
+# uncalibrated until a GPU benchmark runs.
+OP_OVERHEAD_S = {"cuda": 10e-6, "mps": 20e-6}
+# On a CPU the same cores run the Python and dispatcher work around each op and the math, so an op's overhead is
+# counted in matmul FLOPs it could have done instead: it then scales with the calibrated throughput, as it does
+# when the CPU is slower or shared with other work. Fitted with ACHIEVED_FRACTION["cpu"] (above): 6.1 MFLOP per op,
+# i.e. ~30 µs at the 0.2 TFLOP/s a quiet 2-core AVX-512 machine calibrates to.
+OP_OVERHEAD_FLOPS = {"cpu": 6.1e6}
+# Where the measured time fell relative to the estimate on the held-out configurations: measured / estimated - 1,
+# (lowest, highest), by device type. Only the CPU is measured; elsewhere the estimate is labelled uncalibrated.
+# cpu: the six held-out runs (benchmarks/results/estimate-cpu.json) fell between -3 % and +108 % (median 73 %), measured
+# on a 2-core machine shared with other work (load 14-16): there a 0.3 s calibration often catches a larger share
+# of the CPU than the run then gets, so the estimate is optimistic; rounded outward to 5 %.
+HELD_OUT_ERROR: dict[str, tuple[float, float]] = {"cpu": (-0.05, 1.10)}
 # Activation memory per image and the reference parameter counts are the family's (Family.activation_gib,
 # Family.full_size_parameters: FACTS.md "Cost model").
 CONTEXT_OVERHEAD = 0.6 * 2**30  # CUDA context and kernels
@@ -61,8 +86,8 @@ TIGHT = 0.90  # above this share of the card, warn that the run may not fit
 
 @dataclass
 class Estimate:
-    seconds_per_step: float
-    total_seconds: float
+    seconds_per_step: float  # training steps only; previews are in preview_seconds
+    total_seconds: float  # every step plus every preview
     step_tflop: float
     device: str
     gpu_memory_bytes: int | None = None
@@ -71,15 +96,49 @@ class Estimate:
     peak_tflops: float = 0.0  # the calibrated matmul throughput the estimate used
     total_steps: int = 0
     launch_bound: bool = False  # the op-count floor, not the FLOPs, set the step time
+    previews: int = 0  # preview rounds the run will make (each renders every prompt)
+    preview_seconds: float = 0.0  # all of them together
+    # measured / estimated - 1 on held-out configurations, (low, high); None: not measured on this kind of device.
+    error_band: tuple[float, float] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the estimate's constants were checked against measurements on this kind of device."""
+        return self.error_band is not None
+
+    def seconds_range(self, seconds: float) -> tuple[float, float] | None:
+        """The range a measured time fell in on held-out configurations, for an estimate of ``seconds``."""
+        if self.error_band is None:
+            return None
+        low, high = self.error_band
+        return seconds * (1 + low), seconds * (1 + high)
+
+    @property
+    def accuracy(self) -> str:
+        """For people: how far to trust the figures."""
+        if self.error_band is None:
+            return f"uncalibrated: the estimate has not been measured against real runs on a {self.device_kind} yet"
+        low, high = self.error_band
+        return f"measured runs fell within {100 * low:+.0f} % to {100 * high:+.0f} % of it on settings it was not fitted on"
+
+    @property
+    def device_kind(self) -> str:
+        return "CPU" if self.device == "CPU" else "GPU"
 
     @property
     def summary(self) -> str:
-        parts = [f"≈ {format_duration(self.seconds_per_step)} per step, {format_duration(self.total_seconds)} in total "
+        span = self.seconds_range(self.seconds_per_step)
+        per_step = (f"{format_duration(span[0])}–{format_duration(span[1])}" if span
+                    else f"≈ {format_duration(self.seconds_per_step)}")
+        parts = [f"{per_step} per step, {format_duration(self.total_seconds)} in total "
                  f"({self.total_steps} steps) on {self.device} ({self.step_tflop:.3g} TFLOP per step)"]
+        if self.previews:
+            parts.append(f"previews ≈ {format_duration(self.preview_seconds)} of it ({self.previews} rounds)")
         if self.gpu_memory_bytes is not None:
             parts.append(f"GPU memory ≈ {format_bytes(self.gpu_memory_bytes)}"
                          + (f" of {format_bytes(self.gpu_total_bytes)}" if self.gpu_total_bytes else ""))
-        return "; ".join(parts) + "".join(f"\nwarning: {w}" for w in self.warnings)
+        return ("; ".join(parts) + f"\n({self.accuracy})"
+                + "".join(f"\nwarning: {w}" for w in self.warnings))
 
 
 def format_duration(seconds: float) -> str:
@@ -279,7 +338,13 @@ def _compute_dtype(job: Job, device_type: str) -> torch.dtype | None:
     return {"fp16": torch.float16, "no": torch.float32}.get(mixed, torch.bfloat16)
 
 
-def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> Estimate:
+def estimate(job: Job, *, device: str | None = None, calibrate: bool = True,
+             peak_tflops: float | None = None) -> Estimate:
+    """Time per step, total time (previews included) and GPU memory of ``job``, before it runs.
+
+    ``peak_tflops``: the device's matmul throughput, when already measured (else calibrated now, or a typical
+    figure with ``calibrate=False``).
+    """
     t, d = job.training, job.dataset
     family = get_family(guess_family(job))
     folder = _config_folder(job, family)
@@ -296,8 +361,12 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
     down = _vae_factor(vae_config)
     config_json = json.dumps(config, sort_keys=True)
     fwd, fwd_ops = denoiser_cost(family.name, config_json, d.resolution, d.resolution, t.batch_size, down)
+    modules = lora_module_count(family.name, config_json, job.lora.targets)
     denoiser_flops = fwd * STEP_OVER_FORWARD * (CHECKPOINTING_OVERHEAD if t.gradient_checkpointing else 1.0)
-    step_ops = fwd_ops * OPS_STEP_OVER_FORWARD * t.gradient_accumulation
+    step_ops = fwd_ops * OPS_STEP_OVER_FORWARD + modules * OPS_PER_LORA_MODULE
+    if t.gradient_checkpointing:
+        step_ops += fwd_ops * OPS_CHECKPOINTING[0] + modules * OPS_CHECKPOINTING[1]
+    step_ops *= t.gradient_accumulation
     encode_flops = 0
     if not t.cache_latents and vae_config:
         encode_flops += vae_encode_flops(json.dumps(vae_config, sort_keys=True), d.resolution, d.resolution, t.batch_size)
@@ -306,13 +375,15 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
     denoiser_flops *= t.gradient_accumulation
     encode_flops *= t.gradient_accumulation
     step_flops = denoiser_flops + encode_flops
-    fallback = {"cpu": 0.05, "cuda": 300.0, "mps": 10.0}
-    peak = calibrate_tflops(dev.type, _compute_dtype(job, dev.type)) if calibrate else fallback.get(dev.type, 0.05)
+    peak = peak_tflops or (calibrate_tflops(dev.type, _compute_dtype(job, dev.type)) if calibrate
+                           else FALLBACK_TFLOPS.get(dev.type, 0.05))
     fraction = ACHIEVED_FRACTION.get(dev.type, 0.2) * min(t.batch_size, 8) ** BATCH_EXPONENT.get(dev.type, 0.0)
     compute_s = (denoiser_flops / fraction + encode_flops / ENCODER_FRACTION.get(dev.type, 0.2)) / (peak * 1e12)
-    launch_s = step_ops * OP_OVERHEAD_S.get(dev.type, 0.0)
-    per_step = max(compute_s, launch_s)
+    launch_s = step_ops * op_seconds(dev.type, peak)
+    per_step = _combine(dev.type, compute_s, launch_s)
     total_steps = planned_steps(job)
+    previews = preview_rounds(job, total_steps)
+    preview_each = preview_seconds(job, family, folder, config_json, vae_config, down, dev.type, peak) if previews else 0.0
     gpu_bytes = gpu_total = None
     name = dev.type.upper()
     if dev.type == "cuda":
@@ -327,10 +398,84 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True) -> 
         elif gpu_bytes > TIGHT * gpu_total:
             warnings.append(f"this needs ≈ {format_bytes(gpu_bytes)} of the {format_bytes(gpu_total)} of GPU memory "
                             f"and may not fit: {_memory_advice(job)}")
-    if dev.type == "cpu" and total_steps * per_step > 3600:
+    total = per_step * total_steps + preview_each * previews
+    if dev.type == "cpu" and total > 3600:
         warnings.append("training on the CPU will take hours; a GPU is 50–200× faster")
-    return Estimate(per_step, per_step * total_steps, step_flops / 1e12, name, gpu_bytes, gpu_total, warnings, peak,
-                    total_steps, launch_s > compute_s)
+    return Estimate(per_step, total, step_flops / 1e12, name, gpu_bytes, gpu_total, warnings, peak, total_steps,
+                    launch_s > compute_s, previews, preview_each * previews, HELD_OUT_ERROR.get(dev.type))
+
+
+FALLBACK_TFLOPS = {"cpu": 0.05, "cuda": 300.0, "mps": 10.0}  # typical throughputs, when not calibrating
+
+
+def op_seconds(device_type: str, peak_tflops: float) -> float:
+    """Seconds of host-side overhead per eager op on this device (see OP_OVERHEAD_S / OP_OVERHEAD_FLOPS)."""
+    if device_type in OP_OVERHEAD_FLOPS:
+        return OP_OVERHEAD_FLOPS[device_type] / (peak_tflops * 1e12)
+    return OP_OVERHEAD_S.get(device_type, 0.0)
+
+
+def _combine(device_type: str, compute_s: float, launch_s: float) -> float:
+    """A GPU runs kernels while the host launches the next ones (the slower of the two sets the pace); a CPU does
+    both on the same cores, one after the other."""
+    return compute_s + launch_s if device_type == "cpu" else max(compute_s, launch_s)
+
+
+@functools.lru_cache(maxsize=16)
+def lora_module_count(family: str, config_json: str, targets: str) -> int:
+    """How many denoiser modules the targets preset adapts (each adds a few ops to every step)."""
+    from studio.engine.lora import matching_modules, target_modules
+
+    return len(matching_modules(_meta_denoiser(family, config_json),
+                                target_modules(family, targets, get_family(family).denoiser_name)))
+
+
+def preview_rounds(job: Job, total_steps: int) -> int:
+    """How many times the run renders its previews: at step 0 (the base model), every ``sampling.every`` steps,
+    and at the last step when the cadence does not land on it (the trainer's cadence)."""
+    every = job.sampling.every
+    if not every or total_steps <= 0:
+        return 0
+    return 1 + total_steps // every + (1 if total_steps % every else 0)
+
+
+def _preview_prompt_count(job: Job) -> int:
+    prompts = [p for p in job.sampling.prompts if str(p).strip()]
+    return len(prompts) if prompts else 2  # the dataset's first two distinct captions (sampling.preview_prompts)
+
+
+def preview_seconds(job: Job, family: Family, folder: Path, config_json: str, vae_config: dict | None, down: int,
+                    device_type: str, peak: float) -> float:
+    """One round of previews: per prompt, ``sampling.steps`` denoiser forwards (a doubled batch under
+    classifier-free guidance), the prompt's text encoding and one VAE decode."""
+    s, d = job.sampling, job.dataset
+    width, height = s.width or d.resolution, s.height or d.resolution
+    cfg = family.preview_batch_factor(s.guidance)
+    fwd, fwd_ops = denoiser_cost(family.name, config_json, width, height, cfg, down)
+    flops = fwd * s.steps
+    ops = fwd_ops * s.steps
+    encode = family.text_encoder_flops(folder, cfg)
+    if vae_config:
+        encode += vae_decode_flops(json.dumps(vae_config, sort_keys=True), width, height)
+    fraction = ACHIEVED_FRACTION.get(device_type, 0.2) * cfg ** BATCH_EXPONENT.get(device_type, 0.0)
+    compute = (flops / fraction + encode / ENCODER_FRACTION.get(device_type, 0.2)) / (peak * 1e12)
+    return _preview_prompt_count(job) * _combine(device_type, compute, ops * op_seconds(device_type, peak))
+
+
+@functools.lru_cache(maxsize=8)
+def vae_decode_flops(config_json: str, width: int, height: int) -> int:
+    """FLOPs of decoding one image's latents (every preview image pays it once)."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = json.loads(config_json)
+    down = _vae_factor(config)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(config)
+        latents = torch.empty(1, config.get("latent_channels", 4), height // down, width // down)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        vae.decode(latents)
+    return flops.get_total_flops()
 
 
 def _text_cached(job: Job) -> bool:
@@ -356,7 +501,7 @@ def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     t, d = job.training, job.dataset
     family = get_family(family)
     sizes = family.full_size_parameters()
-    denoiser_params, te_params = sizes["denoiser"], sizes["text_encoders"]
+    te_params = sizes["text_encoders"]
     weight_bytes = 4 if t.mixed_precision == "no" else 2
     native = family.native_resolution(None)
     per_img = family.activation_gib(t.gradient_checkpointing) * 2**30
@@ -368,4 +513,6 @@ def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     # Frozen text encoders with fixed captions are encoded once, then moved off the GPU until previews.
     te_resident = 0 if _text_cached(job) else te_params * weight_bytes
     vae = sizes["vae"] * 4  # the VAE stays in fp32 (SDXL's overflows in fp16)
-    return int((denoiser_params * weight_bytes + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)
+    # The family says what its frozen weights cost on the GPU (fp8 storage, block swap: Flux).
+    denoiser = family.denoiser_weight_bytes(t, weight_bytes)
+    return int((denoiser + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)

@@ -82,10 +82,21 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16, 
                      dora_target: str = "lycoris") -> dict[str, torch.Tensor]:
     """The trained adapters in kohya/LyCORIS layout: ``<name>.<suffix>`` with each adapter type's suffixes."""
     out: dict[str, torch.Tensor] = {}
+    layers = []
     for key, model in components(bundle).items():
         for path, layer in lora_layers(model).items():
-            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             adapter = adapter_of_layer(layer)
+            if adapter.name in ("lora", "locon"):
+                # Plain LoRA modules go through the family, which names them and joins those its original model
+                # fuses (Flux's and SD3's q/k/v); the adapter checks what the layout cannot hold (rsLoRA …).
+                try:
+                    adapter.export_tensors(layer, dtype)
+                except ValueError as exc:
+                    raise LoraExportError(str(exc)) from None
+                layers.append((key, path, layer.lora_A[ADAPTER_NAME].weight.detach(),
+                               layer.lora_B[ADAPTER_NAME].weight.detach(), float(layer.lora_alpha[ADAPTER_NAME])))
+                continue
+            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             try:
                 if adapter.name == "dora":
                     tensors = adapter.export_tensors(layer, dtype, target=dora_target)
@@ -93,8 +104,20 @@ def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16, 
                     tensors = adapter.export_tensors(layer, dtype)
             except ValueError as exc:
                 raise LoraExportError(str(exc)) from None
+            if any(f"{name}.{suffix}" in out for suffix in tensors):
+                raise LoraExportError(f"{adapter.name} modules cannot be written for {bundle.family.label}'s fused "
+                                      f"layers ({name}); train a plain LoRA, or export the diffusers layout")
             for suffix, tensor in tensors.items():
                 out[f"{name}.{suffix}"] = tensor
+    try:
+        joined = bundle.family.kohya_modules(layers, bundle.denoiser.config)
+    except ValueError as exc:
+        raise LoraExportError(str(exc)) from None
+    for name, down, up, alpha in joined:
+        out[f"{name}.lora_down.weight"] = down.to("cpu", dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to("cpu", dtype).contiguous()
+        # fp32 scalar, whatever the save dtype: alphas like 0.3 must not be rounded to fp16.
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if not out:
         raise LoraExportError("the model carries no LoRA to export (inject_lora was not run)")
     return out
@@ -107,7 +130,7 @@ def kohya_keys(bundle: "ModelBundle") -> list[str]:
         for path, layer in lora_layers(model).items():
             name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
             keys += [f"{name}.{suffix}" for suffix in adapter_of_layer(layer).export_suffixes(layer)]
-    return keys
+    return list(dict.fromkeys(keys))  # fused layers (q/k/v → qkv) share their names
 
 
 def trained_adapter(bundle: "ModelBundle"):

@@ -18,7 +18,8 @@ def param_groups(params: dict[str, list[torch.nn.Parameter]], job: Job) -> list[
     for component, ps in params.items():
         if not ps:
             continue
-        lr = job.training.lr if component == "unet" else job.lora.text_encoder_lr
+        # Text encoders have the component names "text_encoder…"; the denoiser ("unet", "transformer") the main lr.
+        lr = job.lora.text_encoder_lr if component.startswith("text_encoder") else job.training.lr
         groups.append({"params": ps, "lr": lr, "name": component})
     return groups
 

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def preflight(job: Job, resume_dir: Path | str | None = None) -> list[Problem]:
     """Every problem with the job, its paths and the run to resume, before anything heavy starts (warnings too)."""
-    problems = validate(job)
+    problems = validate(job, device_type=devices.pick_device(job.training.device).type
+                        if not devices.device_problem(job.training.device) else None)
     if errors(problems):
         return problems
     if resume_dir is not None:

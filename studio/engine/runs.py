@@ -683,6 +683,42 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class EarlierSample:
+    """A preview an earlier part of a run saved in samples/ (what a resumed run shows before its new ones)."""
+
+    step: int
+    index: int
+    prompt: str
+    seed: int | None
+    path: Path
+
+
+_SAMPLE_NAME = re.compile(r"step(\d{6})_(\d{2})\.png")
+
+
+def earlier_samples(run_dir: Path, up_to_step: int) -> list[EarlierSample]:
+    """The previews in ``run_dir/samples`` up to ``up_to_step``, in step and prompt order, with their prompts
+    (from the PNG text the sampler writes); files that are not previews or cannot be read are left out."""
+    from PIL import Image
+
+    found = []
+    folder = Path(run_dir) / "samples"
+    for path in sorted(folder.glob("step*_*.png")) if folder.is_dir() else []:
+        match = _SAMPLE_NAME.fullmatch(path.name)
+        if not match or int(match[1]) > up_to_step:
+            continue
+        try:
+            with Image.open(path) as image:
+                text = dict(getattr(image, "text", {}) or {})
+        except OSError:
+            continue
+        seed = text.get("seed", "")
+        found.append(EarlierSample(int(match[1]), int(match[2]), text.get("prompt", ""),
+                                   int(seed) if seed.isdigit() else None, path))
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ logging
 
 

@@ -207,7 +207,7 @@ def generate(
                 pipe.enable_lora()
     name = _adapter_name(path)
     if name not in loaded:
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.load_lora_weights(bundle.family.pipeline_lora(bundle, path), adapter_name=name)
         loaded[name] = str(path)
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[lora_scale])

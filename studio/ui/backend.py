@@ -57,6 +57,18 @@ def _dataset_module():
 # ------------------------------------------------------------------------------------------------ model
 
 
+def model_parts(family: str, model: dict) -> list[tuple[str, str, str | None]]:
+    """(part name, label for people, file or None) of each part the job's model file lacks (the family says which)."""
+    from studio.engine.config import ModelSection
+    from studio.engine.families import get_family
+
+    fam = get_family(family)
+    section = ModelSection(**model)
+    found = fam.part_files(Path(section.path), section)
+    labels = {p.name: p.label for p in fam.parts()}
+    return [(name, labels.get(name, name), str(file) if file else None) for name, file in found.items()]
+
+
 def inspect_model(path: str) -> dict:
     """What the engine can tell about a base model without loading it (family, prediction type, size, dtype)."""
     if path == BUILTIN_DEMO_MODEL:
@@ -194,6 +206,14 @@ def detect_device() -> str:
         from studio.engine.devices import describe_device
 
     return describe_device()
+
+
+def detect_device_type() -> str:
+    """"cpu", "cuda" or "mps": what training.device = 'auto' picks on this machine."""
+    with _IMPORT_LOCK:
+        from studio.engine.devices import pick_device
+
+    return pick_device("auto").type
 
 
 # ------------------------------------------------------------------------------------------- try/export

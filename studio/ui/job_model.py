@@ -28,6 +28,7 @@ class JobModel(QObject):
         self._problems: list[Problem] = config.validate(self._job)
         self._file = ""
         self._dirty = False
+        self._device_type: str | None = None  # what training.device = 'auto' means here, once detected
 
     # ------------------------------------------------------------------------------------------ reading
 
@@ -107,6 +108,12 @@ class JobModel(QObject):
         self.problems_changed.emit(self.problems())
         self.job_replaced.emit()
 
+    def set_device_type(self, device_type: str | None) -> None:
+        """The machine's training device ("cpu", "cuda", "mps"): choices that cannot run on it become problems."""
+        if device_type != self._device_type:
+            self._device_type = device_type
+            self._revalidate()
+
     def revalidate(self) -> None:
         """Check again, e.g. after a folder appeared on disk."""
         self._revalidate()
@@ -130,7 +137,7 @@ class JobModel(QObject):
     # ---------------------------------------------------------------------------------------- internals
 
     def _revalidate(self, emit: bool = True) -> None:
-        self._problems = config.validate(self._job)
+        self._problems = config.validate(self._job, device_type=self._device_type)
         if emit:
             self.problems_changed.emit(self.problems())
 

@@ -31,6 +31,7 @@ from studio.ui.pages.model_page import ModelPage
 from studio.ui.pages.settings_page import SettingsPage
 from studio.ui.pages.train_page import TrainPage
 from studio.ui.widgets.drop_zone import local_paths
+from studio.ui.widgets.queue_panel import QueuePanel
 from studio.ui.worker import RunFn, TaskRunner, TrainController
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 PAGES = ("model", "dataset", "settings", "train", "export")
 RAIL_NAMES = {"model": "Model", "dataset": "Dataset", "settings": "Settings", "train": "Train", "export": "Try & Export"}
 STATE_ICONS = {DONE: "state-done", ATTENTION: "state-attention", RUNNING: "state-running"}
-RUN_STATE_TEXT = {"idle": "Not started", "starting": "Starting…", "running": "Training", "paused": "Paused",
+RUN_STATE_TEXT = {"idle": "Not started", "starting": "Starting…", "running": "Training", "pausing": "Pausing…",
+                  "paused": "Paused",
                   "stopping": "Stopping…", "finished": "Finished", "failed": "Failed", "cancelled": "Stopped"}
 
 
@@ -100,6 +102,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addWidget(self.job_label, 1)
         self.statusBar().addPermanentWidget(self.run_label)
 
+        self._make_queue()
         self._make_actions()
         self.train_page.start_requested.connect(self.start_training)
         self.train_page.pause_requested.connect(self.pause_training)
@@ -125,6 +128,8 @@ class MainWindow(QMainWindow):
             self.tasks.run("device", backend.detect_device, what="Detecting the device",
                            on_done=lambda d: self.device_label.setText(f"Device: {d}"),
                            on_error=lambda m, d: self.device_label.setText("Device: unknown"))
+            self.tasks.run("device-type", backend.detect_device_type, what="Detecting the device",
+                           on_done=self.model.set_device_type)
         else:
             self.device_label.setText("Device: CPU")
         QApplication.styleHints().colorSchemeChanged.connect(self._on_scheme_changed)
@@ -163,7 +168,7 @@ class MainWindow(QMainWindow):
         self.job_label.setText(f"Job: {name} — {file}{dirty}")
         state = self.train_page.run_state
         text = RUN_STATE_TEXT.get(state, state)
-        if state in ("running", "paused") and self.train_page.total_steps:
+        if state in ("running", "pausing", "paused") and self.train_page.total_steps:
             text += f" — step {self.train_page.step} / {self.train_page.total_steps}"
         self.run_label.setText(text)
         self.setWindowTitle(f"{name}{' •' if self.model.dirty else ''} — {app_info.APP_NAME}")
@@ -322,17 +327,28 @@ class MainWindow(QMainWindow):
         self.refresh_rail()
 
     def pause_training(self) -> None:
-        self.controller.pause()
+        self.controller.pause()  # the Event is set here, on the click; the engine checks it after the step in flight
+        self.train_page.pausing()
 
     def resume_training(self) -> None:
         self.controller.resume()
+        self.train_page.resuming()
 
     def request_stop(self) -> None:
-        """Esc and the Stop button: ask first, because a stopped run cannot be continued from here."""
+        """Esc and the Stop button: ask first, because a stopped run cannot be continued from here.
+
+        While the question is open the run holds at the end of the step in flight (a pause), so the stop lands
+        where the user clicked rather than however many steps later the question is answered.
+        """
         if not self.controller.running or self.controller.stopping:
             return
+        held = not self.controller.paused
+        if held:
+            self.controller.pause()
         if self.confirm("Stop training?", "Stop at the end of this step? The LoRA of the steps done so far is kept, and the run can be resumed later."):
             self.stop_training()
+        elif held:
+            self.controller.resume()
 
     def stop_training(self) -> None:
         self.controller.stop()
@@ -345,6 +361,8 @@ class MainWindow(QMainWindow):
     def _on_running_changed(self, running: bool) -> None:
         self.start_action.setEnabled(not running)
         self.stop_action.setEnabled(running)
+        if not running and self.queue_running and not self._close_when_stopped:
+            QTimer.singleShot(0, self, self._start_next_queued)  # the next queued job, now this thread has ended
         if not running and self._close_when_stopped:
             QTimer.singleShot(0, self.close)
         elif not running:
@@ -377,12 +395,15 @@ class MainWindow(QMainWindow):
                 page.on_finished(event)
                 self.export_page.set_run(event.run_dir, event.lora_path, best_step=event.best_step,
                                          final_step=event.steps)
+                self._queued_run_ended("finished", event.run_dir)
             case RunFailed():
                 page.on_failed(event)
+                self._queued_run_ended("failed", event.run_dir, event.message)
                 if event.lora_path:
                     self.export_page.set_run(event.run_dir, event.lora_path)
             case RunCancelled():
                 page.on_cancelled(event)
+                self._queued_run_ended("stopped", event.run_dir)
                 if event.lora_path:
                     self.export_page.set_run(event.run_dir, event.lora_path)
 
@@ -391,6 +412,98 @@ class MainWindow(QMainWindow):
                 self.unknown_events.append(event)
                 page.log("warning", f"Unknown event from the engine: {type(event).__name__}")
         self._update_status()
+
+    # ------------------------------------------------------------------------------------------ queue
+
+    def _make_queue(self) -> None:
+        """The job queue, a dock beside the pages; its file lives in the app's data folder and survives a restart."""
+        from PySide6.QtWidgets import QDockWidget
+
+        from studio.engine.job_queue import JobQueue
+        from studio.engine.jsonfile import JsonFileError
+        from studio.paths import queue_file
+
+        try:
+            queue = JobQueue.load(queue_file())
+        except JsonFileError as exc:
+            log.warning("the job queue was not restored: %s", exc)
+            queue = JobQueue(queue_file())
+        self.queue_running = False
+        self._queue_entry = None
+        self.queue_panel = QueuePanel(queue)
+        self.queue_panel.add_requested.connect(self.add_to_queue)
+        self.queue_panel.run_requested.connect(self.run_queue)
+        self.queue_panel.open_run_requested.connect(self.open_queued_run)
+        self.queue_dock = QDockWidget("Job queue", self)
+        self.queue_dock.setObjectName("queueDock")
+        self.queue_dock.setWidget(self.queue_panel)
+        self.addDockWidget(Qt.RightDockWidgetArea, self.queue_dock)
+        self.queue_dock.setVisible(bool(queue.entries))
+
+    def add_to_queue(self) -> None:
+        """The current job, as a job file of its own (the same TOML the CLI's queue takes)."""
+        from studio.paths import user_data_dir
+
+        queue = self.queue_panel.queue
+        folder = user_data_dir() / "queue"
+        n = len(queue.entries) + 1
+        while (folder / f"{self.model.name}-{n}.toml").exists():
+            n += 1
+        path = folder / f"{self.model.name}-{n}.toml"
+        config.save_job(self.model.snapshot(), path)
+        queue.add(path, self.model.name)
+        queue.save()
+        self.queue_panel.refresh()
+        self.queue_dock.show()
+
+    def run_queue(self) -> None:
+        if self.controller.running:
+            return
+        self.queue_running = True
+        self._start_next_queued()
+
+    def _start_next_queued(self) -> None:
+        queue = self.queue_panel.queue
+        entry = queue.next_waiting()
+        if entry is None or not self.queue_running or self.controller.running:
+            self.queue_running = self.queue_running and entry is not None
+            self.queue_panel.refresh()
+            return
+        try:
+            job = config.load_job(entry.job_file)
+        except (config.ConfigError, OSError) as exc:
+            entry.state, entry.message = "failed", str(exc)
+            queue.save()
+            self._start_next_queued()
+            return
+        self.model.replace(job, entry.job_file)
+        if self.model.errors():
+            entry.state, entry.message = "failed", "; ".join(str(p) for p in self.model.errors())
+            queue.save()
+            self._start_next_queued()
+            return
+        entry.state = "running"
+        queue.save()
+        self._queue_entry = entry
+        self.queue_panel.refresh()
+        self.go_to("train")
+        self.train_page.run_starting()
+        self.controller.start(self.model.snapshot())
+
+    def _queued_run_ended(self, state: str, run_dir: Any, message: str = "") -> None:
+        entry, self._queue_entry = self._queue_entry, None
+        if entry is None:
+            return
+        entry.state, entry.run_dir, entry.message = state, str(run_dir or ""), message
+        self.queue_panel.queue.save()
+        self.queue_panel.refresh()
+        if state == "stopped":
+            self.queue_running = False  # Stop ends the queue, not only the job
+
+    def open_queued_run(self, entry) -> None:
+        """A finished job, one click from Try & Export."""
+        self.export_page.set_run(Path(entry.run_dir))
+        self.go_to("export")
 
     # ------------------------------------------------------------------------------------------ help
 

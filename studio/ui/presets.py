@@ -17,7 +17,7 @@ from studio.paths import resource_path, user_data_dir
 
 BUILTIN_ORDER = ("quick-test", "balanced", "high-quality")
 # What a preset is about: how to train, not what on (paths, names and captions stay with the job).
-EXCLUDED = {"model.path", "model.vae", "model.config_dir", "dataset.path", "dataset.trigger_word", "dataset.repeats",
+EXCLUDED = {"model.path", "model.vae", "model.text_encoder", "model.text_encoder_2", "model.config_dir", "dataset.path", "dataset.trigger_word", "dataset.repeats",
             "dataset.caption_extension", "output.dir", "output.name", "output.title", "output.description",
             "sampling.prompts"}
 
@@ -66,7 +66,23 @@ def builtin_presets() -> list[Preset]:
     files = sorted(folder.glob("*.toml"), key=lambda p: (p.stem not in BUILTIN_ORDER,
                                                         BUILTIN_ORDER.index(p.stem) if p.stem in BUILTIN_ORDER else 0,
                                                         p.stem))
-    return [load_preset(p, builtin=True) for p in files]
+    return [load_preset(p, builtin=True) for p in files] + family_presets()
+
+
+def family_presets() -> list[Preset]:
+    """One preset per registered family: its native resolution, preview sampler and the family's own starting
+    values (Family.job_defaults), after the general presets."""
+    from studio.engine.families import registered
+
+    out = []
+    for family in registered():
+        values = family.job_defaults()
+        config.apply_overrides(Job(), values)  # a family's defaults must be valid settings
+        described = ", ".join(f"{'preview ' if path.startswith('sampling.') else ''}"
+                              f"{path.split('.')[-1].replace('_', ' ')} {value}" for path, value in values.items())
+        out.append(Preset(f"{family.short_label} defaults", f"Starting point for {family.label}: {described}.",
+                          values, family.bundled_config_dir(), builtin=True))
+    return out
 
 
 def user_presets() -> list[Preset]:

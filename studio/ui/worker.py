@@ -185,6 +185,11 @@ class TrainController(QObject):
         thread.start(QThread.LowPriority)  # the window comes first; see lower_this_threads_priority
         self.running_changed.emit(True)
 
+    @property
+    def paused(self) -> bool:
+        """Pause was asked for (the run may still be finishing its step)."""
+        return self.running and self._pause.is_set()
+
     def pause(self) -> None:
         if self.running:
             self._pause.set()  # the run says "Paused" (StatusChanged) once it has reached a step boundary

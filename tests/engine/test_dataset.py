@@ -199,7 +199,11 @@ def test_missing_captions_are_info_when_no_image_has_one(tmp_path):
     report = scan_dataset(tmp_path, trigger_word="sks")
     assert [(i.severity, i.action) for i in report.issues] == [("info", "used with caption 'sks'")] * 2
     report = scan_dataset(tmp_path)
-    assert {i.action for i in report.issues} == {"used with an empty caption"}
+    files = [i for i in report.issues if i.file != "."]
+    assert {(i.severity, i.action) for i in files} == {("info", "used with an empty caption")}
+    # No caption anywhere and no trigger word: one warning for the folder says what to do.
+    folder = [i for i in report.issues if i.file == "."]
+    assert [(i.severity, "trigger word" in i.action) for i in folder] == [("warning", True)]
 
 
 def test_pixel_limit_is_configurable(tiny_dataset):

@@ -120,3 +120,21 @@ def test_demo_images_come_with_their_settings(qtbot, window, page):
     assert job.dataset.resolution == 64  # the demo model's size, since the demo model is chosen
     wait_scanned(qtbot, page)
     assert page.grid.count() == 8
+
+
+def test_no_captions_and_no_trigger_word_is_a_warning_with_an_honest_tab_icon(qtbot, window, page, tiny_dataset):
+    for caption in tiny_dataset.glob("*.txt"):
+        caption.unlink()
+    window.model.set_value("dataset.trigger_word", "")
+    page.choose(str(tiny_dataset))
+    wait_scanned(qtbot, page)
+    rows = [page.problems.topLevelItem(i) for i in range(page.problems.topLevelItemCount())]
+    folder = [r for r in rows if r.text(0) == "."]
+    assert folder and "no trigger word" in folder[0].text(1) and "trigger word" in folder[0].text(2)
+    assert page.tabs.tabText(1) == "Problems (1)" and page.problems_icon == "warning"
+    assert page.banner.kind == "warning"
+    # A trigger word answers it: the per-file notes stay (info), and the tab's icon says info, not a tick.
+    window.model.set_value("dataset.trigger_word", "zzshape")
+    qtbot.waitUntil(lambda: page.scan is not None and page.scan.report.trigger_word == "zzshape" and not page.scanning,
+                    timeout=20_000)
+    assert page.tabs.tabText(1) == "Problems" and page.problems_icon == "info"

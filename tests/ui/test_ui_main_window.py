@@ -6,9 +6,9 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import QDialog, QFileDialog, QMessageBox, QTextBrowser
 
 from studio.engine import config
-from studio.ui.job_model import new_job
 from studio.ui import settings_store
 from studio.ui.main_window import about_html
+from studio.ui.job_model import new_job
 
 
 def test_rail_status_bar_and_pages(window):
@@ -92,7 +92,8 @@ def test_unsaved_changes_are_offered_for_saving(qtbot, window, tmp_path, monkeyp
     monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Save)
     window.new_job()
     assert config.load_job(path).lora.rank == 7
-    assert window.model.job.lora.rank == new_job().lora.rank and window.model.file_path == ""
+    # the fresh job is the window's starting job (the demo's recipe), not the edited one
+    assert window.model.job.lora.rank == new_job().lora.rank != 7 and window.model.file_path == ""
 
 
 def test_window_and_last_job_are_remembered(qtbot, make_window, tiny_dataset):

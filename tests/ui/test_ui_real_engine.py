@@ -141,17 +141,30 @@ def test_pause_resume_and_stop_a_real_run(qtbot, make_window, tiny_sd1, tiny_dat
     page = window.train_page
     window.start_training()
     qtbot.waitUntil(lambda: page.step >= 1, timeout=RUN_TIMEOUT_MS)
+    clicked_at = page.step
     qtbot.mouseClick(page.pause_button, Qt.LeftButton)
+    assert page.run_state == "pausing" and page.pause_button.text() == "Pausing…"  # seen at once, not a step later
+    assert not page.pause_button.isEnabled()
     qtbot.waitUntil(lambda: page.run_state == "paused", timeout=RUN_TIMEOUT_MS)
     held = page.step
+    assert held <= clicked_at + 1, f"clicked Pause at step {clicked_at}, paused at {held}"  # only the step in flight
     qtbot.wait(300)
     assert page.step == held and window.controller.running  # the model stays loaded while paused
     qtbot.mouseClick(page.resume_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: page.step > held, timeout=RUN_TIMEOUT_MS)
-    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    assert page.run_state == "running" and page.pause_button.isVisible()
+    qtbot.waitUntil(lambda: page.step > held + 1, timeout=RUN_TIMEOUT_MS)
+
+    def answered_after_reading(*args, **kwargs):
+        qtbot.wait(1500)  # a person reads the question; the run must not train on meanwhile
+        return QMessageBox.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", answered_after_reading)
+    clicked_at = page.step
     qtbot.mouseClick(page.stop_button, Qt.LeftButton)
+    assert page.run_state == "stopping" and not page.stop_button.isEnabled()
     wait_until_done(qtbot, window, "cancelled", "failed", "finished")
     assert page.run_state == "cancelled", page.banner.text.text()
+    assert page.step <= clicked_at + 1, f"clicked Stop at step {clicked_at}, stopped at {page.step}"
     assert page.lora_path is not None and page.lora_path.is_file()
     assert window.export_page.selected_lora() == page.lora_path
 
@@ -196,7 +209,7 @@ def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tin
 def test_a_stopped_run_is_offered_for_resume_and_finishes(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path):
     window = make_window()
     run_dir = tmp_path / "runs" / "circles"
-    set_up_job(window, tiny_sd1, tiny_dataset, run_dir, steps=6, sample_every=0)
+    set_up_job(window, tiny_sd1, tiny_dataset, run_dir, steps=6, sample_every=2)
     page = window.train_page
     qtbot.mouseClick(page.start_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: page.step >= 2, timeout=RUN_TIMEOUT_MS)
@@ -211,6 +224,10 @@ def test_a_stopped_run_is_offered_for_resume_and_finishes(qtbot, make_window, ti
     wait_until_done(qtbot, window, "finished", "failed")
     assert page.run_state == "finished", page.banner.text.text() + page.banner.details.toPlainText()
     assert (run_dir / "my-lora.safetensors").is_file() and not (tmp_path / "runs" / "circles-2").exists()
-    assert page.loss_plot.point_count == 6 - stopped_at  # the resumed part
+    assert page.loss_plot.point_count == 6  # the earlier part (read from metrics.jsonl) and the resumed part
+    assert page.loss_plot.steps == list(range(1, 7))
+    shown_steps = {b.toolTip().split(" · ")[0] for b in page.gallery.buttons}
+    assert "Step 0" in shown_steps and "Step 6" in shown_steps  # the base model's previews and the last ones
+    assert all("“a red circle”" in b.toolTip() for b in page.gallery.buttons)
     qtbot.waitUntil(lambda: not window.tasks.is_running("unfinished"), timeout=30_000)
     assert not page.resume_banner.isVisible(), "a finished run is no longer offered"

@@ -13,7 +13,9 @@ def test_screenshots_command_renders_every_page(qtbot, tmp_path, monkeypatch):
     out = tmp_path / "shots"
     assert main(["screenshots", str(out), "--no-train", "--size", "1000x700"]) == 0
     names = sorted(p.name for p in out.glob("*.png"))
-    assert names == ["caption_dialog.png", "dataset.png", "dataset_tags.png", "model.png", "settings.png", "train.png",
-                     "try_and_export.png"]
+    assert names == ["caption_dialog.png", "dataset.png", "dataset_tags.png", "model.png", "queue.png", "settings.png",
+                     "train.png", "try_and_export.png"]
+    queue = QImage(str(out / "queue.png"))
+    assert queue.width() > 1000  # the window with the queue dock beside the page
     image = QImage(str(out / "dataset.png"))
     assert (image.width(), image.height()) == (1000, 700)

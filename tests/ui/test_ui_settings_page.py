@@ -181,3 +181,34 @@ def test_estimate_shown_when_the_engine_has_one(qtbot, window, page, monkeypatch
     monkeypatch.setattr(backend, "estimate", lambda job: None)
     window.model.set_value("training.steps", 500)
     qtbot.waitUntil(lambda: not page.estimate_card.isVisible(), timeout=5000)
+
+
+def test_estimate_shows_its_measured_range_and_preview_cost(qtbot, window, page, monkeypatch):
+    """A CPU estimate checked on held-out runs reads as the range they fell in; a GPU one says it is uncalibrated."""
+    from studio.engine.estimate import Estimate
+
+    cpu = Estimate(0.4, 500.0, 0.02, "CPU", total_steps=1000, previews=11, preview_seconds=100.0,
+                   error_band=(-0.25, 0.5))
+    monkeypatch.setattr(backend, "estimate", lambda job: cpu)
+    window.model.set_value("training.steps", 481)
+    qtbot.waitUntil(lambda: page.estimate_card.isVisible() and "–" in page.estimate_label.text(), timeout=5000)
+    assert page.estimate_label.text() == "About 0.30 s–0.60 s per step · 6 min 15 s–12 min 30 s in total"
+    assert "previews about 1 min 40 s" in page.estimate_detail.text()
+    assert "not fitted on" in page.estimate_detail.text()
+    gpu = Estimate(0.05, 60.0, 2.0, "NVIDIA Test GPU", total_steps=1000)
+    monkeypatch.setattr(backend, "estimate", lambda job: gpu)
+    window.model.set_value("training.steps", 482)
+    qtbot.waitUntil(lambda: "uncalibrated" in page.estimate_detail.text(), timeout=5000)
+    assert page.estimate_label.text() == "About 0.05 s per step · 1 min in total"
+
+
+def test_each_family_has_a_preset_with_its_resolution_and_preview_sampler(qtbot, window, page):
+    names = [page.preset_combo.itemText(i) for i in range(page.preset_combo.count())]
+    assert {"SD 1.x defaults", "SDXL defaults", "SD3 Medium defaults", "SD3.5 Large defaults"} <= set(names)
+    page.preset_combo.setCurrentIndex(names.index("SD3.5 Large defaults"))
+    assert "Stable Diffusion 3.5 Large" in page.preset_description.text()
+    qtbot.mouseClick(page.apply_button, Qt.LeftButton)
+    job = window.model.job
+    assert (job.dataset.resolution, job.sampling.steps, job.sampling.guidance) == (1024, 28, 3.5)
+    assert (job.lora.rank, job.training.lr, job.training.min_snr_gamma) == (16, 1e-4, 0.0)
+    assert page.editor("dataset.resolution").input.value() == 1024

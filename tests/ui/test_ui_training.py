@@ -175,6 +175,8 @@ def test_sample_click_enlarges(qtbot, make_window, ready, tmp_path):
     gallery = window.train_page.gallery
     assert gallery.count == 2
     assert gallery._layout.itemAt(1).widget().property("step") == 2  # newest first
+    assert [b.text() for b in gallery.buttons] == ["a red circle"] * 2  # each preview says its prompt
+    assert all(b.toolButtonStyle() == Qt.ToolButtonTextUnderIcon for b in gallery.buttons)
     qtbot.mouseClick(gallery.buttons[0], Qt.LeftButton)
     from studio.ui.widgets.gallery import ImageDialog
 

@@ -66,7 +66,8 @@ def inject(bundle: "ModelBundle", lora: "LoraSection", *, train_text_encoder: bo
 
     adapter = adapter_for(lora)
     parts = components(bundle)
-    chosen = {k: m for k, m in parts.items() if k == bundle.family.denoiser_name or train_text_encoder}
+    trained = (bundle.family.denoiser_name, *(bundle.family.trainable_text_encoders() if train_text_encoder else ()))
+    chosen = {k: m for k, m in parts.items() if k in trained}
     for key, model in parts.items():
         if adapter_layers(model):
             raise ValueError(f"the {key} already has a LoRA adapter; load a fresh model before injecting another")

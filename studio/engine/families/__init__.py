@@ -29,6 +29,11 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "sd1": ("studio.engine.families.sd:SD1", "Stable Diffusion 1.x"),
     "sd2": ("studio.engine.families.sd:SD2", "Stable Diffusion 2.x"),
     "sdxl": ("studio.engine.families.sdxl:SDXL", "Stable Diffusion XL"),
+    "flux-dev": ("studio.engine.families.flux:FLUX_DEV", "FLUX.1 [dev]"),
+    "flux-schnell": ("studio.engine.families.flux:FLUX_SCHNELL", "FLUX.1 [schnell]"),
+    "sd3": ("studio.engine.families.sd3:SD3_MEDIUM", "Stable Diffusion 3 Medium"),
+    "sd3.5-medium": ("studio.engine.families.sd3:SD35_MEDIUM", "Stable Diffusion 3.5 Medium"),
+    "sd3.5-large": ("studio.engine.families.sd3:SD35_LARGE", "Stable Diffusion 3.5 Large"),
 }
 # Assumed where nothing tells the family (the built-in demo model is a tiny one of it).
 DEFAULT_FAMILY = "sd1"

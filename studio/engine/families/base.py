@@ -157,6 +157,10 @@ class Family(abc.ABC):
         """Denoiser and text encoders: the components a LoRA can adapt."""
         return (self.denoiser_name, *self.text_encoder_names)
 
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders ``lora.train_text_encoder`` adapts (Flux: CLIP-L only, not its 4.7 B T5)."""
+        return self.text_encoder_names
+
     # ------------------------------------------------------------------------------------------ detection
 
     @abc.abstractmethod
@@ -190,6 +194,11 @@ class Family(abc.ABC):
         return 0
 
     # -------------------------------------------------------------------------------------------- loading
+
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        """Parts a model file of this family lacks, each with the file chosen (``model.<part>``) or found nearby,
+        None when not found; the Model page asks for these by ``parts()`` label. SD files carry every part: {}."""
+        return {}
 
     @abc.abstractmethod
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
@@ -266,6 +275,13 @@ class Family(abc.ABC):
     def kohya_name(self, component: str, module_path: str, denoiser_config: Any = None) -> str:
         """The kohya LoRA name (key without ``.lora_down.weight``) of one adapted module."""
 
+    def kohya_modules(self, layers: list[tuple[str, str, "torch.Tensor", "torch.Tensor", float]],
+                      denoiser_config: Any = None) -> list[tuple[str, "torch.Tensor", "torch.Tensor", float]]:
+        """The kohya modules a file carries, from the adapted layers ``(component, module path, down, up, alpha)``:
+        ``(kohya name, down, up, alpha)``. One each here; a family whose original model fuses layers diffusers
+        keeps apart (Flux's q/k/v) joins their LoRAs into one."""
+        return [(self.kohya_name(c, path, denoiser_config), down, up, alpha) for c, path, down, up, alpha in layers]
+
     def diffusers_lora_key(self, component: str, name: str) -> str:
         """A peft state-dict key as diffusers' ``save_lora_weights`` layout writes it (without the component)."""
         return name
@@ -299,6 +315,17 @@ class Family(abc.ABC):
     def pipeline(self, bundle: ModelBundle) -> Any:
         """A diffusers pipeline over the bundle's modules (no copies) with the family's preview sampler."""
 
+    def job_defaults(self) -> dict[str, Any]:
+        """Where a job for this family starts (dotted job fields → values): its native size and preview sampler.
+        The Settings page offers it as a preset named after the family."""
+        return {"dataset.resolution": self.native_resolution(), "sampling.steps": self.preview.steps,
+                "sampling.guidance": self.preview.guidance}
+
+    def pipeline_lora(self, bundle: ModelBundle, path: Path) -> Any:
+        """What the family's pipeline ``load_lora_weights`` gets for a LoRA file (Try & Export): the path here, a
+        diffusers-layout state dict where diffusers cannot read the file's own layout (SD3's kohya files)."""
+        return str(path)
+
     def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str],
                               negative_prompt: str) -> dict[str, Any] | None:
         """The prompts (and the negative prompt, one per prompt) as the pipeline's ``*_embeds`` arguments when the job
@@ -328,9 +355,18 @@ class Family(abc.ABC):
         """FLOPs of the text encoders (config folder) over ``batch`` captions; 0 if unknown."""
         return 0
 
+    def preview_batch_factor(self, guidance: float) -> int:
+        """Denoiser batch per preview image: 2 under classifier-free guidance (scale > 1: the pipeline runs the
+        prompt and the negative prompt together), 1 for a family whose guidance is an input (distilled)."""
+        return 2 if guidance > 1 else 1
+
     @abc.abstractmethod
     def full_size_parameters(self) -> dict[str, float]:
         """Parameter counts of the family's reference model: {"denoiser", "text_encoders", "vae"}."""
+
+    def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """GPU bytes of the frozen denoiser weights under the job's memory options (SD: all resident, as computed)."""
+        return self.full_size_parameters()["denoiser"] * weight_bytes
 
     @abc.abstractmethod
     def activation_gib(self, gradient_checkpointing: bool) -> float:

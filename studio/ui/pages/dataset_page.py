@@ -346,7 +346,10 @@ class DatasetPage(Page):
         self.problems.setColumnWidth(1, max(self.problems.columnWidth(1), theme.em(self) * 22))
         n = len([i for i in report.issues if i.severity in ("error", "warning")])
         self.tabs.setTabText(1, f"Problems ({n})" if n else "Problems")
-        self.tabs.setTabIcon(1, theme.icon("warning") if n else theme.icon("state-done"))
+        # The icon says the worst there is: a tick only when there is nothing at all to read.
+        worst = next((sev for sev in ("error", "warning", "info") if report.by_severity(sev)), None)
+        self.tabs.setTabIcon(1, theme.icon(SEVERITY_ICONS.get(worst, "info")) if worst else theme.icon("state-done"))
+        self.problems_icon = worst or "done"
 
     def _fill_tags(self, report: Any) -> None:
         from studio.engine.captioning.bulk_edit import tag_frequency

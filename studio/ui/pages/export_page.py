@@ -10,8 +10,9 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
-    QButtonGroup, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QLabel, QLineEdit, QPlainTextEdit,
-    QPushButton, QRadioButton, QSizePolicy, QSlider, QSpinBox, QStackedWidget, QTabWidget, QVBoxLayout, QWidget,
+    QButtonGroup, QComboBox, QFileDialog, QFormLayout, QFrame, QGridLayout, QHBoxLayout, QLabel, QLineEdit,
+    QPlainTextEdit, QPushButton, QRadioButton, QScrollArea, QSizePolicy, QSlider, QSpinBox, QStackedWidget, QTabWidget,
+    QVBoxLayout, QWidget,
 )
 
 from studio.ui import backend, theme
@@ -59,7 +60,7 @@ class ImagePanel(QWidget):
         self.image.setObjectName("imageSlot")
         self.image.setAlignment(Qt.AlignCenter)
         self.image.setWordWrap(True)
-        side = theme.em(self) * 14
+        side = theme.em(self) * 10
         self.image.setMinimumSize(side, side)
         self.image.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
         self.image.mousePressEvent = lambda e: self.enlarge()
@@ -285,7 +286,14 @@ class TryExportPage(Page):
         self.tools = LoraToolsWidget(self.tasks, self.selected_lora)  # resize / merge
         ec.addWidget(self.tools)
         ec.addStretch(1)
-        halves.addWidget(export_card, 2)
+        # The export column scrolls rather than setting the window's minimum size: with the report and the tools it
+        # is taller than a laptop's 1366x768 screen leaves for it.
+        export_scroll = QScrollArea()
+        export_scroll.setWidget(export_card)
+        export_scroll.setWidgetResizable(True)
+        export_scroll.setFrameShape(QFrame.NoFrame)
+        export_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        halves.addWidget(export_scroll, 2)
 
         # A new strength regenerates the LoRA picture once the slider rests (the old one is dimmed meanwhile).
         self._shown_strength: float | None = None

@@ -19,6 +19,7 @@ from studio.ui.pages.base import ATTENTION, DONE, PENDING, Page, card, page_for_
 from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.drop_zone import DropZone
+from studio.ui.widgets.parts_panel import PartsPanel
 from studio.ui.worker import TaskRunner
 
 RECENT_KEY = "models/recent"
@@ -123,6 +124,10 @@ class ModelPage(Page):
         self.use_native.clicked.connect(self._use_native_resolution)
         self.use_native.hide()
         body.addWidget(self.banner)
+        # Parts a transformer-only file lacks (Flux: CLIP-L, T5, VAE), by the family's part names.
+        self.parts = PartsPanel(model, tasks)
+        self.parts.parts_changed.connect(self.state_changed.emit)
+        body.addWidget(self.parts)
         self.layout_.addWidget(self.card)
 
         # Where else to pick from.
@@ -170,6 +175,8 @@ class ModelPage(Page):
             return PENDING, "Choose a base model."
         if errors or self.inspect_error:
             return ATTENTION, errors[0].message if errors else self.inspect_error
+        if self.parts.missing:
+            return ATTENTION, "Choose the " + ", ".join(self.parts.missing) + "."
         return DONE, display_name(self.model.value("model.path"))
 
     def refresh_icons(self) -> None:
@@ -262,6 +269,7 @@ class ModelPage(Page):
     def _show_path(self, path: str) -> None:
         self.info = None
         self.inspect_error = ""
+        self.parts.show_for(None)
         self.tasks.cancel("inspect")
         if path and path != BUILTIN_DEMO_MODEL and Path(path).exists():
             settings_store.push_recent(RECENT_KEY, path)
@@ -284,6 +292,7 @@ class ModelPage(Page):
             self.inspect_error = f"This is {what}. Choose the Stable Diffusion checkpoint you generate with."
         elif self.info.get("usable") is False:
             self.inspect_error = _sentence(self.info.get("problem") or "This model cannot be trained on.")
+        self.parts.show_for(self.info.get("family") if kind == "checkpoint" else None)
         self._update_card()
         self.state_changed.emit()
 

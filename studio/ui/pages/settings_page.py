@@ -252,17 +252,20 @@ class SettingsPage(Page):
             self.estimate_card.hide()
             return
         steps = self.model.value("training.steps")
-        self.estimate_label.setText(
-            f"About {format_step_time(estimate.seconds_per_step)} per step · "
-            f"{format_duration(estimate.total_seconds)} in total")
+        self.estimate_label.setText(_estimate_headline(estimate))
         detail = [f"{steps} steps"]
         device = getattr(estimate, "device", "")
         if device:
             detail.append(f"on {device}")
+        if getattr(estimate, "preview_seconds", 0):
+            detail.append(f"· previews about {format_duration(estimate.preview_seconds)} of it")
         if estimate.gpu_memory_bytes:
             total = getattr(estimate, "gpu_total_bytes", None)
             detail.append(f"· GPU memory about {format_bytes(estimate.gpu_memory_bytes)}"
                           + (f" of {format_bytes(total)}" if total else ""))
+        accuracy = getattr(estimate, "accuracy", "")
+        if accuracy:
+            detail.append(f"· {accuracy}")
         self.estimate_detail.setText(" ".join(detail))
         warnings = list(getattr(estimate, "warnings", []) or [])
         self.estimate_warnings.setText("\n".join(w[0].upper() + w[1:] + ("" if w.endswith(".") else ".") for w in warnings))
@@ -296,3 +299,15 @@ def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _estimate_headline(estimate: Any) -> str:
+    """"About 0.31–0.52 s per step · 5–9 min in total": the range measured runs fell in on settings the estimate
+    was not fitted on; a single figure where it is uncalibrated (no such measurements on this kind of device)."""
+    span = estimate.seconds_range if getattr(estimate, "error_band", None) else None
+    if span is None:
+        return (f"About {format_step_time(estimate.seconds_per_step)} per step · "
+                f"{format_duration(estimate.total_seconds)} in total")
+    (step_lo, step_hi), (total_lo, total_hi) = span(estimate.seconds_per_step), span(estimate.total_seconds)
+    return (f"About {format_step_time(step_lo)}–{format_step_time(step_hi)} per step · "
+            f"{format_duration(total_lo)}–{format_duration(total_hi)} in total")

@@ -6,7 +6,7 @@ import html
 import time
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer, QUrl, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
     QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
@@ -24,6 +24,7 @@ from studio.ui.widgets.banner import Banner
 from studio.ui.widgets.busy import BusyIndicator
 from studio.ui.widgets.gallery import ImageDialog, SampleGallery
 from studio.ui.widgets.loss_plot import LossPlot
+from studio.ui.widgets.message_area import MessageArea
 
 class TrainPage(Page):
     title = "Train"
@@ -64,7 +65,6 @@ class TrainPage(Page):
         self.checklist.setTextFormat(Qt.RichText)
         self.checklist.linkActivated.connect(lambda page: self.go_to_page.emit(page))
         cl.addWidget(self.checklist)
-        self.layout_.addWidget(self.checklist_card)
 
         # Controls and progress.
         controls_card, cc = card()
@@ -84,8 +84,13 @@ class TrainPage(Page):
         self.stop_button.clicked.connect(self.stop_requested)
         for b in (self.start_button, self.pause_button, self.resume_button, self.stop_button):
             buttons.addWidget(b)
+        self._steady_buttons()
         buttons.addSpacing(2 * s)
         self.phase = BusyIndicator()
+        # The spinner's room stays when it is hidden, so showing it never pushes or squeezes the buttons.
+        policy = self.phase.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)
+        self.phase.setSizePolicy(policy)
         buttons.addWidget(self.phase, 1)
         self.phase_label = QLabel()
         self.phase_label.setObjectName("muted")
@@ -108,9 +113,11 @@ class TrainPage(Page):
         progress_row.addWidget(self.eta_label)
         progress_row.addWidget(self.elapsed_label)
         cc.addLayout(progress_row)
+        # Controls first: the checklist below them comes and goes (hidden during a run) without moving them.
         self.layout_.addWidget(controls_card)
+        self.layout_.addWidget(self.checklist_card)
 
-        self.banner = Banner()
+        self.banner = Banner(rich_text=True)  # every message here is composed HTML with escaped parts
         self.try_button = self.banner.add_action(QPushButton(theme.icon("export"), "Try && export"))
         self.try_button.clicked.connect(self.try_requested)
         self.folder_button = self.banner.add_action(QPushButton(theme.icon("folder"), "Show run folder"))
@@ -120,13 +127,16 @@ class TrainPage(Page):
                                       "disk or folder")
         self.rescue_button.clicked.connect(self.save_elsewhere)
         self.rescue_button.hide()
-        self.layout_.addWidget(self.banner)
+        # One message at a time (the latest, errors first); the others stay one click away.
+        self.messages = MessageArea()
+        self.messages.add(self.banner)
+        self.layout_.addWidget(self.messages)
 
         self.unfinished = None
-        self.resume_banner = Banner()
+        self.resume_banner = Banner(rich_text=True)
         self.resume_run_button = self.resume_banner.add_action(QPushButton(theme.icon("start"), "Resume it"))
         self.resume_run_button.clicked.connect(lambda: self.resume_run_requested.emit(self.unfinished))
-        self.layout_.addWidget(self.resume_banner)
+        self.messages.add(self.resume_banner)
 
         # Plot | samples, over the log.
         vertical = QSplitter(Qt.Vertical)
@@ -138,6 +148,8 @@ class TrainPage(Page):
         pl.addWidget(section_label("Loss and learning rate"))
         # Shown (empty) from the start: its first paint is costly and must not fall in the middle of a run.
         self.loss_plot = LossPlot()
+        # Messages and the checklist take their room from the log, never below this from the plot.
+        self.loss_plot.setMinimumHeight(theme.em(self) * 14)
         pl.addWidget(self.loss_plot, 1)
         samples_box = QWidget()
         sl = QVBoxLayout(samples_box)
@@ -174,10 +186,38 @@ class TrainPage(Page):
         model.problems_changed.connect(lambda _: self.refresh())
         self.refresh()
 
+    # Every text a run-control button shows; each button is as wide as its widest text, Pause and Resume share one
+    # slot, so no state change moves or resizes a button under the pointer.
+    BUTTON_TEXTS = {"start": ("Start training",), "pause": ("Pause", "Pausing…", "Resume"),
+                    "stop": ("Stop", "Stopping…")}
+
+    def _steady_buttons(self) -> None:
+        def widest(button: QPushButton, texts: tuple[str, ...]) -> int:
+            shown = button.text()
+            button.ensurePolished()
+            width = 0
+            for text in texts:
+                button.setText(text)
+                width = max(width, button.sizeHint().width())
+            button.setText(shown)
+            return width
+
+        self.start_button.setFixedWidth(widest(self.start_button, self.BUTTON_TEXTS["start"]))
+        pause = max(widest(self.pause_button, self.BUTTON_TEXTS["pause"]),
+                    widest(self.resume_button, self.BUTTON_TEXTS["pause"]))
+        self.pause_button.setFixedWidth(pause)
+        self.resume_button.setFixedWidth(pause)
+        self.stop_button.setFixedWidth(widest(self.stop_button, self.BUTTON_TEXTS["stop"]))
+
+    def changeEvent(self, event) -> None:
+        super().changeEvent(event)
+        if event.type() in (QEvent.FontChange, QEvent.StyleChange) and hasattr(self, "stop_button"):
+            self._steady_buttons()
+
     # ------------------------------------------------------------------------------------------- state
 
     def state(self) -> tuple[str, str]:
-        if self.run_state in ("starting", "running", "paused", "stopping"):
+        if self.busy:
             return RUNNING, self.progress.text()
         if self.run_state == "finished":
             return DONE, "Training finished."
@@ -189,7 +229,7 @@ class TrainPage(Page):
 
     @property
     def busy(self) -> bool:
-        return self.run_state in ("starting", "running", "paused", "stopping")
+        return self.run_state in ("starting", "running", "pausing", "paused", "stopping")
 
     def set_run_state(self, state: str) -> None:
         self.run_state = state
@@ -202,7 +242,9 @@ class TrainPage(Page):
         self.start_button.setEnabled(not busy and not errors)
         self.pause_button.setEnabled(self.run_state == "running")
         self.resume_button.setEnabled(self.run_state == "paused")
-        self.stop_button.setEnabled(self.run_state in ("starting", "running", "paused"))
+        self.stop_button.setEnabled(self.run_state in ("starting", "running", "pausing", "paused"))
+        self.pause_button.setText("Pausing…" if self.run_state == "pausing" else "Pause")
+        self.stop_button.setText("Stopping…" if self.run_state == "stopping" else "Stop")
         self.pause_button.setVisible(self.run_state != "paused")
         self.resume_button.setVisible(self.run_state == "paused")
         if busy:
@@ -262,9 +304,24 @@ class TrainPage(Page):
         self.progress.setRange(0, max(event.total_steps, 1))
         self.progress.setValue(event.start_step)
         self.progress.setFormat(f"step {event.start_step} / {event.total_steps}")
+        if event.start_step > 0:
+            self.show_earlier_part(self.run_dir, event.start_step)
         self.log("info", f"Training {plural(event.image_count, 'image')} for {event.total_steps} steps on "
                          f"{event.device} (run folder {event.run_dir}).")
         self.set_run_state("running")
+
+    def show_earlier_part(self, run_dir: Path, up_to_step: int) -> None:
+        """A resumed run: the loss curve and previews of the steps done before, from the run folder."""
+        from studio.engine.runs import earlier_samples, read_metrics
+
+        for row in read_metrics(run_dir):
+            step, loss = row.get("step"), row.get("loss")
+            if isinstance(step, int) and step <= up_to_step and isinstance(loss, (int, float)):
+                self.loss_plot.add_point(step, float(loss), float(row.get("lr", float("nan"))))
+        for sample in earlier_samples(run_dir, up_to_step):
+            pixmap = QPixmap(str(sample.path))
+            if not pixmap.isNull():
+                self.gallery.add_sample(sample.step, sample.index, sample.prompt, pixmap, sample.path, sample.seed)
 
     def on_status(self, event: StatusChanged) -> None:
         text = event.phase + (f" — {event.message}" if event.message else "")
@@ -273,11 +330,12 @@ class TrainPage(Page):
         if event.phase.lower() == "paused":
             self.phase.stop()
             self.phase_label.setText(text)
-            self.set_run_state("paused")
+            if self.run_state != "stopping":
+                self.set_run_state("paused")
         else:
             if self.run_state == "paused":
                 self.set_run_state("running")
-            if self.run_state != "stopping":
+            if self.run_state not in ("stopping", "pausing"):
                 self.phase.start(event.phase if event.phase != "Training" else "Training…")
             self.phase_label.setText(event.message)
         self.log("info", text)
@@ -424,6 +482,18 @@ class TrainPage(Page):
     def stopping(self) -> None:
         self.phase.start("Stopping at the end of this step…")
         self.set_run_state("stopping")
+
+    def pausing(self) -> None:
+        """Pause was clicked: say so at once; the run confirms with a "Paused" status at the step's end."""
+        if self.run_state == "running":
+            self.phase.start("Pausing at the end of this step…")
+            self.set_run_state("pausing")
+
+    def resuming(self) -> None:
+        if self.run_state == "paused":
+            self.phase.start("Training…")
+            self.phase_label.setText("")
+            self.set_run_state("running")
 
     # ------------------------------------------------------------------------------------------ helpers
 

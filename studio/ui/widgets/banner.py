@@ -15,10 +15,15 @@ class Banner(QFrame):
 
     closed = Signal()
 
-    def __init__(self, parent: QWidget | None = None, closable: bool = True):
+    def __init__(self, parent: QWidget | None = None, closable: bool = True, rich_text: bool = False):
+        """``rich_text``: messages are HTML (their parts escaped by the caller), never guessed at by Qt, so an
+        escaped quote in a sentence without tags shows as ' and not as &#x27;."""
         super().__init__(parent)
         self.setObjectName("banner")
         self.kind = "info"
+        self.wanted = False  # has a message to show (in a MessageArea it may still wait behind a more important one)
+        self.area = None  # the MessageArea that decides which of its banners shows, if any
+        self._arranging = False
         grid = QGridLayout(self)
         s = theme.SPACING
         grid.setContentsMargins(s + s // 2, s, s, s)
@@ -28,6 +33,7 @@ class Banner(QFrame):
         self.icon.setAlignment(Qt.AlignTop)
         self.text = QLabel()
         self.text.setWordWrap(True)
+        self.text.setTextFormat(Qt.RichText if rich_text else Qt.AutoText)
         self.text.setTextInteractionFlags(Qt.TextSelectableByMouse | Qt.LinksAccessibleByMouse)
         self.text.setOpenExternalLinks(False)
         self.actions = QHBoxLayout()
@@ -66,6 +72,23 @@ class Banner(QFrame):
         self.details_button.setChecked(False)
         self.details_button.setVisible(bool(details))
         self.show()
+
+    def setVisible(self, visible: bool) -> None:
+        """show()/hide() from the banner's owner say whether it has a message; its MessageArea arranges the rest."""
+        if self._arranging or self.area is None:
+            if not self._arranging:
+                self.wanted = visible
+            super().setVisible(visible)
+            return
+        self.wanted = visible
+        self.area.banner_changed(self)
+
+    def show_in_area(self, shown: bool) -> None:
+        self._arranging = True
+        try:
+            super().setVisible(shown)
+        finally:
+            self._arranging = False
 
     def add_action(self, button: QPushButton) -> QPushButton:
         self.actions.insertWidget(self.actions.count() - 2, button)

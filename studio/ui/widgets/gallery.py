@@ -118,6 +118,10 @@ class SampleGallery(QScrollArea):
         button.setIcon(pixmap.scaled(side, side, Qt.KeepAspectRatio,
                                      Qt.FastTransformation if pixmap.width() < side // 2 else Qt.SmoothTransformation))
         button.setIconSize(QSize(side, side))
+        # The prompt under the picture: which preview is which, without hovering. Elided at the start, since
+        # prompts often share their beginning (the trigger word) and differ at the end.
+        button.setToolButtonStyle(Qt.ToolButtonTextUnderIcon)
+        button.setText(button.fontMetrics().elidedText(prompt, Qt.ElideLeft, side))
         button.setAutoRaise(True)
         button.setSizePolicy(QSizePolicy.Fixed, QSizePolicy.Fixed)
         caption = f"Step {step} · “{prompt}”" + (f" · seed {seed}" if seed is not None else "")

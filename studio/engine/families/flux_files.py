@@ -1,0 +1,322 @@
+"""FLUX.1 files as people keep them: diffusers folders, a transformer-only single file (BFL or diffusers layout, often
+fp8) plus separate CLIP-L, T5-XXL and "ae" VAE files, found beside it or in ComfyUI/A1111 model folders.
+
+Single files load through diffusers' own single-file converters with the bundled configs (offline). T5's
+tokenizer cannot be bundled here (the app does not ship a copy), so it is taken from the user's files: a
+``spiece.model`` or T5 ``tokenizer.json`` (a ``tokenizer_2`` folder of a FLUX diffusers folder has both), or the
+local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from studio.engine.detect import Detection
+from studio.engine.families.base import ModelBundle
+from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
+from studio.engine.safe_load import ModelLoadError, open_weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    from studio.engine.config import ModelSection
+    from studio.engine.families.flux import FluxFamily
+    from studio.engine.safe_load import WeightsFile
+
+# The tiny models' schedules, as the real ones: dev shifts by resolution (from the token count), schnell not at all.
+_SCHEDULE = {"num_train_timesteps": 1000, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+             "max_image_seq_len": 4096}
+SCHEDULER_CONFIGS = {"dev": {**_SCHEDULE, "shift": 3.0, "use_dynamic_shifting": True},
+                     "schnell": {**_SCHEDULE, "shift": 1.0, "use_dynamic_shifting": False}}
+
+# Key marks of a FLUX.1 transformer, in the BFL layout (possibly under ComfyUI's "model.diffusion_model.") and in
+# diffusers' layout; the guidance embedder is what tells [dev] from [schnell].
+_BFL_MARK = "double_blocks.0.img_attn.qkv.weight"
+_BFL_GUIDANCE = "guidance_in.in_layer.weight"
+_DIFFUSERS_MARK = "single_transformer_blocks.0.proj_mlp.weight"
+_DIFFUSERS_GUIDANCE = "time_text_embed.guidance_embedder.linear_1.weight"
+_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+# Where ComfyUI / A1111-Forge keep the parts, relative to a "models" folder.
+PART_FOLDERS = {
+    "denoiser": ("unet", "diffusion_models", "Stable-diffusion", "checkpoints"),
+    "text_encoder": ("text_encoders", "clip", "text_encoder"),
+    "vae": ("vae", "VAE"),
+}
+
+
+def _find(shapes: Mapping[str, Any], key: str) -> str | None:
+    for prefix in _PREFIXES:
+        if prefix + key in shapes:
+            return prefix
+    return None
+
+
+def transformer_layout(shapes: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+    """("bfl" | "diffusers", key prefix, has guidance) of a file holding a FLUX.1 transformer, else None."""
+    prefix = _find(shapes, _BFL_MARK)
+    if prefix is not None and not any(k.startswith(prefix + "distilled_guidance_layer.") for k in shapes):  # Chroma
+        return "bfl", prefix, prefix + _BFL_GUIDANCE in shapes
+    prefix = _find(shapes, _DIFFUSERS_MARK)
+    if prefix is not None and prefix + "x_embedder.weight" in shapes:
+        return "diffusers", prefix, prefix + _DIFFUSERS_GUIDANCE in shapes
+    return None
+
+
+def detect_flux_file(family: "FluxFamily", shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
+                     filename: str) -> Detection | None:
+    """A Detection when the file holds a FLUX.1 transformer of ``family``'s variant (dev: with guidance_in)."""
+    found = transformer_layout(shapes)
+    if found is None:
+        return None
+    layout, prefix, guidance = found
+    if guidance != family.guidance_embeds:
+        return None
+    keys = list(shapes)
+    components = {
+        "transformer": True,
+        "text_encoder": any(k.startswith(("text_encoders.clip_l.", "clip_l.")) for k in keys),
+        "text_encoder_2": any(k.startswith(("text_encoders.t5xxl.", "t5xxl.")) for k in keys),
+        "vae": any(k.startswith(("vae.", "first_stage_model.")) for k in keys),
+    }
+    det = Detection("checkpoint", family.label, family=family.name, prediction_type="flow",
+                    prediction_source="the family (rectified flow)", native_resolution=1024, components=components)
+    qkv = shapes.get(prefix + (_BFL_MARK if layout == "bfl" else "transformer_blocks.0.attn.to_q.weight"))
+    det.standard_size = bool(qkv) and qkv[-1] == 3072
+    det.notes.append(f"{layout.upper() if layout == 'bfl' else 'diffusers'}-layout transformer")
+    return det
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _check_prediction(family: "FluxFamily", model: "ModelSection") -> None:
+    if model.prediction_type not in ("auto", "flow"):
+        raise ModelLoadError(f"{family.label} models are trained as rectified flow, not '{model.prediction_type}'; "
+                             "set model.prediction_type to 'auto'")
+
+
+def _variant(folder: Path, sub: str, weights: tuple[str, ...]) -> str | None:
+    return weights_variant(folder / sub, weights)
+
+
+def load_folder(family: "FluxFamily", path: Path, model: "ModelSection", dtype: torch.dtype) -> ModelBundle:
+    """A FLUX.1 diffusers folder (FluxPipeline layout), every part offline, straight into ``dtype``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    _check_prediction(family, model)
+    path = Path(path)
+    for sub in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        if not (path / sub).is_dir() and not (sub == "tokenizer" or sub == "text_encoder" and model.text_encoder):
+            raise ModelLoadError(f"'{path.name}' is a FLUX.1 folder without its '{sub}' folder; the download may be "
+                                 "incomplete")
+    transformer = FluxTransformer2DModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=dtype, local_files_only=True,
+        variant=_variant(path, "transformer", DIFFUSERS_WEIGHTS))
+    check_complete(transformer, "transformer", path.name)
+    vae = (load_vae_file(family, Path(model.vae)) if model.vae else AutoencoderKL.from_pretrained(
+        path, subfolder="vae", torch_dtype=torch.float32, local_files_only=True,
+        variant=_variant(path, "vae", DIFFUSERS_WEIGHTS)))
+    clip = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True,
+                                         variant=_variant(path, "text_encoder", TRANSFORMERS_WEIGHTS))
+    t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype, local_files_only=True,
+                                        variant=_variant(path, "text_encoder_2", TRANSFORMERS_WEIGHTS))
+    tokenizer = (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+                 if (path / "tokenizer").is_dir() else _clip_tokenizer())
+    tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+    return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae,
+                       text_encoders=[clip, t5], tokenizers=[tokenizer, tokenizer_2], noise_scheduler=scheduler,
+                       source=str(path))
+
+
+def _clip_tokenizer() -> Any:
+    from studio.engine.tokenizers import load_tokenizer
+
+    return load_tokenizer("clip-l")
+
+
+def load_vae_file(family: "FluxFamily", path: Path, config_dir: Path | None = None) -> Any:
+    """The 16-channel VAE from a single file ("ae.safetensors", BFL or diffusers layout), through the bundled config."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_single_file(str(path), config=str(config_dir or family.bundled_config_dir()),
+                                          subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+
+
+def load_single_file(family: "FluxFamily", path: Path, weights: "WeightsFile", detection: Detection,
+                     model: "ModelSection", dtype: torch.dtype) -> ModelBundle:
+    """A transformer-only (or all-in-one) FLUX.1 file plus the parts it lacks, each a file the job names or one
+    found beside it / in the usual model folders; the message names every part still missing."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    _check_prediction(family, model)
+    config_dir = Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
+    parts = resolve_parts(family, path, model)
+    missing = [label for name, label in part_labels(family).items() if parts.get(name) is None]
+    if missing:
+        raise ModelLoadError(missing_parts_message(family, path, missing))
+    # diffusers converts the BFL layout (and casts fp8 storage to ``dtype``) with the bundled config, offline.
+    transformer = FluxTransformer2DModel.from_single_file(str(path), config=str(config_dir), subfolder="transformer",
+                                                          torch_dtype=dtype, local_files_only=True)
+    check_complete(transformer, "transformer", path.name)
+    clip = load_text_encoder(config_dir, "text_encoder", parts["text_encoder"], dtype)
+    t5 = load_text_encoder(config_dir, "text_encoder_2", parts["text_encoder_2"], dtype)
+    vae = load_vae_file(family, parts["vae"], config_dir)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir, subfolder="scheduler", local_files_only=True)
+    return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae, text_encoders=[clip, t5],
+                       tokenizers=[_clip_tokenizer(), parts["tokenizer_2"]], noise_scheduler=scheduler,
+                       source=str(path), extra={"parts": {k: str(v) for k, v in parts.items() if k != "tokenizer_2"}})
+
+
+def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype) -> Any:
+    """CLIP-L or T5-XXL from a single file (transformers layout, possibly under a ComfyUI prefix; fp8 is cast)."""
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    cls = CLIPTextModel if sub == "text_encoder" else T5EncoderModel
+    config = AutoConfig.from_pretrained(config_dir / sub, local_files_only=True)
+    w = open_weights(file)
+    state = {}
+    for key, value in w.tensors().items():
+        for prefix in ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.", "transformer."):
+            key = key.removeprefix(prefix)
+        state[key] = value.to(dtype) if value.is_floating_point() else value
+    if cls is CLIPTextModel:
+        # Files say "text_model.…"; transformers >= 5.6 dropped that level from CLIPTextModel's own names.
+        with torch.device("meta"):
+            nested = any(k.startswith("text_model.") for k in cls(config).state_dict())
+        state = {("text_model." if nested else "") + k.removeprefix("text_model."): v for k, v in state.items()}
+    if cls is T5EncoderModel and "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]  # tied in T5; files keep one of them
+    # transformers builds the model from the config and this state dict (buffers, tied weights and all).
+    encoder, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    what = "CLIP-L text encoder" if cls is CLIPTextModel else "T5-XXL text encoder"
+    # transformers fills missing weights with random ones; a part file missing some is damaged or another model.
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise ModelLoadError(f"'{file.name}' is not a complete {what}: {len(missing)} weight(s) missing "
+                             f"(e.g. {sorted(missing)[0]}); choose the {what} file (model.{sub})")
+    check_complete(encoder, what, file.name)
+    return encoder
+
+
+# -------------------------------------------------------------------------------------------- the parts
+
+
+def part_labels(family: "FluxFamily") -> dict[str, str]:
+    """The parts a transformer-only file needs besides itself, by name, for people."""
+    labels = {p.name: p.label for p in family.parts() if p.role != "denoiser"}
+    labels["tokenizer_2"] = "T5 tokenizer (spiece.model or T5 tokenizer.json)"
+    return labels
+
+
+def missing_parts_message(family: "FluxFamily", path: Path, missing: list[str]) -> str:
+    return (f"'{path.name}' holds only the {family.label} transformer; also needed: {', '.join(missing)}. Choose them "
+            "on the Model page (or set model.text_encoder / model.text_encoder_2 / model.vae), or put "
+            "clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors and T5's spiece.model next to the model "
+            "or in ComfyUI's models/text_encoders and models/vae folders")
+
+
+def search_folders(path: Path) -> list[Path]:
+    """The model's own folder, then the ComfyUI/A1111 part folders of the "models" folder above it."""
+    path = Path(path).expanduser()
+    folders = [path.parent]
+    for parent in path.parents:
+        if parent.name.lower() == "models":
+            for names in PART_FOLDERS.values():
+                folders += [parent / n for n in names]
+            break
+    seen: list[Path] = []
+    for folder in folders:
+        if folder.is_dir() and folder not in seen:
+            seen.append(folder)
+    return seen
+
+
+# File-name hints of each part (lower case, as ComfyUI's example workflows name them).
+_NAME_HINTS = {
+    "text_encoder": ("clip_l", "clip-l", "clip_vit_l", "vit-l"),
+    "text_encoder_2": ("t5xxl", "t5-xxl", "t5_xxl", "t5-v1_1-xxl", "t5xxl_fp16", "t5xxl_fp8"),
+    "vae": ("ae.", "flux_vae", "flux-vae", "ae_", "vae"),
+}
+
+
+def _candidates(folders: list[Path]) -> list[Path]:
+    out = []
+    for folder in folders:
+        try:
+            out += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
+        except OSError:
+            continue
+    return out
+
+
+def find_part(name: str, folders: list[Path], latent_channels: int = 16) -> Path | None:
+    """A file in ``folders`` whose name says it is this part (clip_l…, t5xxl…, ae…), checked by its keys."""
+    for file in _candidates(folders):
+        lower = file.name.lower()
+        if not any(hint in lower for hint in _NAME_HINTS[name]):
+            continue
+        try:
+            shapes = open_weights(file).shapes
+        except Exception:  # an unreadable file is not the part; the next candidate may be
+            continue
+        if part_kind(shapes, latent_channels) == name:
+            return file
+    return None
+
+
+def part_kind(shapes: Mapping[str, tuple[int, ...]], latent_channels: int = 16) -> str | None:
+    """Which FLUX.1 part a file holds, by its keys: text_encoder (CLIP-L), text_encoder_2 (T5), vae, or None."""
+    keys = list(shapes)
+    if any("encoder.block.0.layer.0.SelfAttention.q.weight" in k for k in keys):
+        return "text_encoder_2"
+    if any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in keys):
+        return "text_encoder"
+    conv = next((shapes[k] for k in keys if k.endswith("encoder.conv_out.weight")), None)
+    # The encoder's last conv gives mean and log-variance: 2 x 16 channels for Flux's VAE (SD's: 2 x 4).
+    if conv is not None and len(conv) == 4 and conv[0] == 2 * latent_channels:
+        return "vae"
+    return None
+
+
+def find_t5_tokenizer(folders: list[Path]) -> Any | None:
+    """T5's tokenizer from the user's files (spiece.model / tokenizer.json, or a tokenizer_2 folder), or the HF cache."""
+    from transformers import T5TokenizerFast
+
+    for folder in folders:
+        for candidate in (folder, folder / "tokenizer_2", folder / "t5_tokenizer", folder / "t5xxl"):
+            if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
+                try:
+                    return T5TokenizerFast.from_pretrained(candidate, local_files_only=True)
+                except Exception:
+                    continue
+    for repo, sub in (("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+                      ("google/t5-v1_1-xxl", "")):
+        from studio.engine.checkpoint import hub_snapshot
+
+        snapshot = hub_snapshot(repo)
+        if snapshot is not None and any((snapshot / sub / f).is_file() for f in T5_TOKENIZER_FILES):
+            return T5TokenizerFast.from_pretrained(snapshot / sub, local_files_only=True)
+    return None
+
+
+def resolve_parts(family: "FluxFamily", path: Path, model: "ModelSection") -> dict[str, Any]:
+    """Each part: the file the job names, the model file itself when it carries the part, or one found nearby."""
+    from studio.engine.jsonfile import JsonFileError, read_json_object
+
+    folders = search_folders(path)
+    config_dir = Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
+    try:
+        channels = int(read_json_object(config_dir / "vae" / "config.json").get("latent_channels", 16))
+    except (JsonFileError, TypeError, ValueError):
+        channels = 16
+    chosen = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2, "vae": model.vae}
+    out: dict[str, Any] = {}
+    for name, value in chosen.items():
+        out[name] = Path(value).expanduser() if value else find_part(name, folders, channels)
+    extra = [Path(v).expanduser().parent for v in chosen.values() if v]
+    out["tokenizer_2"] = find_t5_tokenizer(folders + [f for f in extra if f not in folders])
+    return out

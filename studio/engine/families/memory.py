@@ -1,0 +1,65 @@
+"""Fitting a big transformer on a consumer GPU: frozen weights stored in fp8, and block swap (blocks in CPU memory).
+
+fp8 storage is diffusers' layerwise casting (``ModelMixin.enable_layerwise_casting``): every frozen Linear keeps its
+weight in ``float8_e4m3fn`` and is cast to the compute dtype just for its forward; diffusers skips peft's adapter
+layers itself, so the trainable LoRA stays fp32. Chosen over torchao/optimum-quanto because it is already a
+dependency, needs no fp8 matmul kernel (works on any GPU and on the CPU) and leaves peft's wrapping untouched.
+
+Block swap is a small hook here, not diffusers' group offloading: group offloading swaps every parameter,
+trainable ones included (their gradients would land on the wrong device), and has no notion of backward. Here only
+the frozen parameters of the last N blocks move: to the GPU in the block's forward pre-hook, back to the CPU
+after its forward. With gradient checkpointing (diffusers checkpoints each block) backward recomputes the block
+through the same hooks, so the weights are on the GPU exactly while a block runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def store_frozen_in_fp8(denoiser: Any, compute_dtype: torch.dtype) -> None:
+    """Keep the denoiser's frozen Linear/Conv weights in float8_e4m3fn; compute in ``compute_dtype``."""
+    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's parameters occupy (as stored)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class BlockSwap:
+    """The frozen weights of ``blocks`` live on ``offload``; each block's are on ``onload`` only while it runs."""
+
+    def __init__(self, blocks: list[torch.nn.Module], onload: torch.device | str, offload: torch.device | str = "cpu"):
+        self.onload, self.offload = torch.device(onload), torch.device(offload)
+        self.blocks = list(blocks)
+        self.transfers = 0
+        self._handles: list[Any] = []
+        for block in self.blocks:
+            self._move(block, self.offload)
+            self._handles.append(block.register_forward_pre_hook(lambda m, args: self._move(m, self.onload)))
+            self._handles.append(block.register_forward_hook(lambda m, args, out: self._move(m, self.offload)))
+
+    def _move(self, block: torch.nn.Module, device: torch.device) -> None:
+        # Trainable (LoRA) parameters stay put: their gradients and optimizer state belong on the compute device.
+        for p in block.parameters():
+            if not p.requires_grad and p.device != device:
+                p.data = p.data.to(device, non_blocking=device.type != "cpu")
+        self.transfers += 1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for block in self.blocks:
+            self._move(block, self.onload)
+        self._handles.clear()
+
+
+def swap_blocks(blocks: list[torch.nn.Module], count: int, onload: torch.device | str) -> BlockSwap | None:
+    """Swap the last ``count`` blocks (0: none); the first ones stay resident, as kohya's blocks_to_swap does."""
+    if count <= 0:
+        return None
+    count = min(count, len(blocks))
+    return BlockSwap(blocks[len(blocks) - count:], onload)
