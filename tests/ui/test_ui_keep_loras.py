@@ -12,6 +12,8 @@ def test_keep_last_loras_has_an_editor_with_its_help_and_range(window):
     editor = page.editor("output.keep_last_loras")
     info = field_info("output.keep_last_loras")
     assert editor.input.toolTip() == info.help and "0 keeps all" in info.help
-    assert editor.input.minimum() == 0 and editor.input.value() == 3 and editor.input.isVisibleTo(page)
-    editor.input.setValue(0)
-    assert window.model.job.output.keep_last_loras == 0
+    # The window starts on the demo, whose recipe keeps every intermediate LoRA (0) for the Compare steps grid.
+    assert editor.input.minimum() == 0 and editor.input.value() == window.model.job.output.keep_last_loras
+    assert editor.input.isVisibleTo(page)
+    editor.input.setValue(5)
+    assert window.model.job.output.keep_last_loras == 5
