@@ -56,13 +56,16 @@ def display_name(path: str) -> str:
 class ModelPage(Page):
     title = "Base model"
     icon_name = "model"
-    purpose = "The Stable Diffusion model your LoRA is trained for. The LoRA will work with this model and ones made from it."
+    purpose = ("The model your LoRA is trained for (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1). The LoRA will work with this "
+               "model and ones made from it.")
     help_html = (
         "<p>Choose the checkpoint you generate images with: a single <b>.safetensors</b>/<b>.ckpt</b> file "
         "(as used by AUTOMATIC1111 and ComfyUI) or a <b>diffusers</b> folder. Drop it on the page, browse for it, or "
         "pick one found in the usual A1111/ComfyUI folders and the Hugging Face cache.</p>"
-        "<p>LoRA Studio reads the file to tell its family (SD 1.x, 2.x or XL), what it predicts and its precision; "
-        "nothing is downloaded.</p><p>The <b>built-in demo model</b> is small and only draws simple shapes: good "
+        "<p>LoRA Studio reads the file to tell its family (SD 1.x, 2.x, XL, SD3/SD3.5 or FLUX.1), what it predicts and "
+        "its precision; nothing is downloaded. A FLUX.1 file that holds only the transformer (as ComfyUI keeps it) "
+        "needs its CLIP-L, T5-XXL and VAE files: the page lists them, finds them in the usual ComfyUI/A1111 folders, "
+        "or lets you choose each one.</p><p>The <b>built-in demo model</b> is small and only draws simple shapes: good "
         "for learning the app (a LoRA visibly changes its pictures within a minute), useless for real pictures.</p>")
 
     def __init__(self, model: JobModel, tasks: TaskRunner, parent: QWidget | None = None):
