@@ -210,6 +210,13 @@ class MainWindow(QMainWindow):
         run_menu = bar.addMenu("&Run")
         run_menu.addAction(self.start_action)
         run_menu.addAction(self.stop_action)
+        run_menu.addSeparator()
+        # The queue dock starts hidden while the queue is empty: these reach it from any page.
+        self.queue_add_action = action("&Add job to queue", self.add_to_queue, QKeySequence("Ctrl+Shift+Q"))
+        run_menu.addAction(self.queue_add_action)
+        self.queue_show_action = self.queue_dock.toggleViewAction()
+        self.queue_show_action.setText("Show job &queue")
+        run_menu.addAction(self.queue_show_action)
         help_menu = bar.addMenu("&Help")
         help_menu.addAction(self.help_action)
         help_menu.addAction(self.about_action)

@@ -63,3 +63,19 @@ def test_a_failed_job_does_not_stop_the_queue(qtbot, make_window, tiny_dataset, 
     qtbot.waitUntil(lambda: [e.state for e in window.queue_panel.queue.entries] == ["failed", "finished"]
                     and not window.controller.running, timeout=20_000)
     assert "out of memory" in window.queue_panel.queue.entries[0].message
+
+
+def test_the_run_menu_reaches_the_hidden_queue(qtbot, make_window, tiny_dataset):
+    """With an empty queue the dock starts hidden; the Run menu shows it and adds the current job to it."""
+    window = make_window()
+    window.show()
+    assert not window.queue_dock.isVisible()
+    window.queue_show_action.trigger()
+    assert window.queue_dock.isVisible()
+    window.queue_show_action.trigger()
+    assert not window.queue_dock.isVisible()
+    window.model.set_value("dataset.path", str(tiny_dataset))
+    window.model.set_value("output.name", "from-the-menu")
+    window.queue_add_action.trigger()
+    assert window.queue_dock.isVisible()
+    assert [e.name for e in window.queue_panel.queue.entries] == ["from-the-menu"]
