@@ -243,16 +243,6 @@ class SamplingSection:
         "judged from the estimated time per step.", min=-1, max=1_000_000, label="Sample every",
     )
     steps: int = option(20, "Denoising steps per preview image.", min=1, max=200, advanced=True)
-    base_weights_fp8: bool = option(
-        False, "Big transformer models (Flux): keep the frozen base weights in fp8 (float8_e4m3fn), computing in "
-        "bf16: about half the memory of bf16 weights, with a small loss of precision.", label="Base weights in fp8",
-        advanced=True,
-    )
-    block_swap: int = option(
-        0, "Big transformer models (Flux): keep this many transformer blocks in CPU memory and move each to the GPU "
-        "only while it runs (slower steps, less GPU memory; use with gradient checkpointing). 0 keeps all on the GPU.",
-        min=0, max=64, advanced=True,
-    )
     guidance: float = option(7.0, "Classifier-free guidance scale for previews.", min=0.0, max=50.0, advanced=True)
     seed: int = option(1234, "Seed of the preview images (the same for every step, so they are comparable).", min=0, max=2**32 - 1, advanced=True)
     width: int = option(0, "Preview width; 0 uses the training resolution.", min=0, max=4096, advanced=True, unit="px")
