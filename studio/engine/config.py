@@ -10,7 +10,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, get_origin, get_type_hints
 
 import tomli_w
 

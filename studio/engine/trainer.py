@@ -111,7 +111,7 @@ def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: 
 
 
 def _train_loop(run: Run, stop: threading.Event, pause: threading.Event) -> Iterator[TrainEvent]:
-    s, o = run.job.sampling, run.job.output
+    o = run.job.output
     metrics = run.metrics = MetricsWriter(run.folder, run.step) if run.is_main else None
     # Each step's loss on its way to the host, keyed (step, lr, time, extra metrics, skipped): read when the
     # device has it.
