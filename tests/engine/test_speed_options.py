@@ -19,7 +19,7 @@ import torch
 
 from studio.engine import devices, run_setup, trainer
 from studio.engine.config import Job
-from studio.engine.events import RunFailed, RunFinished, StepCompleted
+from studio.engine.events import RunFailed, RunFinished, StatusChanged, StepCompleted
 from studio.engine.optim import OptimizerUnavailable, adamw_kernel_options, make_optimizer
 
 
@@ -203,7 +203,9 @@ def test_adamw8bit_on_a_cpu_run_fails_with_that_sentence(tiny_sd1, tiny_dataset,
     job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run", optimizer="adamw8bit", device="cpu")
     events = list(trainer.run_training(job))
     assert isinstance(events[-1], RunFailed)
-    assert events[-1].message.startswith("8-bit AdamW needs an NVIDIA GPU")
+    assert "training.optimizer: 8-bit AdamW (bitsandbytes) needs an NVIDIA GPU" in events[-1].message
+    # refused by validation, before minutes of loading and caching
+    assert not any(isinstance(e, StatusChanged) and e.phase == "Loading model" for e in events)
 
 
 # -------------------------------------------------------------------------------------------- devices
@@ -297,8 +299,12 @@ def test_a_failed_run_releases_its_model_too(tiny_sd1, tiny_dataset, tmp_path, m
         loaded.append(weakref.ref(bundle.denoiser))
         return bundle
 
+    def failing_optimizer(*args, **kwargs):
+        raise RuntimeError("the optimizer could not be made")  # a failure after the model is loaded
+
     monkeypatch.setattr(run_setup, "load_model", spy_load)
-    job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run", optimizer="adamw8bit", device="cpu")
+    monkeypatch.setattr(run_setup, "make_optimizer", failing_optimizer)
+    job = tiny_job(tiny_sd1, tiny_dataset, tmp_path / "run")
     events = list(trainer.run_training(job))
     assert isinstance(events[-1], RunFailed)
     del events
