@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import sys
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -325,14 +326,21 @@ class FieldInfo:
     unit: str
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # get_type_hints compiles every (string) annotation on each call: field_info() runs it per field lookup, and
+    # the window looks fields up by the hundred (tens of ms of GIL-held work per job change, felt as a stall).
+    return get_type_hints(cls)
+
+
 def _section_types() -> dict[str, type]:
-    return {name: tp for name, tp in get_type_hints(Job).items() if name != "schema_version"}
+    return {name: tp for name, tp in _hints(Job).items() if name != "schema_version"}
 
 
 def iter_fields() -> Iterator[FieldInfo]:
     """All job fields in declaration order."""
     for section, section_type in _section_types().items():
-        hints = get_type_hints(section_type)
+        hints = _hints(section_type)
         for f in dataclasses.fields(section_type):
             meta = f.metadata
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

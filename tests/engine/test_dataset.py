@@ -307,8 +307,11 @@ def test_linked_folders_are_scanned_once(tmp_path):
     ]
 
 
-def test_scan_speed_500_small_images(tmp_path):
-    """Scanning must stay fast; the measured time is printed (pytest -s) for the report."""
+def test_scan_speed_500_small_images(tmp_path, monkeypatch):
+    """A second scan of unchanged files decodes nothing (the probe cache); the time is printed (pytest -s) for the
+    report, not asserted: timings belong in benchmarks/, and a busy CI core made the cached scan slower once."""
+    from studio.engine import images
+
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for i in range(500):
@@ -317,12 +320,21 @@ def test_scan_speed_500_small_images(tmp_path):
         Image.fromarray(arr).save(tmp_path / f"{i:04d}.png", compress_level=1)
         (tmp_path / f"{i:04d}.txt").write_text(f"image {i}", encoding="utf-8")
     clear_scan_cache()
+    opened: list[object] = []
+    real_open = images.Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", counting_open)
     t0 = time.perf_counter()
     report = scan_dataset(tmp_path)
-    cold = time.perf_counter() - t0
+    cold, cold_opens = time.perf_counter() - t0, len(opened)
+    opened.clear()
     t0 = time.perf_counter()
-    scan_dataset(tmp_path)
+    again = scan_dataset(tmp_path)
     warm = time.perf_counter() - t0
     print(f"\nscan of 500 64×64 PNGs: {cold * 1000:.0f} ms cold, {warm * 1000:.0f} ms cached")
-    assert report.usable == 500 and not report.issues
-    assert cold < 15 and warm < cold
+    assert report.usable == 500 and not report.issues and again.usable == 500
+    assert cold_opens >= 500 and opened == []

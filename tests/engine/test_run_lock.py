@@ -48,7 +48,8 @@ def test_a_second_process_resuming_a_run_in_training_is_refused_and_the_first_ca
             assert first.poll() is None, first.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the first resume did not start training within 300 s"
             time.sleep(0.05)
-        files_before = {p for p in out.rglob("*") if "checkpoints" not in p.parts}
+        # Not checkpoints/ nor the first process's own in-flight temp files (`.….partial`, renamed by it when done).
+        files_before = {p for p in out.rglob("*") if "checkpoints" not in p.parts and not p.name.endswith(".partial")}
 
         assert main(["train", "--resume", str(out), "--quiet"]) == 1
         err = capsys.readouterr().err
