@@ -196,11 +196,14 @@ def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tin
     ours = [(wall, cpu, phase) for wall, cpu, phase in gaps if cpu >= 0.5 * wall]
     # Loading a model builds its CLIP tokenizer: the `tokenizers` library holds the GIL for the whole BPE build
     # (measured: 0.08-0.1 s on a quiet core, 0.29 s on the 2-core CI machine, 0.55 s at load 10), an upstream limit
-    # paid once per run while the page says "Loading model". Everything else must stay under 0.2 s.
+    # paid once per run while the page says "Loading model". Everything else must stay under 0.35 s: on the 2-core CI
+    # machine (torch on one core, the window on the other) fresh-clone runs saw single gaps of 204-251 ms in other
+    # phases (Python work between the worker's GIL releases, Qt's software repaint), while a worker holding the GIL
+    # (a probe sorting 1.5 M shuffled ints inside each step) stalls the window for ~490 ms and fails this.
     loading = [g for g in ours if g[2].startswith("Loading model")]
     running = [g for g in ours if not g[2].startswith("Loading model")]
     worst, cpu, phase = max(running, default=(0.0, 0.0, ""))
-    assert worst < 0.2, f"the GUI thread stalled for {worst * 1000:.0f} ms while the app computed {cpu * 1000:.0f} ms " \
+    assert worst < 0.35, f"the GUI thread stalled for {worst * 1000:.0f} ms while the app computed {cpu * 1000:.0f} ms " \
                         f"during {phase!r} (ticks: {len(gaps)})"
     worst, cpu, phase = max(loading, default=(0.0, 0.0, ""))
     assert worst < 1.0, f"loading the model stalled the GUI thread for {worst * 1000:.0f} ms (CPU {cpu * 1000:.0f} ms)"
