@@ -80,27 +80,14 @@ SCHEDULER = {
 
 
 def _clip(hidden: int, intermediate: int, heads: int, layers: int, act: str) -> dict:
-    return {
-        "architectures": ["CLIPTextModelWithProjection"],
-        "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "dropout": 0.0,
-        "eos_token_id": 2,
-        "hidden_act": act,
-        "hidden_size": hidden,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": intermediate,
-        "layer_norm_eps": 1e-05,
-        "max_position_embeddings": 77,
-        "model_type": "clip_text_model",
-        "num_attention_heads": heads,
-        "num_hidden_layers": layers,
-        "pad_token_id": 1,
-        "projection_dim": hidden,
-        "torch_dtype": "float16",
-        "vocab_size": 49408,
-    }
+    """SD3's CLIPs: the SD/SDXL script's config with a projection as wide as the encoder, stored in fp16."""
+    sys.path.insert(0, str(HERE))
+    try:
+        from make_model_configs import _clip as sd_clip
+    finally:
+        sys.path.remove(str(HERE))
+    return {**sd_clip("CLIPTextModelWithProjection", hidden, intermediate, heads, layers, act, hidden),
+            "torch_dtype": "float16"}
 
 
 CLIP_L = _clip(768, 3072, 12, 12, "quick_gelu")
