@@ -66,7 +66,7 @@ def fake_run(unet, **training) -> SimpleNamespace:
     job = Job()
     for key, value in training.items():
         setattr(job.training, key, value)
-    return SimpleNamespace(job=job, device=torch.device("cpu"),
+    return SimpleNamespace(job=job, device=torch.device("cpu"), buckets=[(64, 64)],
                            bundle=SimpleNamespace(family=get_family("sd1"), denoiser=unet, text_encoders=[]))
 
 
