@@ -199,7 +199,8 @@ class TrainingSection:
     cuda_graphs: bool = option(
         False, "With 'compile': record the denoiser's forward and backward as CUDA graphs, one per bucket shape, and "
         "replay them (torch.compile's reduce-overhead mode). Cuts the per-kernel launch cost that holds small batches "
-        "back; costs a recording per shape and some GPU memory. NVIDIA GPUs, one process, no block swap.",
+        "back; costs a recording per shape and some GPU memory. Best with compile scope 'denoiser' (one graph per "
+        "step, not one per block). NVIDIA GPUs, one process, no block swap.",
         label="CUDA graphs", advanced=True,
     )
     tf32: bool = option(
