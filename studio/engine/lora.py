@@ -47,8 +47,17 @@ def lora_config(lora: "LoraSection", family: Family | str, component: str, model
 
 def inject_lora(bundle: "ModelBundle", lora: "LoraSection", *, train_text_encoder: bool) -> dict[str, list[torch.nn.Parameter]]:
     """Add the job's adapter (LoRA, LoCon, DoRA, LoHa or LoKr) to the bundle; the trainable params per component."""
+    from studio.engine.config import Problem
+    from studio.engine.export import fused_layer_problem
+    from studio.engine.failures import JobInvalid
+
     target_modules(bundle.family, lora.targets, bundle.family.denoiser_name)
-    return adapters.inject(bundle, lora, train_text_encoder=train_text_encoder)
+    params = adapters.inject(bundle, lora, train_text_encoder=train_text_encoder)
+    # Refused now, not after training at the export: adapters the family's kohya layout cannot hold.
+    problem = fused_layer_problem(bundle)
+    if problem:
+        raise JobInvalid([Problem("lora.dora" if lora.dora and lora.algorithm == "lora" else "lora.algorithm", problem)])
+    return params
 
 
 def lora_layers(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, Any]:

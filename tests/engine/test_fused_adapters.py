@@ -1,0 +1,42 @@
+"""Adapters the kohya layout cannot join on fused layers (Flux's and SD3's q/k/v) are refused before training.
+
+kohya's and ComfyUI's Flux/SD3 models have one fused ``qkv`` Linear where diffusers has three; a plain LoRA of the
+three joins exactly (stacked down, block-diagonal up), a LoHa, LoKr or DoRA of each does not. Such a job used to
+train to the end and then fail at the export with "cannot be written for … fused layers".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures_data import make_dataset
+from fixtures_runs import tiny_job
+from studio.engine.events import RunFailed, RunFinished, StepCompleted
+from studio.engine.trainer import run_training
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("fused-data") / "data", count=2)
+
+
+@pytest.mark.parametrize("family,algorithm,dora", [("flux-dev", "loha", False), ("sd3.5-medium", "lokr", False),
+                                                   ("flux-dev", "lora", True)])
+def test_an_adapter_the_fused_layout_cannot_hold_is_refused_before_the_first_step(tiny_model, data, tmp_path,
+                                                                                  family, algorithm, dora):
+    torch.set_num_threads(1)
+    job = tiny_job(tiny_model(family, "flow"), data, tmp_path / "run", lora__algorithm=algorithm, lora__dora=dora,
+                   training__steps=2)
+    events = list(run_training(job))
+    assert isinstance(events[-1], RunFailed)
+    assert not [e for e in events if isinstance(e, StepCompleted)], "refused before training, not at the export"
+    message = events[-1].message
+    assert "fused" in message and "qkv" in message and "lora.algorithm" in message, message
+    assert "Traceback" not in message
+
+
+def test_a_plain_lora_on_the_same_layers_still_trains(tiny_model, data, tmp_path):
+    torch.set_num_threads(1)
+    job = tiny_job(tiny_model("flux-dev", "flow"), data, tmp_path / "run", training__steps=1)
+    assert isinstance(list(run_training(job))[-1], RunFinished)
