@@ -124,3 +124,41 @@ def test_sd3_training_and_sampling_agree_with_an_exact_velocity(tiny_model):
     image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="pt",
                  generator=torch.Generator().manual_seed(1), **kwargs).images
     torch.testing.assert_close(image.float(), _decoded(bundle, raw), atol=1e-4, rtol=1e-4)
+
+
+def _seen_sigmas(bundle, latents, cond, training, seed=3) -> torch.Tensor:
+    """σ the SD3 transformer is given in one training step (it takes σ · 1000)."""
+    seen: list = []
+    bundle.denoiser.forward = _sd3_oracle(latents, seen)
+    with torch.no_grad():
+        bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=training,
+                                    generator=torch.Generator().manual_seed(seed), weight_dtype=torch.float32)
+    return seen[-1]["timestep"].float() / 1000
+
+
+def test_sd3_shifts_follow_the_model_s_scheduler_and_the_resolution_shift_works(tiny_model):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from studio.engine.families import flow
+
+    bundle = load_model(ModelSection(path=str(tiny_model("sd3.5-medium", "flow"))))
+    latents = torch.zeros(4, 16, 32, 32)
+    with torch.no_grad():
+        cond = bundle.family.encode_text(bundle, ["a red circle"] * 4)
+
+    def expected(sampling, **kwargs):
+        return flow.draw(latents, sampling, torch.Generator().manual_seed(3), **kwargs).sigmas
+
+    # 'resolution' on SD3 (as StableDiffusion3Pipeline's dynamic shifting): the token count is the patched latent's.
+    training = TrainingSection(flow_shift="resolution")
+    tokens = (32 // 2) * (32 // 2)
+    torch.testing.assert_close(_seen_sigmas(bundle, latents, cond, training),
+                               expected(flow.FlowSampling(shift="resolution"), image_seq_len=tokens))
+    # 'auto' takes the model's own constant shift (its scheduler's), as the previews sample with it.
+    bundle.noise_scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    torch.testing.assert_close(_seen_sigmas(bundle, latents, cond, TrainingSection()),
+                               expected(flow.FlowSampling(shift="constant", shift_value=2.0)))
+    # … and a scheduler that shifts by resolution makes 'auto' do the same.
+    bundle.noise_scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    torch.testing.assert_close(_seen_sigmas(bundle, latents, cond, TrainingSection()),
+                               expected(flow.FlowSampling(shift="resolution"), image_seq_len=tokens))

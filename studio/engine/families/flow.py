@@ -67,6 +67,23 @@ class FlowSampling:
         )
 
 
+def scheduler_shift(config) -> dict:
+    """The resolution shift's parameters from a FlowMatchEulerDiscreteScheduler config (Flux's where it has none),
+    read as FluxPipeline and StableDiffusion3Pipeline read them for their dynamic shifting."""
+    return {"base_seq_len": config.get("base_image_seq_len", FLUX_SHIFT["base_seq_len"]),
+            "max_seq_len": config.get("max_image_seq_len", FLUX_SHIFT["max_seq_len"]),
+            "base_shift": config.get("base_shift", FLUX_SHIFT["base_shift"]),
+            "max_shift": config.get("max_shift", FLUX_SHIFT["max_shift"])}
+
+
+def family_sampling(training: "TrainingSection", scheduler_config, constant_default: float) -> FlowSampling:
+    """The job's σ sampling for a model with this scheduler: ``auto`` follows it (dynamic shifting: the resolution
+    shift; otherwise its constant ``shift``, ``constant_default`` if it has none)."""
+    if scheduler_config.get("use_dynamic_shifting"):
+        return FlowSampling.from_training(training, "resolution")
+    return FlowSampling.from_training(training, "constant", float(scheduler_config.get("shift", constant_default)))
+
+
 def constant_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift: ``s σ / (1 + (s - 1) σ)`` (s > 1 moves σ towards 1, the noisy end)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)

@@ -209,9 +209,7 @@ class FluxFamily(Family):
     def flow_sampling(self, training: "TrainingSection", scheduler_config: Mapping[str, Any]) -> flow.FlowSampling:
         """The job's σ sampling; ``auto`` follows the model's scheduler: dev shifts by resolution, schnell's
         schedule is unshifted (a constant shift of 1)."""
-        if scheduler_config.get("use_dynamic_shifting"):
-            return flow.FlowSampling.from_training(training, "resolution")
-        return flow.FlowSampling.from_training(training, "constant", float(scheduler_config.get("shift", 1.0)))
+        return flow.family_sampling(training, scheduler_config, 1.0)
 
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: torch.Tensor, cond: Conditioning, *,
                       training: "TrainingSection", generator: torch.Generator,
@@ -221,9 +219,8 @@ class FluxFamily(Family):
 
         b, c, h, w = latents.shape
         sched = bundle.noise_scheduler.config
-        shift = {"base_seq_len": sched.get("base_image_seq_len", 256), "max_seq_len": sched.get("max_image_seq_len", 4096),
-                 "base_shift": sched.get("base_shift", 0.5), "max_shift": sched.get("max_shift", 1.15)}
-        draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2), shift)
+        draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2),
+                         flow.scheduler_shift(sched))
         device = latents.device
         packed = FluxPipeline._pack_latents(draw.noisy, b, c, h, w).to(weight_dtype)
         target = FluxPipeline._pack_latents(draw.target, b, c, h, w)

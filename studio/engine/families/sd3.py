@@ -211,12 +211,16 @@ class SD3Family(Family):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: torch.Tensor, cond: Conditioning, *,
                       training: "TrainingSection", generator: torch.Generator,
                       weight_dtype: torch.dtype) -> torch.Tensor:
-        """Rectified flow as diffusers' train_dreambooth_lora_sd3.py: σ from the job's density with SD3's constant
-        shift (3.0), ``(1 - σ) x + σ ε`` in, the velocity ``ε - x`` out, optionally weighted per σ."""
+        """Rectified flow as diffusers' train_dreambooth_lora_sd3.py: σ from the job's density with the model's
+        scheduler's shift (SD3: the constant 3.0; ``resolution`` as StableDiffusion3Pipeline's dynamic shifting, from
+        the patched latent's token count), ``(1 - σ) x + σ ε`` in, the velocity ``ε - x`` out, optionally weighted."""
         from studio.engine.families import flow
 
-        sampling = flow.FlowSampling.from_training(training, default_shift="constant")
-        draw = flow.draw(latents, sampling, generator)
+        sched = bundle.noise_scheduler.config
+        sampling = flow.family_sampling(training, sched, training.flow_shift_value)
+        patch = bundle.denoiser.config.patch_size
+        tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+        draw = flow.draw(latents, sampling, generator, tokens, flow.scheduler_shift(sched))
         timesteps = (draw.sigmas * TIMESTEP_SCALE).to(latents.device)
         pred = denoiser(hidden_states=draw.noisy.to(weight_dtype), timestep=timesteps,
                         encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
