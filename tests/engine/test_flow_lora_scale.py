@@ -5,6 +5,8 @@ kohya layout too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,3 +59,26 @@ def test_a_lora_file_at_half_strength_applies_half_the_trained_update(tiny_model
         assert set(got) == set(deltas), (layout, set(deltas) ^ set(got))
         for where, delta in deltas.items():
             torch.testing.assert_close(got[where], 0.5 * delta, rtol=1e-4, atol=1e-6, msg=f"{layout} {where}")
+
+
+def test_resized_and_merged_sd3_files_keep_their_fused_qkv_modules_loadable(tiny_model, tmp_path):
+    """lora_tools rewrite a fused ``qkv`` module as a dense low-rank pair (no longer block-diagonal); SD3's kohya
+    reader still splits it onto q, k and v exactly: a full-rank resize, and a merge of the file with itself at
+    0.5 + 0.5, load as the trained update."""
+    from studio.engine.lora_tools import merge_loras, resize_lora
+
+    folder = tiny_model("sd3.5-medium", "flow")
+    trained, deltas = _trained(folder)
+    job = Job()
+    job.model.path, job.output.name = str(folder), "src"
+    src = export_lora(trained, job, tmp_path / "src.safetensors", steps=1, dtype="fp32")
+    resized = resize_lora(src, tmp_path / "resized.safetensors", rank=64).path
+    merged = Path(merge_loras([(src, 0.5), (src, 0.5)], tmp_path / "merged.safetensors")["path"])
+    for path in (resized, merged):
+        fresh = load_model(ModelSection(path=str(folder)))
+        generate(fresh, "a red circle", steps=1, guidance=1.0, width=64, height=64, lora_path=path)
+        (name,) = fresh.extra["try_adapters"]
+        got = _loaded_deltas(fresh, name)
+        assert set(got) == set(deltas)
+        for where, delta in deltas.items():
+            torch.testing.assert_close(got[where], delta, rtol=1e-4, atol=1e-5, msg=f"{path.name} {where}")
