@@ -40,3 +40,26 @@ def test_a_plain_lora_on_the_same_layers_still_trains(tiny_model, data, tmp_path
     torch.set_num_threads(1)
     job = tiny_job(tiny_model("flux-dev", "flow"), data, tmp_path / "run", training__steps=1)
     assert isinstance(list(run_training(job))[-1], RunFinished)
+
+
+@pytest.mark.parametrize("family", ["flux-dev", "sd3.5-medium"])
+def test_baking_a_flow_family_lora_into_a_checkpoint_is_refused_with_a_reason(tiny_model, data, tmp_path, capsys,
+                                                                             monkeypatch, family):
+    """FLUX.1/SD3 have no baking yet (their fused layers need splitting); `lora-studio merge` says so before it
+    loads the base model, instead of a NotImplementedError traceback after loading it."""
+    import studio.engine.checkpoint as checkpoint
+    from studio.cli import main
+
+    torch.set_num_threads(1)
+    model = tiny_model(family, "flow")
+    job = tiny_job(model, data, tmp_path / "run", training__steps=1)
+    assert isinstance(list(run_training(job))[-1], RunFinished)
+    loads = []
+    real_load = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    code = main(["merge", str(model), str(tmp_path / "run" / "tiny.safetensors"), "--out", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert "not supported" in err and "ComfyUI" in err, err
+    assert loads == [], "refused from the LoRA's metadata, before loading the base model"
+    assert not (tmp_path / "m.safetensors").exists()
