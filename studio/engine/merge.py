@@ -74,12 +74,17 @@ def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, FileModule], streng
     return {"by_component": counts, "unmatched": unmatched}
 
 
-def _bake_refusal(family: Any) -> str | None:
-    """Why LoRAs cannot be baked into this family's checkpoints (it lacks the family members baking needs), or None."""
+def bakes_loras(family: Any) -> bool:
+    """Whether a kohya/LyCORIS file's updates can be added to this family's weights (baking, LyCORIS previews)."""
     from studio.engine.families.base import Family
 
-    needed = ("kohya_index", "single_file_state_dict", "checkpoint_metadata_ids")
-    if all(getattr(type(family), name) is not getattr(Family, name) for name in needed):
+    return all(getattr(type(family), name) is not getattr(Family, name)
+               for name in ("kohya_index", "single_file_state_dict", "checkpoint_metadata_ids"))
+
+
+def _bake_refusal(family: Any) -> str | None:
+    """Why LoRAs cannot be baked into this family's checkpoints (it lacks the family members baking needs), or None."""
+    if bakes_loras(family):
         return None
     return (f"baking a LoRA into a {family.label} checkpoint is not supported yet; load the LoRA beside the model "
             "instead (ComfyUI's LoRA loader, Forge, or diffusers' load_lora_weights)")

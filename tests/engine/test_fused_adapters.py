@@ -63,3 +63,26 @@ def test_baking_a_flow_family_lora_into_a_checkpoint_is_refused_with_a_reason(ti
     assert "not supported" in err and "ComfyUI" in err, err
     assert loads == [], "refused from the LoRA's metadata, before loading the base model"
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_trying_a_loha_file_on_flux_says_why_it_cannot_be_previewed(tiny_model, tmp_path):
+    """LyCORIS files (LoHa here, as other trainers write them for FLUX.1) cannot go through diffusers' loader, and
+    adding their update to the weights needs the baking FLUX.1 lacks: Try & Export says so (a LoraFileError naming
+    the file and where to use it), not "baking … is not supported" from deep inside."""
+    from safetensors.torch import save_file
+
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+    from studio.engine.export import LoraFileError
+    from studio.engine.sampling import generate
+
+    name = "lora_unet_double_blocks_0_img_attn_proj"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"{name}.{k}": torch.randn(shape, generator=g) for k, shape in
+               (("hada_w1_a", (32, 2)), ("hada_w1_b", (2, 32)), ("hada_w2_a", (32, 2)), ("hada_w2_b", (2, 32)))}
+    tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    path = tmp_path / "wild-loha.safetensors"
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "flux1"})
+    bundle = load_model(ModelSection(path=str(tiny_model("flux-dev", "flow"))))
+    with pytest.raises(LoraFileError, match="wild-loha.safetensors.*LoHa.*ComfyUI"):
+        generate(bundle, "a red circle", steps=1, width=64, height=64, lora_path=path)
