@@ -1,0 +1,224 @@
+"""Part files kept beside a transformer-only model (CLIP-L, CLIP-G, T5-XXL, VAE), shared by FLUX.1 and SD3.
+
+Where people keep them (beside the model, Stability's ``text_encoders/`` folder, ComfyUI's and A1111/Forge's model
+folders), what a file holds told by its keys and shapes (never its name: names only decide which files are read
+first), and the sentence for a wrong or a missing part, naming the file and the job field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from studio.engine.jsonfile import JsonFileError, read_json_object
+from studio.engine.safe_load import ModelLoadError, open_weights
+
+# Where ComfyUI / A1111-Forge keep parts, relative to a "models" folder.
+PART_FOLDERS = {
+    "denoiser": ("unet", "diffusion_models", "Stable-diffusion", "checkpoints"),
+    "text_encoder": ("text_encoders", "clip", "text_encoder"),
+    "vae": ("vae", "VAE"),
+}
+# Folders beside the model file that hold its own parts (Stability's and BFL's repositories: text_encoders/, vae/).
+BESIDE = ("text_encoders", "text_encoder", "clip", "vae")
+WEIGHT_SUFFIXES = (".safetensors", ".sft")
+
+_CLIP_MARK = "encoder.layers.0.self_attn.q_proj.weight"
+_T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_VAE_MARK = "encoder.conv_out.weight"
+# Names people know the full-size encoders by, from (width, layers).
+_KNOWN = {("clip", 768, 12): "CLIP-L", ("clip", 1280, 32): "CLIP-G (OpenCLIP bigG)", ("clip", 1024, 23): "OpenCLIP-H",
+          ("t5", 4096, 24): "T5-XXL"}
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What a part file holds, from its keys and shapes: a CLIP or T5 text encoder (width, layers, MLP width) or a
+    VAE (width = latent channels); ``prefix`` is the key prefix before the transformers/VAE names."""
+
+    kind: str  # "clip" | "t5" | "vae"
+    width: int
+    layers: int = 0
+    mlp: int = 0
+    prefix: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "vae":
+            return f"a VAE with {self.width} latent channels"
+        known = _KNOWN.get((self.kind, self.width, self.layers))
+        what = "CLIP" if self.kind == "clip" else "T5"
+        return (f"a {known or what} text encoder (width {self.width}, {self.layers} layers, MLP {self.mlp})")
+
+
+def holding(shapes: Mapping[str, tuple[int, ...]]) -> Holding | None:
+    """The part a file of one text encoder or one VAE holds, else None (a full model is not a part: see ``check``)."""
+    keys = list(shapes)
+    for mark, kind in ((_T5_MARK, "t5"), (_CLIP_MARK, "clip")):
+        key = next((k for k in keys if k.endswith(mark)), None)
+        if key is None:
+            continue
+        base = key[: -len(mark)]  # "<prefix>" or "<prefix>text_model."
+        prefix = base.removesuffix("text_model.")
+        if kind == "t5":
+            width = shapes[key][1]
+            block = base + "encoder.block."
+            mlp = next((shapes[k][0] for k in keys if k.startswith(block + "0.layer.1.DenseReluDense.wi")), 0)
+        else:
+            width = shapes[key][0]
+            block = base + "encoder.layers."
+            mlp = shapes.get(block + "0.mlp.fc1.weight", (0,))[0]
+        layers = len({k[len(block):].split(".", 1)[0] for k in keys if k.startswith(block)})
+        return Holding(kind, int(width), layers, int(mlp), prefix)
+    key = next((k for k in keys if k.endswith(_VAE_MARK) and len(shapes[k]) == 4), None)
+    if key is not None:
+        # The encoder's last conv gives mean and log-variance: 2 x 16 channels for Flux's and SD3's VAE (SD's: 2 x 4).
+        return Holding("vae", int(shapes[key][0]) // 2, prefix=key[: -len(_VAE_MARK)])
+    return None
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One part a model file may lack: its job field (``model.<name>``), label, and the shapes it must have."""
+
+    name: str  # the component and job field: text_encoder, text_encoder_2, text_encoder_3, vae
+    label: str  # the family's Part label, for people
+    kind: str  # "clip" | "t5" | "vae"
+    width: int | None = None
+    layers: int | None = None
+    mlp: int | None = None
+    hints: tuple[str, ...] = ()  # file-name fragments (lower case) read first when searching
+    hints_only: bool = False  # only files so named (VAEs of different models share their shapes)
+    required: bool = True
+
+    @property
+    def field(self) -> str:
+        return f"model.{self.name}"
+
+    def accepts(self, found: Holding | None) -> bool:
+        return found is not None and found.kind == self.kind and all(
+            want is None or want == got for want, got in ((self.width, found.width), (self.layers, found.layers),
+                                                          (self.mlp, found.mlp)))
+
+    def wants(self) -> str:
+        return Holding(self.kind, self.width or 0, self.layers or 0, self.mlp or 0).describe()
+
+
+def spec_from_config(name: str, label: str, kind: str, config_dir: Path, **kw: Any) -> PartSpec:
+    """A part's spec with the sizes its config (``config_dir/<name>/config.json``) gives, when it has one."""
+    try:
+        config = read_json_object(Path(config_dir) / name / "config.json")
+    except JsonFileError:
+        config = {}
+
+    def number(*keys: str) -> int | None:
+        value = next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+        return int(value) if value is not None else None
+
+    if kind == "clip":
+        sizes = {"width": number("hidden_size"), "layers": number("num_hidden_layers"), "mlp": number("intermediate_size")}
+    elif kind == "t5":
+        sizes = {"width": number("d_model"), "layers": number("num_layers"), "mlp": number("d_ff")}
+    else:
+        sizes = {"width": number("latent_channels")}
+    return PartSpec(name, label, kind, **sizes, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ finding
+
+
+def search_folders(path: Path) -> list[Path]:
+    """The model's own folder and its part folders, then the ComfyUI/A1111 part folders of the "models" folder above."""
+    path = Path(path).expanduser()
+    folders = [path.parent, *(path.parent / name for name in BESIDE)]
+    for parent in path.parents:
+        if parent.name.lower() == "models":
+            for names in PART_FOLDERS.values():
+                folders += [parent / n for n in names]
+            break
+    seen: list[Path] = []
+    for folder in folders:
+        if folder.is_dir() and folder not in seen:
+            seen.append(folder)
+    return seen
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
+    except OSError:
+        return []
+
+
+def _is_part(spec: PartSpec, file: Path) -> bool:
+    try:
+        check_part(spec, file)
+    except Exception:  # another part, a whole model or an unreadable file: the next candidate may be the one
+        return False
+    return True
+
+
+def find_part(spec: PartSpec, folders: Iterable[Path], model_file: Path | None = None) -> Path | None:
+    """A file in ``folders`` that holds ``spec``'s part, told by its shapes; files whose names hint at the part are
+    read first. A VAE-like spec (``hints_only``) takes only files so named, or any in a ``vae`` folder beside the
+    model (its own repository's)."""
+    own_vae = model_file.parent / "vae" if model_file is not None else None
+    named, others = [], []
+    for folder in folders:
+        for file in _files(folder):
+            if model_file is not None and file == model_file:
+                continue
+            lower = file.name.lower()
+            if any(hint in lower for hint in spec.hints) or (spec.hints_only and folder == own_vae):
+                named.append(file)
+            elif not spec.hints_only:
+                others.append(file)
+    for file in named + others:
+        if _is_part(spec, file):
+            return file
+    return None
+
+
+def check_part(spec: PartSpec, file: Path) -> Holding:
+    """What ``file`` holds when it is ``spec``'s part; otherwise a ModelLoadError naming the file, the field, what the
+    file is and what the field needs."""
+    from studio.engine.detect import detect
+
+    file = Path(file).expanduser()
+    w = open_weights(file)
+    found = holding(w.shapes)
+    det = detect(w.shapes, w.metadata, file.name)
+    if det.kind in ("checkpoint", "other", "lora", "embedding"):  # a whole model (or a LoRA) is not a part
+        what = f"a {det.architecture} model" if det.kind in ("checkpoint", "other") else f"a {det.architecture}"
+    elif spec.accepts(found):
+        return found  # type: ignore[return-value]
+    else:
+        what = found.describe() if found is not None else "no text encoder or VAE LoRA Studio recognises"
+    raise ModelLoadError(f"'{file.name}' ({spec.field}) holds {what}, not the {spec.label} ({spec.wants()}); "
+                         f"choose the {spec.label} file for {spec.field}, or clear the field to find it next to the "
+                         "model")
+
+
+def resolve(specs: Iterable[PartSpec], path: Path, chosen: Mapping[str, str], inside: Mapping[str, bool]
+            ) -> dict[str, Path | None]:
+    """Each part the model file lacks (or that the job names): the chosen file (checked), else one found nearby,
+    else None. Parts the file carries itself and the job does not name are left out."""
+    folders = search_folders(path)
+    out: dict[str, Path | None] = {}
+    for spec in specs:
+        value = chosen.get(spec.name) or ""
+        if value:
+            file = Path(value).expanduser()
+            check_part(spec, file)
+            out[spec.name] = file
+        elif not inside.get(spec.name):
+            out[spec.name] = find_part(spec, folders, Path(path).expanduser())
+    return out
+
+
+def missing_message(family_label: str, path: Path, missing: list[PartSpec], example_files: str) -> str:
+    fields = " / ".join(spec.field for spec in missing)
+    return (f"'{Path(path).name}' holds the {family_label} transformer without its "
+            f"{', '.join(spec.label for spec in missing)}. Choose them on the Model page (or set {fields}), or put "
+            f"{example_files} next to the model, in a text_encoders/ folder beside it, or in ComfyUI's "
+            "models/text_encoders (models/clip) and models/vae folders")
