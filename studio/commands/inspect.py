@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -115,6 +116,12 @@ def _describe_checkpoint(info: dict[str, Any]) -> str:
         rows.append(("Notes", "; ".join(extras + list(info.get("notes") or []))))
     elif info.get("notes"):
         rows.append(("Notes", "; ".join(info["notes"])))
+    if info.get("parts"):
+        # Parts the file lacks (a transformer-only FLUX.1 / SD3.5 file): the file found nearby, or missing.
+        rows.append(("Parts", "; ".join(
+            f"{p['label']}: " + (Path(p["file"]).name + " (found)" if p["file"] else
+                                 "not found" + ("" if p["required"] else ", optional") + f" (model.{p['name']})")
+            for p in info["parts"])))
     if info.get("sha256"):
         rows.append(("SHA-256", info["sha256"]))
         rows.append(("A1111 hash", f"{info['a1111_shorthash']} (legacy: {info['a1111_legacy_hash']})"))
@@ -123,6 +130,10 @@ def _describe_checkpoint(info: dict[str, Any]) -> str:
         rows.append(("Loaded in", f"{format_seconds(info['load_time_s'])} (fp32, CPU; peak memory "
                                   f"{format_bytes(info.get('peak_rss_bytes'))})"))
     verdict = "ready to train on" if info.get("usable") else f"cannot be trained on: {info.get('problem')}"
+    lacking = [p for p in info.get("parts") or [] if p["required"] and not p["file"]]
+    if info.get("usable") and (lacking or info.get("parts_problem")):
+        verdict = ("needs its " + ", ".join(f"{p['label']} (model.{p['name']})" for p in lacking) + " first"
+                   if lacking else f"needs other part files: {info['parts_problem']}")
     rows.append(("Status", verdict))
     return f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
 

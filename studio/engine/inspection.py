@@ -66,6 +66,22 @@ def _dominant_dtype(components: dict[str, dict[str, Any]]) -> str | None:
     return weights.most_common(1)[0][0] if weights else None
 
 
+def _part_files(path: Path, family: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The parts a model file lacks (its family's ``part_files``: found nearby, or missing), and why they could not be
+    looked up (a wrong file named), for the CLI and the Model page."""
+    if family is None:
+        return [], None
+    fam = get_family(family)
+    try:
+        found = fam.part_files(path, ModelSection(path=str(path)))
+    except ModelLoadError as exc:
+        return [], str(exc)
+    parts = {p.name: p for p in fam.parts()}
+    return [{"name": name, "label": parts[name].label if name in parts else name,
+             "required": parts[name].required if name in parts else True, "file": str(file) if file else None}
+            for name, file in found.items()], None
+
+
 def _file_info(path: Path) -> dict[str, Any]:
     w = open_weights(path)
     det = detect(w.shapes, w.metadata, path.name, tensor=w.tensor)
@@ -75,6 +91,8 @@ def _file_info(path: Path) -> dict[str, Any]:
         problem = (f"the layout is {_family_label(det.family) or det.architecture}'s but the sizes are unusual: "
                    "loading needs model.config_dir pointing to this model's diffusers configs")
     kind = det.kind if det.kind in ("lora", "vae", "embedding") else "checkpoint" if det.kind in ("checkpoint", "other") else "unknown"
+    # The Model page asks for missing parts itself (its parts panel); "usable" is about the file alone.
+    parts, parts_problem = _part_files(path, det.family if det.kind == "checkpoint" and problem is None else None)
     return {
         "kind": kind,
         "path": str(path),
@@ -99,6 +117,8 @@ def _file_info(path: Path) -> dict[str, Any]:
         "usable": det.kind == "checkpoint" and problem is None,
         "problem": problem,
         "notes": list(det.notes),
+        "parts": parts,
+        "parts_problem": parts_problem,
         "metadata": _trim(w.metadata),
     }
 

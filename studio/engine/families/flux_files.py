@@ -236,7 +236,7 @@ def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype
 
 
 # A name only: the T5 tokenizer is not a weights file (and is looked for beside the T5 file or in the HF cache).
-T5_TOKENIZER_SPEC = PartSpec("tokenizer_2", "T5 tokenizer (spiece.model or T5 tokenizer.json)", "t5")
+T5_TOKENIZER_SPEC = PartSpec("tokenizer_2", "T5 tokenizer (spiece.model or T5 tokenizer.json)", "tokenizer")
 
 
 def part_specs(family: "FluxFamily", config_dir: Path) -> list[PartSpec]:

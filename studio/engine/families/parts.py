@@ -83,7 +83,7 @@ class PartSpec:
 
     name: str  # the component and job field: text_encoder, text_encoder_2, text_encoder_3, vae
     label: str  # the family's Part label, for people
-    kind: str  # "clip" | "t5" | "vae"
+    kind: str  # "clip" | "t5" | "vae" ("tokenizer": named in messages only, not a weights file or a job field)
     width: int | None = None
     layers: int | None = None
     mlp: int | None = None
@@ -217,8 +217,9 @@ def resolve(specs: Iterable[PartSpec], path: Path, chosen: Mapping[str, str], in
 
 
 def missing_message(family_label: str, path: Path, missing: list[PartSpec], example_files: str) -> str:
-    fields = " / ".join(spec.field for spec in missing)
-    return (f"'{Path(path).name}' holds the {family_label} transformer without its "
-            f"{', '.join(spec.label for spec in missing)}. Choose them on the Model page (or set {fields}), or put "
+    fields = " / ".join(spec.field for spec in missing if spec.kind != "tokenizer")
+    labels = [spec.label for spec in missing]
+    listed = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+    return (f"'{Path(path).name}' holds the {family_label} transformer without its {listed}. Choose them on the Model page (or set {fields}), or put "
             f"{example_files} next to the model, in a text_encoders/ folder beside it, or in ComfyUI's "
             "models/text_encoders (models/clip) and models/vae folders")
