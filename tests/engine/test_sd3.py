@@ -249,7 +249,8 @@ def test_kohya_names_of_the_full_size_models_match_the_golden_lists(name):
 
 @pytest.fixture(scope="module")
 def single_files(tiny_model, tmp_path_factory):
-    """Stability-layout single files of the tiny SD3.5 Medium: all-in-one, without T5, without the CLIPs."""
+    """Stability-layout single files of the tiny SD3.5 Medium: all-in-one and without T5 (without the CLIPs:
+    test_sd3_parts.py)."""
     from studio.engine.ldm import save_safetensors
     from studio.engine.merge import diffusers_folder_to_single_file
 
@@ -259,9 +260,7 @@ def single_files(tiny_model, tmp_path_factory):
     state = load_file(str(full))
     save_safetensors({k: v for k, v in state.items() if not k.startswith("text_encoders.t5xxl.")},
                      tmp / "no-t5.safetensors")
-    save_safetensors({k: v for k, v in state.items() if not k.startswith("text_encoders.")},
-                     tmp / "no-te.safetensors")
-    return {"folder": folder, "full": full, "no_t5": tmp / "no-t5.safetensors", "no_te": tmp / "no-te.safetensors",
+    return {"folder": folder, "full": full, "no_t5": tmp / "no-t5.safetensors",
             "keys": set(state)}
 
 
@@ -314,13 +313,6 @@ def test_t5_is_optional_in_a_single_file_and_its_tokenizer_is_asked_for_by_name(
     configs = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("tokenizer_3", "*.safetensors"))
     bundle = load_model(ModelSection(path=str(single_files["full"]), config_dir=str(configs)))
     assert len(bundle.text_encoders) == 2 and "tokenizer_3" in bundle.extra["warning"]
-
-
-def test_a_transformer_without_its_clip_encoders_is_refused_with_a_reason(single_files):
-    from studio.engine.safe_load import ModelLoadError
-
-    with pytest.raises(ModelLoadError, match="without its CLIP-L and CLIP-G"):
-        load_model(ModelSection(path=str(single_files["no_te"]), config_dir=str(single_files["folder"])))
 
 
 @pytest.mark.parametrize("name", ["sd3", "sd3.5-medium", "sd3.5-large"])
