@@ -173,8 +173,8 @@ def load_single_file(family: "FluxFamily", path: Path, weights: "WeightsFile", d
     source: Any = str(path)
     if any(name not in parts for name in INSIDE_PREFIXES):
         _, prefix, _ = transformer_layout(weights.shapes) or ("", "", False)
-        source = {k: v for k, v in weights.tensors([k for k in weights.shapes if k.startswith(prefix) and not
-                                                    k.startswith(("text_encoders.", "vae."))]).items()}
+        source = {k[len(prefix):]: v for k, v in weights.tensors(
+            [k for k in weights.shapes if k.startswith(prefix) and not k.startswith(("text_encoders.", "vae."))]).items()}
     transformer = FluxTransformer2DModel.from_single_file(source, config=str(config_dir), subfolder="transformer",
                                                           torch_dtype=dtype, local_files_only=True)
     check_complete(transformer, "transformer", path.name)
