@@ -239,3 +239,16 @@ def test_a_split_file_trains_from_the_cli_with_the_t5_file_set(files, tmp_path):
     assert load_job(out / "job.toml").model.text_encoder_3 == str(t5)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(loss == loss for loss in losses)  # three real steps, no NaN
+
+
+def test_a_scaled_fp8_t5_is_refused_rather_than_read_without_its_scales(files, tmp_path):
+    """ComfyUI's t5xxl_fp8_e4m3fn_scaled.safetensors keeps a scale per weight; cast alone, T5 would be silently wrong."""
+    state = _part(files["state"], "t5xxl", torch.float8_e4m3fn)
+    state.update({k.removesuffix(".weight") + ".scale_weight": torch.ones(1) for k in list(state)
+                  if k.endswith(".weight") and state[k].ndim == 2})
+    state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    scaled = save_safetensors(state, tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'t5xxl_fp8_e4m3fn_scaled.safetensors' \(model.text_encoder_3\) is a "
+                                             r"scaled-fp8 file"):
+        load_model(ModelSection(path=str(files["repo"] / "sd3.5_medium.safetensors"), config_dir=str(files["folder"]),
+                                text_encoder_3=str(scaled)))

@@ -17,7 +17,10 @@ import torch
 from studio.engine.detect import Detection
 from studio.engine.families.base import ModelBundle
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
-from studio.engine.families.parts import PartSpec, holding, missing_message, resolve, search_folders, spec_from_config
+from studio.engine.families.parts import (
+    PartSpec, holding, missing_message, resolve, search_folders, spec_from_config,
+)
+from studio.engine.families.parts import find_t5_tokenizer as _find_t5_tokenizer
 from studio.engine.safe_load import ModelLoadError, open_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +41,6 @@ _BFL_GUIDANCE = "guidance_in.in_layer.weight"
 _DIFFUSERS_MARK = "single_transformer_blocks.0.proj_mlp.weight"
 _DIFFUSERS_GUIDANCE = "time_text_embed.guidance_embedder.linear_1.weight"
 _PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
-T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 def _find(shapes: Mapping[str, Any], key: str) -> str | None:
     for prefix in _PREFIXES:
         if prefix + key in shapes:
@@ -261,23 +263,9 @@ def missing_parts_message(family: "FluxFamily", path: Path, missing: list[PartSp
 
 def find_t5_tokenizer(folders: list[Path]) -> Any | None:
     """T5's tokenizer from the user's files (spiece.model / tokenizer.json, or a tokenizer_2 folder), or the HF cache."""
-    from transformers import T5TokenizerFast
-
-    for folder in folders:
-        for candidate in (folder, folder / "tokenizer_2", folder / "t5_tokenizer", folder / "t5xxl"):
-            if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
-                try:
-                    return T5TokenizerFast.from_pretrained(candidate, local_files_only=True)
-                except Exception:
-                    continue
-    for repo, sub in (("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
-                      ("google/t5-v1_1-xxl", "")):
-        from studio.engine.checkpoint import hub_snapshot
-
-        snapshot = hub_snapshot(repo)
-        if snapshot is not None and any((snapshot / sub / f).is_file() for f in T5_TOKENIZER_FILES):
-            return T5TokenizerFast.from_pretrained(snapshot / sub, local_files_only=True)
-    return None
+    return _find_t5_tokenizer(folders, ("tokenizer_2", "t5_tokenizer", "t5xxl"), (
+        ("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+        ("google/t5-v1_1-xxl", "")))
 
 
 def resolve_parts(family: "FluxFamily", path: Path, model: "ModelSection") -> dict[str, Any]:

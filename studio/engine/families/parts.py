@@ -7,6 +7,7 @@ first), and the sentence for a wrong or a missing part, naming the file and the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -63,7 +64,8 @@ def holding(shapes: Mapping[str, tuple[int, ...]]) -> Holding | None:
         if kind == "t5":
             width = shapes[key][1]
             block = base + "encoder.block."
-            mlp = next((shapes[k][0] for k in keys if k.startswith(block + "0.layer.1.DenseReluDense.wi")), 0)
+            ff = block + "0.layer.1.DenseReluDense."
+            mlp = next((shapes[ff + k][0] for k in ("wi_0.weight", "wi.weight") if ff + k in shapes), 0)
         else:
             width = shapes[key][0]
             block = base + "encoder.layers."
@@ -179,17 +181,34 @@ def find_part(spec: PartSpec, folders: Iterable[Path], model_file: Path | None =
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _read(file: str, mtime_ns: int, size: int) -> tuple[Holding | None, str, str, bool]:
+    """(what the file holds, detect's kind, its architecture, scaled fp8) from the header; cached per file version,
+    since the Model page asks again on every change and each part reads the same folders."""
+    from studio.engine.detect import detect
+
+    w = open_weights(file)
+    det = detect(w.shapes, w.metadata, Path(file).name)
+    scaled = "scaled_fp8" in w.shapes or any(k.endswith(".scale_weight") for k in w.shapes)
+    return holding(w.shapes), det.kind, det.architecture, scaled
+
+
 def check_part(spec: PartSpec, file: Path) -> Holding:
     """What ``file`` holds when it is ``spec``'s part; otherwise a ModelLoadError naming the file, the field, what the
     file is and what the field needs."""
-    from studio.engine.detect import detect
-
     file = Path(file).expanduser()
-    w = open_weights(file)
-    found = holding(w.shapes)
-    det = detect(w.shapes, w.metadata, file.name)
-    if det.kind in ("checkpoint", "other", "lora", "embedding"):  # a whole model (or a LoRA) is not a part
-        what = f"a {det.architecture} model" if det.kind in ("checkpoint", "other") else f"a {det.architecture}"
+    if not file.is_file():
+        raise ModelLoadError(f"'{file}' ({spec.field}) does not exist; choose the {spec.label} file, or clear the "
+                             "field to find it next to the model")
+    stat = file.stat()
+    found, kind, architecture, scaled = _read(str(file), stat.st_mtime_ns, stat.st_size)
+    if kind in ("checkpoint", "other", "lora", "embedding"):  # a whole model (or a LoRA) is not a part
+        what = f"a {architecture} model" if kind in ("checkpoint", "other") else f"a {architecture}"
+    elif scaled and spec.accepts(found):
+        # ComfyUI's *_fp8_scaled files keep a scale per weight that a plain cast would drop: the encoder would be wrong.
+        raise ModelLoadError(f"'{file.name}' ({spec.field}) is a scaled-fp8 file (ComfyUI's *_scaled), which LoRA "
+                             f"Studio cannot read yet; choose the fp16 or plain fp8 {spec.label} file (e.g. "
+                             "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors)")
     elif spec.accepts(found):
         return found  # type: ignore[return-value]
     else:
@@ -223,3 +242,30 @@ def missing_message(family_label: str, path: Path, missing: list[PartSpec], exam
     return (f"'{Path(path).name}' holds the {family_label} transformer without its {listed}. Choose them on the Model page (or set {fields}), or put "
             f"{example_files} next to the model, in a text_encoders/ folder beside it, or in ComfyUI's "
             "models/text_encoders (models/clip) and models/vae folders")
+
+
+# What a T5 tokenizer folder holds (any one of them): sentencepiece's model or the fast tokenizer's JSON.
+T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
+
+
+def find_t5_tokenizer(folders: Iterable[Path], subfolders: tuple[str, ...] = (),
+                      hub: tuple[tuple[str, str], ...] = ()) -> Any | None:
+    """T5's tokenizer (not bundled: the app ships no copy) from the user's files: the first of ``folders`` (or its
+    ``subfolders``, e.g. a diffusers folder's tokenizer_2 / tokenizer_3) holding one, else a model of ``hub``
+    (repo id, subfolder) already in the local Hugging Face cache; None when there is none."""
+    from transformers import T5TokenizerFast
+
+    from studio.engine.checkpoint import hub_snapshot
+
+    candidates = [c for folder in folders for c in (Path(folder), *(Path(folder) / sub for sub in subfolders))]
+    for repo, sub in hub:
+        snapshot = hub_snapshot(repo)
+        if snapshot is not None:
+            candidates.append(snapshot / sub)
+    for candidate in candidates:
+        if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
+            try:
+                return T5TokenizerFast.from_pretrained(candidate, local_files_only=True)
+            except Exception:  # a broken or foreign tokenizer file: the next candidate may be T5's
+                continue
+    return None

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from studio.engine.families.base import ModelBundle
-from studio.engine.families.parts import PartSpec, holding, missing_message, resolve, spec_from_config
+from studio.engine.families.parts import (
+    PartSpec, find_t5_tokenizer, holding, missing_message, resolve, spec_from_config,
+)
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
 from studio.engine.safe_load import ModelLoadError, WeightsFile, open_weights, read_safetensors_header
 
@@ -27,8 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.families.sd3 import SD3Family
 
 _PREDICTION_SOURCE = "the family (SD3 models are rectified-flow models)"
-# What a T5 tokenizer folder holds (any one of them): the fast tokenizer's JSON or sentencepiece's model.
-T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 T5_TOKENIZER_HINT = ("a 'tokenizer_3' folder with T5's tokenizer (tokenizer.json or spiece.model, as in "
                      "stabilityai/stable-diffusion-3.5-large's tokenizer_3/)")
 
@@ -142,14 +142,11 @@ def _prediction_note(model: "ModelSection") -> str | None:
 
 
 def t5_tokenizer(folders: list[Path]) -> Any | None:
-    """T5's tokenizer from the first folder that holds one (its ``tokenizer_3`` subfolder or itself), else None."""
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        for candidate in (folder / "tokenizer_3", folder):
-            if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
-                return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
-    return None
+    """T5's tokenizer from the first folder that holds one (its ``tokenizer_3`` subfolder or itself), else from an
+    SD3 model already in the local Hugging Face cache, else None."""
+    return find_t5_tokenizer(folders, ("tokenizer_3",), tuple(
+        (repo, "tokenizer_3") for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
+                                           "stabilityai/stable-diffusion-3-medium-diffusers")))
 
 
 def _clip_tokenizers(folder: Path | None) -> list[Any]:
