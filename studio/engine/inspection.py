@@ -77,7 +77,7 @@ def _part_files(path: Path, family: str | None, model: ModelSection | None = Non
     try:
         section = dataclasses.replace(model, path=str(path)) if model is not None else ModelSection(path=str(path))
         found = fam.part_files(path, section)
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError, ValueError) as exc:  # the description stands; the reason goes with it
         return [], str(exc)
     parts = {p.name: p for p in fam.parts()}
     return [{"name": name, "label": parts[name].label if name in parts else name,

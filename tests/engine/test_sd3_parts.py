@@ -252,3 +252,19 @@ def test_a_scaled_fp8_t5_is_refused_rather_than_read_without_its_scales(files, t
                                              r"scaled-fp8 file"):
         load_model(ModelSection(path=str(files["repo"] / "sd3.5_medium.safetensors"), config_dir=str(files["folder"]),
                                 text_encoder_3=str(scaled)))
+
+
+def test_t5s_tokenizer_comes_from_comfyuis_own_copy(files, tmp_path):
+    """ComfyUI users have no tokenizer_3 folder, but ComfyUI ships T5's tokenizer in comfy/text_encoders/t5_tokenizer."""
+    folder = files["folder"]
+    configs = shutil.copytree(folder, tmp_path / "configs", ignore=shutil.ignore_patterns("tokenizer_3", "*.safetensors"))
+    root = tmp_path / "ComfyUI"
+    shutil.copytree(files["models"], root / "models")
+    section = ModelSection(path=str(root / "models" / "checkpoints" / "sd35m.safetensors"), config_dir=str(configs))
+    without = load_model(section)
+    assert len(without.text_encoders) == 2 and "tokenizer_3" in without.extra["warning"]
+    shutil.copytree(folder / "tokenizer_3", root / "comfy" / "text_encoders" / "t5_tokenizer")
+    bundle = load_model(section)
+    assert len(bundle.text_encoders) == 3 and "warning" not in bundle.extra
+    reference = load_model(ModelSection(path=str(files["full"]), config_dir=str(folder)))
+    assert bundle.tokenizers[2]("a red circle").input_ids == reference.tokenizers[2]("a red circle").input_ids

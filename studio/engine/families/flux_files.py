@@ -18,7 +18,7 @@ from studio.engine.detect import Detection
 from studio.engine.families.base import ModelBundle
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
 from studio.engine.families.parts import (
-    PartSpec, holding, missing_message, resolve, search_folders, spec_from_config,
+    PartSpec, comfyui_t5_tokenizer, holding, missing_message, resolve, search_folders, spec_from_config,
 )
 from studio.engine.families.parts import find_t5_tokenizer as _find_t5_tokenizer
 from studio.engine.safe_load import ModelLoadError, open_weights
@@ -277,6 +277,6 @@ def resolve_parts(family: "FluxFamily", path: Path, model: "ModelSection") -> di
     out: dict[str, Any] = resolve(part_specs(family, config_dir), path, chosen,
                                   inside_parts(open_weights(path).shapes))
     folders = search_folders(path)
-    extra = [Path(v).parent for v in out.values() if v is not None]
+    extra = [Path(v).parent for v in out.values() if v is not None] + comfyui_t5_tokenizer(path)
     out["tokenizer_2"] = find_t5_tokenizer(folders + [f for f in extra if f not in folders])
     return out

@@ -145,6 +145,16 @@ def search_folders(path: Path) -> list[Path]:
     return seen
 
 
+def comfyui_t5_tokenizer(path: Path) -> list[Path]:
+    """ComfyUI ships T5's tokenizer with its code (``comfy/text_encoders/t5_tokenizer/``, beside its ``models``
+    folder): that folder, for a model file kept under a ComfyUI models folder that has it."""
+    for parent in Path(path).expanduser().parents:
+        if parent.name.lower() == "models":
+            folder = parent.parent / "comfy" / "text_encoders" / "t5_tokenizer"
+            return [folder] if folder.is_dir() else []
+    return []
+
+
 def _files(folder: Path) -> list[Path]:
     try:
         return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)

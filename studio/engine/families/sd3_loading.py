@@ -18,7 +18,7 @@ import torch
 
 from studio.engine.families.base import ModelBundle
 from studio.engine.families.parts import (
-    PartSpec, find_t5_tokenizer, holding, missing_message, resolve, spec_from_config,
+    PartSpec, comfyui_t5_tokenizer, find_t5_tokenizer, holding, missing_message, resolve, spec_from_config,
 )
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
 from studio.engine.safe_load import ModelLoadError, WeightsFile, open_weights, read_safetensors_header
@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _PREDICTION_SOURCE = "the family (SD3 models are rectified-flow models)"
 T5_TOKENIZER_HINT = ("a 'tokenizer_3' folder with T5's tokenizer (tokenizer.json or spiece.model, as in "
-                     "stabilityai/stable-diffusion-3.5-large's tokenizer_3/)")
+                     "stabilityai/stable-diffusion-3.5-large's tokenizer_3/; ComfyUI's comfy/text_encoders/t5_tokenizer "
+                     "is found by itself)")
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -289,7 +290,8 @@ def load_single_file(family: "SD3Family", path: Path, w: WeightsFile, det: "Dete
     if det.components.get("text_encoder_3") or parts.get("text_encoder_3") is not None:
         t5_file = parts.get("text_encoder_3")
         tokenizer = t5_tokenizer([p for p in (config_dir if model.config_dir else None, path.parent,
-                                              t5_file.parent if t5_file is not None else None) if p is not None])
+                                              t5_file.parent if t5_file is not None else None) if p is not None]
+                                 + comfyui_t5_tokenizer(path))
         t5_name = t5_file.name if t5_file is not None else name
         if tokenizer is None:
             notes.append(f"'{t5_name}' holds T5-XXL but its tokenizer is not bundled; put {T5_TOKENIZER_HINT} next "
