@@ -268,3 +268,16 @@ def test_t5s_tokenizer_comes_from_comfyuis_own_copy(files, tmp_path):
     assert len(bundle.text_encoders) == 3 and "warning" not in bundle.extra
     reference = load_model(ModelSection(path=str(files["full"]), config_dir=str(folder)))
     assert bundle.tokenizers[2]("a red circle").input_ids == reference.tokenizers[2]("a red circle").input_ids
+
+
+def test_an_openclip_layout_file_is_described_not_taken():
+    from studio.engine.families import get_family
+    from studio.engine.families.parts import holding
+    from studio.engine.families.sd3_loading import part_specs
+
+    shapes = {f"transformer.resblocks.{i}.attn.in_proj_weight": (3 * 1280, 1280) for i in range(32)}
+    shapes["token_embedding.weight"] = (49408, 1280)
+    found = holding(shapes)
+    spec = part_specs(get_family("sd3.5-large"), get_family("sd3.5-large").bundled_config_dir())[1]
+    assert not spec.accepts(found)
+    assert found.describe().startswith("an OpenCLIP-layout text encoder (width 1280, 32 layers")

@@ -28,6 +28,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".sft")
 _CLIP_MARK = "encoder.layers.0.self_attn.q_proj.weight"
 _T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _VAE_MARK = "encoder.conv_out.weight"
+_OPEN_CLIP_MARK = "transformer.resblocks.0.attn.in_proj_weight"
 # Names people know the full-size encoders by, from (width, layers).
 _KNOWN = {("clip", 768, 12): "CLIP-L", ("clip", 1280, 32): "CLIP-G (OpenCLIP bigG)", ("clip", 1024, 23): "OpenCLIP-H",
           ("t5", 4096, 24): "T5-XXL"}
@@ -38,7 +39,7 @@ class Holding:
     """What a part file holds, from its keys and shapes: a CLIP or T5 text encoder (width, layers, MLP width) or a
     VAE (width = latent channels); ``prefix`` is the key prefix before the transformers/VAE names."""
 
-    kind: str  # "clip" | "t5" | "vae"
+    kind: str  # "clip" | "t5" | "vae" ("openclip": a layout that is described, never accepted)
     width: int
     layers: int = 0
     mlp: int = 0
@@ -47,6 +48,10 @@ class Holding:
     def describe(self) -> str:
         if self.kind == "vae":
             return f"a VAE with {self.width} latent channels"
+        if self.kind == "openclip":
+            return (f"an OpenCLIP-layout text encoder (width {self.width}, {self.layers} layers: transformer.resblocks…), "
+                    "which LoRA Studio reads only in the transformers layout (text_model.encoder.layers…, as "
+                    "Stability's and ComfyUI's clip_g.safetensors)")
         known = _KNOWN.get((self.kind, self.width, self.layers))
         what = "CLIP" if self.kind == "clip" else "T5"
         return (f"a {known or what} text encoder (width {self.width}, {self.layers} layers, MLP {self.mlp})")
@@ -72,6 +77,11 @@ def holding(shapes: Mapping[str, tuple[int, ...]]) -> Holding | None:
             mlp = shapes.get(block + "0.mlp.fc1.weight", (0,))[0]
         layers = len({k[len(block):].split(".", 1)[0] for k in keys if k.startswith(block)})
         return Holding(kind, int(width), layers, int(mlp), prefix)
+    key = next((k for k in keys if k.endswith(_OPEN_CLIP_MARK)), None)
+    if key is not None:  # OpenCLIP's own layout (in_proj_weight = q, k, v stacked)
+        block = key[: -len(_OPEN_CLIP_MARK)] + "transformer.resblocks."
+        layers = len({k[len(block):].split(".", 1)[0] for k in keys if k.startswith(block)})
+        return Holding("openclip", int(shapes[key][1]), layers, prefix=key[: -len(_OPEN_CLIP_MARK)])
     key = next((k for k in keys if k.endswith(_VAE_MARK) and len(shapes[k]) == 4), None)
     if key is not None:
         # The encoder's last conv gives mean and log-variance: 2 x 16 channels for Flux's and SD3's VAE (SD's: 2 x 4).

@@ -37,7 +37,7 @@ class PartsPanel(QWidget):
         self.error = ""  # why the parts could not be looked up (a file chosen for the wrong part)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        self.title = QLabel("This file holds only the denoiser; it also needs:")
+        self.title = QLabel("Parts this file does not carry, found beside it or in ComfyUI/A1111's folders, or chosen:")
         self.title.setWordWrap(True)
         outer.addWidget(self.title)
         self.grid = QGridLayout()
