@@ -1,5 +1,6 @@
 """FLUX.1 files as people keep them: diffusers folders, a transformer-only single file (BFL or diffusers layout, often
-fp8) plus separate CLIP-L, T5-XXL and "ae" VAE files, found beside it or in ComfyUI/A1111 model folders.
+fp8) plus separate CLIP-L, T5-XXL and "ae" VAE files, found beside it or in ComfyUI/A1111 model folders (parts.py),
+and ComfyUI's all-in-one checkpoints, whose own ``text_encoders.clip_l/t5xxl.`` and ``vae.`` parts are used.
 
 Single files load through diffusers' own single-file converters with the bundled configs (offline). T5's
 tokenizer cannot be bundled here (the app does not ship a copy), so it is taken from the user's files: a
