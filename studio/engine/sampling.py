@@ -51,6 +51,9 @@ def render_many(
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
     denoiser = bundle.denoiser
+    # Sides the pipeline accepts (SD3's refuses others): rounded down to the family's multiple.
+    step = bundle.family.image_size_multiple(bundle)
+    width, height = max(step, width // step * step), max(step, height // step * step)
     images: list[Image.Image] = []
     with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
         for k in range(0, len(prompts), PREVIEW_BATCH):

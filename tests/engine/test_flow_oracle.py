@@ -162,3 +162,32 @@ def test_sd3_shifts_follow_the_model_s_scheduler_and_the_resolution_shift_works(
     bundle.noise_scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     torch.testing.assert_close(_seen_sigmas(bundle, latents, cond, TrainingSection()),
                                expected(flow.FlowSampling(shift="resolution"), image_seq_len=tokens))
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium"])
+def test_a_latent_of_odd_size_trains_on_its_even_part(tiny_model, name):
+    """Both transformers work on 2 x 2 latent patches. A bucket or resolution that is a multiple of 8 but not of 16
+    (e.g. 1000 px: a 125-row latent) used to fail inside the step (Flux's packing, SD3's patch embedding); the
+    step uses the even part, as the pipelines round such sizes down."""
+    bundle = load_model(ModelSection(path=str(tiny_model(name, "flow"))))
+    c = bundle.denoiser.config.in_channels // (4 if name.startswith("flux") else 1)
+    odd = torch.randn(1, c, 9, 11, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = bundle.family.encode_text(bundle, ["a red circle"])
+
+    def loss(latents):
+        with torch.no_grad():
+            return float(bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=TrainingSection(),
+                                                     generator=torch.Generator().manual_seed(5),
+                                                     weight_dtype=torch.float32))
+    assert loss(odd) == loss(odd[..., :8, :10].contiguous())
+
+
+def test_sd3_previews_of_a_size_its_pipeline_refuses_are_rounded_down(tiny_model):
+    """StableDiffusion3Pipeline refuses sizes not divisible by its VAE factor x patch size (16 on the real models;
+    4 on the tiny one); previews and Try & Export round them down, as FluxPipeline does itself."""
+    from studio.engine.sampling import render
+
+    bundle = load_model(ModelSection(path=str(tiny_model("sd3.5-medium", "flow"))))
+    image = render(bundle, "a red circle", steps=1, guidance=1.0, width=70, height=66)
+    assert image.size == (68, 64)

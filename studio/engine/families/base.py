@@ -360,6 +360,11 @@ class Family(abc.ABC):
         """FLOPs of the text encoders (config folder) over ``batch`` captions; 0 if unknown."""
         return 0
 
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        """What a generated image's sides must be a multiple of (previews round down to it): the VAE's downsampling
+        here; transformer families on 2 x 2 latent patches need twice that (SD3's pipeline refuses other sizes)."""
+        return 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+
     def preview_batch_factor(self, guidance: float) -> int:
         """Denoiser batch per preview image: 2 under classifier-free guidance (scale > 1: the pipeline runs the
         prompt and the negative prompt together), 1 for a family whose guidance is an input (distilled)."""

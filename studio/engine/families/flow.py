@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -125,6 +125,18 @@ def sample_sigmas(batch: int, sampling: FlowSampling, generator: torch.Generator
     elif sampling.shift != "none":
         raise ValueError(f"unknown flow shift '{sampling.shift}'; expected one of: none, constant, resolution")
     return u.clamp(SIGMA_MIN, 1.0)
+
+
+def even_part(latents: torch.Tensor) -> torch.Tensor:
+    """The latent cut to even height and width: Flux and SD3 work on 2 x 2 patches (a 1000 px side is a 125-row
+    latent); the pipelines round such sizes down to whole patches too."""
+    h, w = latents.shape[-2:]
+    return latents if h % 2 == 0 and w % 2 == 0 else latents[..., : h - h % 2, : w - w % 2]
+
+
+def patched_pixels(vae: Any) -> int:
+    """Pixels per 2 x 2 latent patch side: the VAE's downsampling x 2 (16 for Flux's and SD3's VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * 2
 
 
 def _broadcast(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,7 @@ class FluxFamily(Family):
         """Rectified flow on packed latents, as diffusers' train_dreambooth_lora_flux.py and kohya's flux trainer."""
         from diffusers import FluxPipeline
 
+        latents = flow.even_part(latents)
         b, c, h, w = latents.shape
         sched = bundle.noise_scheduler.config
         draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2),
@@ -324,6 +325,9 @@ class FluxFamily(Family):
             text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser,
         )
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        return flow.patched_pixels(bundle.vae)
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         # Flux is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it); no

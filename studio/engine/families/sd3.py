@@ -229,6 +229,7 @@ class SD3Family(Family):
         the patched latent's token count), ``(1 - σ) x + σ ε`` in, the velocity ``ε - x`` out, optionally weighted."""
         from studio.engine.families import flow
 
+        latents = flow.even_part(latents)
         sched = bundle.noise_scheduler.config
         sampling = flow.family_sampling(training, sched, training.flow_shift_value)
         patch = bundle.denoiser.config.patch_size
@@ -411,6 +412,11 @@ class SD3Family(Family):
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1],
             text_encoder_3=t5, tokenizer_3=bundle.tokenizers[2] if t5 is not None else None,
         )
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        from studio.engine.families import flow
+
+        return flow.patched_pixels(bundle.vae)
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}
