@@ -258,6 +258,18 @@ class Family(abc.ABC):
     def lora_targets(self, preset: str, component: str) -> str:
         """The peft ``target_modules`` expression (full-match regex) of a preset for one component."""
 
+    # TrainingSection fields this family's objective and text encoding never read (the trainer says so when one is
+    # set, and the LoRA's metadata records what training did instead of the ignored value).
+    ignored_training_options: tuple[str, ...] = ()
+
+    def unused_training_options(self, training: "TrainingSection") -> list[str]:
+        """The ``training.*`` fields set away from their defaults that this family ignores."""
+        from studio.engine.config import TrainingSection
+
+        default = TrainingSection()
+        return [f"training.{name}" for name in self.ignored_training_options
+                if getattr(training, name) != getattr(default, name)]
+
     def apply_speed_options(self, bundle: ModelBundle, training: "TrainingSection", train_text_encoder: bool) -> None:
         """Gradient checkpointing, attention kernel, memory format and compilation as the job asks."""
         if training.gradient_checkpointing:

@@ -90,6 +90,9 @@ def _fused_widths(config: Mapping[str, Any], name: str) -> tuple[int, ...]:
 class FluxFamily(Family):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5-XXL (states), the 16-channel VAE with shift/scale."""
 
+    # DDPM ideas (noise offset, min-SNR weighting) and the CLIP-only caption options (75-token pieces, clip skip):
+    # the flow objective weighs σ through training.flow_*, and T5 reads the long captions.
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     denoiser_name = "transformer"
     compile_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     text_encoder_names = ("text_encoder", "text_encoder_2")

@@ -81,6 +81,9 @@ def tiny_t5_tokenizer() -> Any:
 class SD3Family(Family):
     """SD3.x: MMDiT transformer, CLIP-L + CLIP-G (+ optional T5-XXL), 16-channel VAE; rectified flow, SD3 shift."""
 
+    # DDPM ideas (noise offset, min-SNR weighting) and the CLIP-only caption options (75-token pieces, clip skip):
+    # the flow objective weighs σ through training.flow_*, and T5 reads the long captions.
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     denoiser_name = "transformer"
     compile_block_classes = ("JointTransformerBlock",)
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
