@@ -139,6 +139,9 @@ class Family(abc.ABC):
     vae_overflow_hint: str = ""
     # Prediction types the tiny test model is built with (each gets its own training test).
     tiny_prediction_types: tuple[str, ...] = ("epsilon",)
+    # What training_loss must read back on the host each step, and why ("" = nothing: the hot-loop test traps every
+    # read). Z-Image's transformer takes one caption tensor per image, so the captions' token counts are Python ints.
+    step_host_read: str = ""
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
