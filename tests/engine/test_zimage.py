@@ -127,7 +127,7 @@ def test_tiny_zimage_trains_from_the_cli_and_its_loras_load_in_diffusers(tiny_zi
     with safe_open(str(out / "tiny.safetensors"), "pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["modelspec.architecture"] == "z-image/lora" and meta["ss_base_model_version"] == "zimage"
+    assert meta["modelspec.architecture"] == "Z-Image/lora" and meta["ss_base_model_version"] == "zimage"
     assert {"diffusion_model.layers.0.attention.to_q.lora_down.weight", "diffusion_model.layers.0.attention.to_q.alpha",
             "diffusion_model.context_refiner.0.feed_forward.w2.lora_up.weight"} <= keys
     info = describe_lora(out / "tiny.safetensors")
@@ -262,5 +262,5 @@ def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
     assert lora_family({}, ours)[0] is ZIMAGE
     flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (8, 3072)}
     assert lora_family({}, flux)[0] is get_family("flux-dev")
-    assert lora_family({"modelspec.architecture": "z-image/lora"}, {})[0] is ZIMAGE
-    assert json.loads(json.dumps(ZIMAGE.metadata_ids("flow")))["modelspec.architecture"] == "z-image/lora"
+    assert lora_family({"modelspec.architecture": "Z-Image/lora"}, {})[0] is ZIMAGE
+    assert json.loads(json.dumps(ZIMAGE.metadata_ids("flow")))["modelspec.architecture"] == "Z-Image/lora"

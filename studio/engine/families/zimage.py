@@ -133,7 +133,7 @@ class ZImageFamily(Family):
 
     def lora_metadata_evidence(self, metadata: Mapping[str, str]) -> int:
         arch = metadata.get("modelspec.architecture", "")
-        return 2 if arch.startswith("z-image") or metadata.get("ss_base_model_version", "").startswith("zimage") else 0
+        return 2 if arch.lower().startswith("z-image") or metadata.get("ss_base_model_version", "").startswith("zimage") else 0
 
     def lora_key_evidence(self, shapes: Mapping[str, tuple[int, ...]], layout: str) -> int:
         names = {k.removeprefix(_KEY_PREFIX).removeprefix("transformer.") for k in shapes}
@@ -257,11 +257,11 @@ class ZImageFamily(Family):
 
     def metadata_ids(self, prediction_type: str) -> dict[str, str]:
         return {
-            # musubi-tuner's Z-Image ids (its sai_model_spec: ARCH_Z_IMAGE "z-image", IMPL_Z_IMAGE); kohya's
-            # ss_base_model_version has no Z-Image value, so the architecture name stands in.
+            # musubi-tuner's Z-Image ids (musubi_tuner/utils/sai_model_spec.py: ARCH_Z_IMAGE "Z-Image" + "/lora",
+            # IMPL_Z_IMAGE); kohya's ss_base_model_version has no Z-Image value, so the family's name stands in.
             "ss_base_model_version": "zimage",
             "ss_v2": "False",
-            "modelspec.architecture": "z-image/lora",
+            "modelspec.architecture": "Z-Image/lora",
             "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
             "modelspec.prediction_type": PREDICTION,
         }
