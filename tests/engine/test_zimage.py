@@ -188,12 +188,6 @@ COMFY_BLOCK_MAP = {
     "feed_forward.w1": ("feed_forward.w1", None), "feed_forward.w2": ("feed_forward.w2", None),
     "feed_forward.w3": ("feed_forward.w3", None), "adaLN_modulation.0": ("adaLN_modulation.0", None),
 }
-# The original (Tongyi / ComfyUI) key names of the parts diffusers renames, for building the original layout.
-_TO_ORIGINAL = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
-                ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
-                ".attention.norm_q.": ".attention.q_norm."}
-
-
 @pytest.fixture(scope="module")
 def meta_zimage():
     from accelerate import init_empty_weights
@@ -208,18 +202,10 @@ def _original_layout(model) -> dict[str, tuple[int, ...]]:
     own single-file converter mapping them back onto exactly the diffusers model's state dict."""
     from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
 
+    from test_zimage_files import original_state_dict
+
     state = model.state_dict()
-    original: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        new = key
-        for diffusers_name, original_name in _TO_ORIGINAL.items():
-            new = new.replace(diffusers_name, original_name)
-        if ".attention.to_q." in key:
-            new = new.replace(".attention.to_q.", ".attention.qkv.")
-            value = torch.empty(3 * value.shape[0], *value.shape[1:], device="meta")
-        original[new] = value
+    original = original_state_dict(state)
     converted = convert_z_image_transformer_checkpoint_to_diffusers(dict(original))
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in state.items()}
     return {k: tuple(v.shape) for k, v in original.items()}

@@ -1,7 +1,9 @@
 """Z-Image files as people keep them: diffusers folders (ZImagePipeline layout: transformer, text_encoder (Qwen3),
-tokenizer, vae, scheduler), loaded offline straight into the training dtype.
+tokenizer, vae, scheduler) and ComfyUI's separate files (transformer, qwen_3_4b, ae), loaded offline into the dtype.
 
-Qwen3's tokenizer is not bundled (151 k BPE tokens, Qwen's own files): it comes from the folder's ``tokenizer``.
+Qwen3's tokenizer is not bundled (151 k BPE tokens, Qwen's own files): it comes from the folder's ``tokenizer``, or,
+for single files, from a tokenizer folder beside them, ComfyUI's own copy, or the local Hugging Face cache.
+Part finding is this module's own (small) copy of the FLUX.1 idea; flux_files.search_folders gives the folders.
 """
 
 from __future__ import annotations
@@ -81,25 +83,234 @@ def load_folder(family: "ZImageFamily", path: Path, model: "ModelSection", dtype
 
 def load_vae_file(family: "ZImageFamily", path: Path) -> Any:
     """FLUX.1's 16-channel VAE ("ae.safetensors", BFL or diffusers layout) through the bundled config, in fp32."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_single_file(str(path), config=str(family.bundled_config_dir()), subfolder="vae",
-                                          torch_dtype=torch.float32, local_files_only=True)
+    return vae_from_file(family.bundled_config_dir(), path)
 
 
 # ------------------------------------------------------------------------------------------------ single files
+# ComfyUI's Z-Image files: the transformer alone (z_image_turbo_bf16.safetensors, the original key layout with fused
+# attention.qkv, sometimes under "model.diffusion_model."; or diffusers' layout), Qwen3-4B (qwen_3_4b.safetensors,
+# "model."-prefixed Qwen3 keys) and FLUX.1's "ae" VAE, each found beside the model or in models/text_encoders, vae.
+
+_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+_ORIGINAL_MARK = "layers.0.attention.qkv.weight"
+_DIFFUSERS_MARK = "layers.0.attention.to_q.weight"
+_QWEN_MARK = "layers.0.self_attn.q_norm.weight"  # Qwen3 (not Qwen2.5): per-head q/k norms
+_TE_NAME_HINTS = ("qwen", "text_encoder", "te")
+_VAE_NAME_HINTS = ("ae.", "ae_", "vae", "flux")
+TOKENIZER_HINT = ("Qwen3's tokenizer (a 'tokenizer' folder with tokenizer.json, e.g. the one of the Z-Image-Turbo "
+                  "download, or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
 
 
-def detect_zimage_file(family: "ZImageFamily", shapes: Mapping[str, tuple[int, ...]]) -> "Detection | None":
-    """Single files are not read yet (see part_files); None leaves them to detect.py's "not supported" wording."""
+def transformer_layout(shapes: Mapping[str, Any]) -> tuple[str, str] | None:
+    """("original" | "diffusers", key prefix) of a file holding a Z-Image transformer, else None."""
+    for prefix in _PREFIXES:
+        # Lumina 2 shares the block names; its adaLN is (SiLU, Linear): "adaLN_modulation.1", Z-Image's a bare Linear.
+        if not all(prefix + k in shapes for k in ("cap_embedder.1.weight", "noise_refiner.0.attention_norm1.weight",
+                                                   "layers.0.adaLN_modulation.0.weight")):
+            continue
+        if prefix + _ORIGINAL_MARK in shapes:
+            return "original", prefix
+        if prefix + _DIFFUSERS_MARK in shapes:
+            return "diffusers", prefix
     return None
 
 
+def detect_zimage_file(family: "ZImageFamily", shapes: Mapping[str, tuple[int, ...]]) -> "Detection | None":
+    """A Detection when the file holds a Z-Image transformer (original or diffusers layout); None otherwise."""
+    from studio.engine.detect import Detection
+
+    found = transformer_layout(shapes)
+    if found is None:
+        return None
+    layout, prefix = found
+    det = Detection("checkpoint", family.label, family=family.name, prediction_type="flow",
+                    prediction_source="the family (rectified flow)", native_resolution=1024,
+                    components={"transformer": True, "text_encoder": False, "vae": False})
+    width = shapes.get(prefix + "cap_embedder.1.weight")
+    det.standard_size = bool(width) and tuple(width) == (3840, 2560)
+    det.notes.append(f"{layout}-layout Z-Image transformer")
+    return det
+
+
+def part_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Which Z-Image part a file holds by its keys: text_encoder (Qwen3), vae (16-channel), or None."""
+    from studio.engine.families.flux_files import part_kind as flux_part_kind
+
+    if any(k.endswith(_QWEN_MARK) for k in shapes):
+        return "text_encoder"
+    return "vae" if flux_part_kind(shapes, 16) == "vae" else None
+
+
+def _find_part(name: str, folders: list[Path]) -> Path | None:
+    from studio.engine.safe_load import open_weights
+
+    hints = _TE_NAME_HINTS if name == "text_encoder" else _VAE_NAME_HINTS
+    for folder in folders:
+        try:
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
+        except OSError:
+            continue
+        for file in files:
+            if not any(h in file.name.lower() for h in hints):
+                continue
+            try:
+                if part_kind(open_weights(file).shapes) == name:
+                    return file
+            except Exception:  # an unreadable file is not the part; the next candidate may be
+                continue
+    return None
+
+
+def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -> list[Path]:
+    out = [Path(model.config_dir).expanduser() / "tokenizer"] if model.config_dir else []
+    for folder in folders:
+        out += [folder / "tokenizer", folder / "qwen_3_4b_tokenizer", folder]
+    for parent in path.parents:
+        if parent.name.lower() == "models":  # ComfyUI's install: <ComfyUI>/models/... and <ComfyUI>/comfy/text_encoders
+            out.append(parent.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
+            break
+    from studio.engine.checkpoint import hub_snapshot
+
+    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"), ("Qwen/Qwen3-4B", "")):
+        snapshot = hub_snapshot(repo)
+        if snapshot is not None:
+            out.append(snapshot / sub)
+    return out
+
+
+def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> Any | None:
+    """Qwen3's tokenizer from the user's files (or the local Hugging Face cache), with the Z-Image chat template."""
+    from transformers import AutoTokenizer
+
+    from studio.engine.families.zimage import CHAT_TEMPLATE
+
+    for folder in _tokenizer_folders(path, folders, model):
+        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+            continue
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception:  # not a tokenizer folder after all; the next candidate may be
+            continue
+        if "<|im_start|>" not in tokenizer.get_vocab():
+            continue
+        # Qwen3's own template gives exactly this for one user turn with enable_thinking=True; ComfyUI's Qwen2.5
+        # tokenizer has another (system prompt), so the one Z-Image was trained with is set.
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return tokenizer
+    return None
+
+
+def resolve_parts(family: "ZImageFamily", path: Path, model: "ModelSection") -> dict[str, Any]:
+    from studio.engine.families.flux_files import search_folders
+
+    folders = search_folders(path)
+    out: dict[str, Any] = {}
+    for name, chosen in (("text_encoder", model.text_encoder), ("vae", model.vae)):
+        out[name] = Path(chosen).expanduser() if chosen else _find_part(name, folders)
+    extra = [Path(v).expanduser().parent for v in (model.text_encoder, model.vae) if v]
+    out["tokenizer"] = find_tokenizer(path, folders + [f for f in extra if f not in folders], model)
+    return out
+
+
 def part_files(family: "ZImageFamily", path: Path, model: "ModelSection") -> dict[str, Path | None]:
-    return {}
+    """The Model page's rows for a transformer-only file: the Qwen3 text encoder and the VAE, found or chosen."""
+    from studio.engine.safe_load import open_weights
+
+    path = Path(path).expanduser()
+    if not path.is_file() or transformer_layout(open_weights(path).shapes) is None:
+        return {}
+    parts = resolve_parts(family, path, model)
+    return {name: parts[name] for name in ("text_encoder", "vae")}
+
+
+def _strip(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+            if k.startswith(prefix)}
+
+
+def load_transformer_file(config_dir: Path, weights: "WeightsFile", name: str, dtype: torch.dtype) -> Any:
+    """The transformer from either layout (fp8 storage cast to ``dtype``), through diffusers' own converter."""
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    layout, prefix = transformer_layout(weights.shapes)
+    state = _strip(weights.tensors(), prefix, dtype)
+    if layout == "original":  # fused qkv, out, q/k norms and the patch-size-keyed embedder/final layer renamed
+        state = convert_z_image_transformer_checkpoint_to_diffusers(state)
+    config = ZImageTransformer2DModel.load_config(config_dir, subfolder="transformer", local_files_only=True)
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel.from_config(config)
+    expected = set(transformer.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = f"{len(missing)} weight(s) missing (e.g. {missing[0]})" if missing else (
+            f"{len(unexpected)} unknown weight(s) (e.g. {unexpected[0]})")
+        raise ModelLoadError(f"'{name}' does not fit the Z-Image transformer of '{config_dir}': {what}; the file is "
+                             "damaged or another size (set model.config_dir to a diffusers folder of this model)")
+    transformer.load_state_dict(state, assign=True, strict=True)
+    return transformer.to(dtype)
+
+
+def load_text_encoder_file(config_dir: Path, file: Path, dtype: torch.dtype) -> Any:
+    """Qwen3 from a single file (ComfyUI's "model."-prefixed keys or bare ones; an LM head is dropped)."""
+    from transformers import AutoConfig, Qwen3Model
+
+    from studio.engine.safe_load import open_weights
+
+    config = AutoConfig.from_pretrained(config_dir / "text_encoder", local_files_only=True)
+    state = {k.removeprefix("model."): (v.to(dtype) if v.is_floating_point() else v)
+             for k, v in open_weights(file).tensors().items() if not k.startswith("lm_head.")}
+    encoder, info = Qwen3Model.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                               output_loading_info=True)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(f"'{file.name}' is not a complete Qwen3 text encoder for this model: {len(missing)} "
+                             f"weight(s) missing (e.g. {missing[0]}); choose the qwen_3_4b file (model.text_encoder)")
+    check_complete(encoder, "Qwen3 text encoder", file.name)
+    return encoder
 
 
 def load_single_file(family: "ZImageFamily", path: Path, weights: "WeightsFile", detection: "Detection",
                      model: "ModelSection", dtype: torch.dtype) -> ModelBundle:
-    raise ModelLoadError(f"'{path.name}': Z-Image single files cannot be loaded yet; use the diffusers folder "
-                         "(Tongyi-MAI/Z-Image-Turbo's layout: transformer, text_encoder, tokenizer, vae, scheduler)")
+    """A transformer-only Z-Image file plus its Qwen3 text encoder, VAE and tokenizer, each chosen or found nearby."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _check_prediction(family, model)
+    if model.config_dir:
+        config_dir = Path(model.config_dir).expanduser()
+        if not (config_dir / "transformer" / "config.json").is_file():
+            raise ModelLoadError(f"model.config_dir '{config_dir}' is not a Z-Image diffusers config folder "
+                                 "(no transformer/config.json)")
+    elif not detection.standard_size:
+        raise ModelLoadError(f"'{path.name}' has Z-Image's layout but unusual sizes, so the bundled configuration does "
+                             "not fit; set model.config_dir to a diffusers folder with this model's configs")
+    else:
+        config_dir = family.bundled_config_dir()
+    parts = resolve_parts(family, path, model)
+    labels = {p.name: p.label for p in family.parts() if p.role != "denoiser"}
+    missing = [labels[n] for n in ("text_encoder", "vae") if parts[n] is None]
+    if parts["tokenizer"] is None:
+        missing.append(TOKENIZER_HINT)
+    if missing:
+        raise ModelLoadError(f"'{path.name}' holds only the Z-Image transformer; also needed: {', '.join(missing)}. "
+                             "Choose them on the Model page (or set model.text_encoder / model.vae), or put "
+                             "qwen_3_4b.safetensors and ae.safetensors next to the model or in ComfyUI's "
+                             "models/text_encoders and models/vae folders")
+    transformer = load_transformer_file(config_dir, weights, path.name, dtype)
+    text_encoder = load_text_encoder_file(config_dir, parts["text_encoder"], dtype)
+    vae = vae_from_file(config_dir, parts["vae"])
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir, subfolder="scheduler", local_files_only=True)
+    return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae,
+                       text_encoders=[text_encoder], tokenizers=[parts["tokenizer"]], noise_scheduler=scheduler,
+                       source=str(path), extra={"format": weights.format, "detection": detection,
+                                                "parts": {k: str(parts[k]) for k in ("text_encoder", "vae")}})
+
+
+def vae_from_file(config_dir: Path, file: Path) -> Any:
+    """The VAE from a single file (BFL \"ae\" or diffusers layout) through a config folder, in fp32."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_single_file(str(file), config=str(config_dir), subfolder="vae", torch_dtype=torch.float32,
+                                         local_files_only=True)
+    check_complete(vae, "VAE", file.name)
+    return vae
