@@ -22,6 +22,7 @@ import torch
 from studio.engine.families import flow
 from studio.engine.families.base import Conditioning, Family, ModelBundle, Part, PreviewDefaults
 from studio.engine.families.loading import quiet_diffusers
+from studio.engine.families.zimage_files import CHAT_TEMPLATE
 from studio.paths import resource_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,12 +48,6 @@ _BLOCK = r"(?:layers|noise_refiner|context_refiner)\.\d+\."
 _ATTENTION = _BLOCK + r"attention\.(?:to_q|to_k|to_v|to_out\.0)"
 _FEED_FORWARD = _BLOCK + r"feed_forward\.(?:w1|w2|w3)"
 _LORA_PATH = re.compile(_BLOCK + r"(?:attention\.(?:to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)")
-
-# The chat template Qwen3's tokenizer applies (with enable_thinking=True it adds no <think> block): used by the
-# tiny tokenizer built in code; real folders ship their own tokenizer with Qwen3's full template.
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
 
 def tiny_qwen_tokenizer(model_max_length: int = _TINY_CAPTION_TOKENS) -> Any:
     """A byte-level BPE tokenizer built in code (Qwen2's kind: bytes, <|endoftext|> padding, chat tokens), no merges.

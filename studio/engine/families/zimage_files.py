@@ -25,6 +25,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
 
+# The chat template Qwen3's tokenizer applies (with enable_thinking=True it adds no <think> block): used by the
+# tiny tokenizer built in code; real folders ship their own tokenizer with Qwen3's full template.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 
 def _check_prediction(family: "ZImageFamily", model: "ModelSection") -> None:
     if model.prediction_type not in ("auto", "flow"):
@@ -181,8 +186,6 @@ def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -
 def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> Any | None:
     """Qwen3's tokenizer from the user's files (or the local Hugging Face cache), with the Z-Image chat template."""
     from transformers import AutoTokenizer
-
-    from studio.engine.families.zimage import CHAT_TEMPLATE
 
     for folder in _tokenizer_folders(path, folders, model):
         if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
