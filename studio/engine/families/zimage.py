@@ -85,6 +85,7 @@ class ZImageFamily(Family):
     """Z-Image: ZImageTransformer2DModel, Qwen3-4B (text_encoder), FLUX.1's VAE with shift/scale; rectified flow."""
 
     denoiser_name = "transformer"
+    compile_block_classes = ("ZImageTransformerBlock",)  # refiners and main layers alike
     text_encoder_names = ("text_encoder",)
     kohya_prefixes = {"transformer": KOHYA_PREFIX, "text_encoder": "lora_te"}
     prediction_types = (PREDICTION,)
@@ -228,11 +229,6 @@ class ZImageFamily(Family):
             bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        if training.compile and training.compile_scope == "denoiser":
-            denoiser.compile()
-        elif training.compile:
-            for block in (*denoiser.noise_refiner, *denoiser.context_refiner, *denoiser.layers):
-                block.compile()
 
     # ------------------------------------------------------------------------------------------- export
     # The layout ComfyUI and diffusers both load: "diffusion_model." + the diffusers module path, with kohya's
