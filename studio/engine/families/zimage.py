@@ -133,8 +133,10 @@ class ZImageFamily(Family):
 
     def lora_key_evidence(self, shapes: Mapping[str, tuple[int, ...]], layout: str) -> int:
         names = {k.removeprefix(_KEY_PREFIX).removeprefix("transformer.") for k in shapes}
-        if any(re.match(r"(?:noise_refiner|context_refiner)\.\d+\.", k) for k in names):
-            return 3  # only Z-Image (and its Lumina-2 kin) has refiner blocks
+        # Refiner blocks are Z-Image's and Lumina 2's; diffusers names Lumina 2's layers attn.* / feed_forward.linear_*.
+        if any(re.match(r"(?:noise_refiner|context_refiner)\.\d+\.(?:attention\.to_|feed_forward\.w[123])", k)
+               for k in names):
+            return 3
         return 0
 
     # -------------------------------------------------------------------------------------------- loading
