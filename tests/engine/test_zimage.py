@@ -254,3 +254,18 @@ def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
     assert lora_family({}, flux)[0] is get_family("flux-dev")
     assert lora_family({"modelspec.architecture": "Z-Image/lora"}, {})[0] is ZIMAGE
     assert json.loads(json.dumps(ZIMAGE.metadata_ids("flow")))["modelspec.architecture"] == "Z-Image/lora"
+
+
+def test_the_repeated_blocks_compile_scope_and_memory_options(meta_zimage, tiny_zimage, tiny_dataset, tmp_path):
+    from studio.engine.config import TrainingSection
+    from studio.engine.events import RunFinished
+    from test_trainer import collect, tiny_job
+
+    assert len(ZIMAGE.compile_blocks(meta_zimage)) == 30 + 2 + 2  # every block: refiners and main layers
+    # The 30 main layers are what block swap moves (fp8 halves what stays); 20 swapped leave about a third resident.
+    full = ZIMAGE.denoiser_weight_bytes(TrainingSection(), 2)
+    assert 0.3 < ZIMAGE.denoiser_weight_bytes(TrainingSection(block_swap=20), 2) / full < 0.45
+    events = collect(tiny_job(tiny_zimage, tiny_dataset, tmp_path / "run", training__steps=2,
+                              training__base_weights_fp8=True, training__block_swap=1,
+                              training__gradient_checkpointing=True))
+    assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
