@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from studio.engine.families import get_family
-from studio.engine.families.zimage import ZIMAGE
+from studio.engine.families.zimage import ZIMAGE, templated
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,17 @@ def test_previews_are_encoded_as_training_encodes_them(tiny_zimage):
                   generator=torch.Generator().manual_seed(3), output_type="np", max_sequence_length=64).images
     assert abs(ours - theirs).max() < 1e-6
     assert ZIMAGE.preview_batch_factor(0.0) == 1 and ZIMAGE.preview_batch_factor(1.0) == 2  # CFG for any g > 0
+    # A tokenizer that pads on the left (the pipeline keeps states[mask] either way): the same caption states.
+    bundle.tokenizers[0].padding_side = "left"
+    left = ZIMAGE.preview_prompt_kwargs(bundle, ["a red circle"], "")
+    assert [e.shape[0] for e in left["prompt_embeds"]] == [31]
+    with torch.no_grad():
+        tokens = bundle.tokenizers[0](templated(bundle.tokenizers[0], ["a red circle"]), padding="max_length",
+                                      max_length=64, return_tensors="pt")
+        mask = tokens.attention_mask.bool()
+        theirs = bundle.text_encoders[0](input_ids=tokens.input_ids, attention_mask=mask,
+                                         output_hidden_states=True).hidden_states[-2][0][mask[0]]
+    assert torch.equal(left["prompt_embeds"][0], theirs)
 
 
 # ------------------------------------------------------------------------------------------ the ComfyUI layout

@@ -49,6 +49,7 @@ _ATTENTION = _BLOCK + r"attention\.(?:to_q|to_k|to_v|to_out\.0)"
 _FEED_FORWARD = _BLOCK + r"feed_forward\.(?:w1|w2|w3)"
 _LORA_PATH = re.compile(_BLOCK + r"(?:attention\.(?:to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)")
 
+
 def tiny_qwen_tokenizer(model_max_length: int = _TINY_CAPTION_TOKENS) -> Any:
     """A byte-level BPE tokenizer built in code (Qwen2's kind: bytes, <|endoftext|> padding, chat tokens), no merges.
 
@@ -177,6 +178,11 @@ class ZImageFamily(Family):
         ids = tokens.input_ids.to(encoder.device)
         mask = tokens.attention_mask.to(encoder.device).bool()
         states = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        # Real tokens first, in order, whichever side the tokenizer pads (the pipeline keeps states[mask]): a stable
+        # sort of the mask, on the device, so caption_list can take each caption's first n states.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        states = torch.gather(states, 1, order.unsqueeze(-1).expand_as(states))
+        mask = torch.gather(mask, 1, order)
         return Conditioning(cap=states * mask.unsqueeze(-1).to(states.dtype), cap_mask=mask)
 
     @staticmethod
