@@ -296,11 +296,13 @@ class ZImageFamily(Family):
 
     def job_defaults(self) -> dict[str, Any]:
         # ai-toolkit's and musubi-tuner's Z-Image LoRA recipes: 1024 px, rank 16, lr 1e-4 constant, logit-normal σ
-        # with the model's own shift, bf16, gradient checkpointing (fp8 base weights to fit 16 GB).
+        # with the model's own shift, bf16, gradient checkpointing, the transformer's frozen weights in fp8 (ai-toolkit
+        # quantizes it by default): 6.2 GB instead of 12.3 GB, so 16 GB cards fit.
         return {**super().job_defaults(), "lora.rank": 16, "lora.alpha": 16.0, "training.lr": 1e-4,
                 "training.scheduler": "constant", "training.flow_timestep_sampling": "logit_normal",
                 "training.flow_shift": "auto", "training.gradient_checkpointing": True,
-                "training.mixed_precision": "bf16", "training.min_snr_gamma": 0.0, "training.noise_offset": 0.0}
+                "training.base_weights_fp8": True, "training.mixed_precision": "bf16", "training.min_snr_gamma": 0.0,
+                "training.noise_offset": 0.0}
 
     # --------------------------------------------------------------------------------------- cost model
 
