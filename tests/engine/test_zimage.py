@@ -257,8 +257,9 @@ def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
 
     ours = {"diffusion_model.noise_refiner.0.attention.to_q.lora_down.weight": (8, 3840)}
     assert lora_family({}, ours)[0] is ZIMAGE
-    assert lora_family({}, {"transformer.layers.0.feed_forward.w1.lora_A.weight": (8, 3840),
-                            "transformer.context_refiner.1.attention.to_k.lora_A.weight": (8, 3840)}, "diffusers")[0] is ZIMAGE
+    diffusers_layout = {"transformer.layers.0.feed_forward.w1.lora_A.weight": (8, 3840),
+                        "transformer.context_refiner.1.attention.to_k.lora_A.weight": (8, 3840)}
+    assert lora_family({}, diffusers_layout, "diffusers")[0] is ZIMAGE
     lumina = {"transformer.noise_refiner.0.attn.to_q.lora_A.weight": (8, 2304)}  # diffusers' Lumina 2 names
     assert lora_family({}, lumina, "diffusers")[0] is None
     flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (8, 3072)}

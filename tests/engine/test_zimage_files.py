@@ -49,8 +49,9 @@ def comfy_tree(tiny_model, tmp_path_factory):
     for sub in ("diffusion_models", "text_encoders", "vae"):
         (models / sub).mkdir(parents=True)
     state = bundle.denoiser.state_dict()
-    save_file(original_state_dict(state, "model.diffusion_model."), str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(models / "diffusion_models" / "tiny_z_image_diffusers.safetensors"))
+    transformers = models / "diffusion_models"
+    save_file(original_state_dict(state, "model.diffusion_model."), str(transformers / "tiny_z_image_turbo_bf16.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(transformers / "tiny_z_image_diffusers.safetensors"))
     qwen = {"model." + k: v.contiguous() for k, v in bundle.text_encoders[0].state_dict().items()}
     qwen["lm_head.weight"] = qwen["model.embed_tokens.weight"].clone()  # some copies keep the (tied) LM head
     save_file(qwen, str(models / "text_encoders" / "qwen_3_4b.safetensors"))
@@ -83,8 +84,8 @@ def test_transformer_only_file_loads_with_parts_found_in_comfyui_folders(comfy_t
     reference = load_model(ModelSection(path=str(folder)))
     path = models / "diffusion_models" / file
     model = ModelSection(path=str(path), config_dir=str(configs))
-    assert get_family("zimage").part_files(path, model) == {"text_encoder": models / "text_encoders" / "qwen_3_4b.safetensors",
-                                                            "vae": models / "vae" / "ae.safetensors"}
+    found = get_family("zimage").part_files(path, model)
+    assert found == {"text_encoder": models / "text_encoders" / "qwen_3_4b.safetensors", "vae": models / "vae" / "ae.safetensors"}
     bundle = load_model(model)
     assert bundle.family.name == "zimage" and bundle.prediction_type == "flow" and "detection" in bundle.extra
     assert bundle.extra["parts"]["text_encoder"] == str(models / "text_encoders" / "qwen_3_4b.safetensors")

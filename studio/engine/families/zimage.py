@@ -91,7 +91,8 @@ class ZImageFamily(Family):
     kohya_prefixes = {"transformer": KOHYA_PREFIX, "text_encoder": "lora_te"}
     prediction_types = (PREDICTION,)
     tiny_prediction_types = (PREDICTION,)
-    vae_overflow_hint = "the Z-Image (FLUX.1) VAE is run in fp32 here; a non-finite latent means the image or the VAE file is damaged"
+    vae_overflow_hint = ("the Z-Image (FLUX.1) VAE is run in fp32 here; a non-finite latent means the image or the VAE "
+                         "file is damaged")
     step_host_read = ("each caption's token count (ZImageTransformer2DModel takes one caption tensor per image, "
                       "so the lengths are Python ints): one read of the batch's mask sums per step")
 
@@ -130,7 +131,8 @@ class ZImageFamily(Family):
 
     def lora_metadata_evidence(self, metadata: Mapping[str, str]) -> int:
         arch = metadata.get("modelspec.architecture", "")
-        return 2 if arch.lower().startswith("z-image") or metadata.get("ss_base_model_version", "").startswith("zimage") else 0
+        version = metadata.get("ss_base_model_version", "")
+        return 2 if arch.lower().startswith("z-image") or version.startswith("zimage") else 0
 
     def lora_key_evidence(self, shapes: Mapping[str, tuple[int, ...]], layout: str) -> int:
         names = {k.removeprefix(_KEY_PREFIX).removeprefix("transformer.") for k in shapes}

@@ -176,7 +176,8 @@ def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -
             break
     from studio.engine.checkpoint import hub_snapshot
 
-    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"), ("Qwen/Qwen3-4B", "")):
+    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"),
+                      ("Qwen/Qwen3-4B", "")):
         snapshot = hub_snapshot(repo)
         if snapshot is not None:
             out.append(snapshot / sub)
