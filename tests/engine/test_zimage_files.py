@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from studio.engine.config import ModelSection, TrainingSection
 from studio.engine.detect import detect
+from studio.engine.families import get_family
 from studio.engine.safe_load import ModelLoadError
 
 # diffusers' names → the original (Tongyi / ComfyUI) names, the inverse of diffusers' single-file converter.
@@ -108,10 +109,14 @@ def test_missing_parts_are_named(comfy_tree, tmp_path):
     folder, models, configs = comfy_tree
     alone = tmp_path / "z_image_turbo.safetensors"
     shutil.copy(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors", alone)
-    with pytest.raises(ModelLoadError, match=r"also needed: text encoder \(Qwen3-4B\), VAE .*, Qwen3's tokenizer"):
+    with pytest.raises(ModelLoadError, match=r"without its text encoder \(Qwen3-4B\), VAE .* and Qwen3's tokenizer"):
         load_model(ModelSection(path=str(alone), config_dir=str(configs)))
+    transformer = str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors")
+    bad = tmp_path / "qwen_broken.safetensors"
+    save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, str(bad))
     with pytest.raises(ModelLoadError, match="not a complete Qwen3 text encoder"):
-        bad = tmp_path / "qwen_broken.safetensors"
-        save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, str(bad))
-        load_model(ModelSection(path=str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors"),
-                                config_dir=str(configs), text_encoder=str(bad)))
+        load_model(ModelSection(path=transformer, config_dir=str(configs), text_encoder=str(bad)))
+    # The VAE chosen as the text encoder: the file and the field are named, on the Model page's rows too.
+    vae = str(models / "vae" / "ae.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'ae.safetensors' \(model.text_encoder\) holds no Qwen3 text encoder"):
+        get_family("zimage").part_files(Path(transformer), ModelSection(path=transformer, text_encoder=vae))
