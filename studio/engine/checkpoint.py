@@ -149,10 +149,13 @@ def _single_file_in(folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelBundle:
+def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               denoiser_on_host: bool = False) -> ModelBundle:
     """Load the model the job names, offline, straight into ``dtype``; raises ModelLoadError with a readable message.
 
     The family (the job's ``model.family``, or the one that recognises the folder or file) does the loading.
+    ``denoiser_on_host``: move only the VAE and text encoders to ``device``; the caller places the denoiser later
+    (a run does, with ``Family.place_denoiser``, once its LoRA is added and its weights are stored as the job asks).
     """
     started = time.perf_counter()
     path = resolve_model_path(model.path)
@@ -175,7 +178,8 @@ def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, devic
     except Exception as exc:  # anything diffusers/transformers raise on odd files becomes a readable message
         raise ModelLoadError(f"'{path.name}' could not be loaded: {type(exc).__name__}: {exc}") from exc
     for module in bundle.modules():
-        module.to(device)
+        if not (denoiser_on_host and module is bundle.denoiser):
+            module.to(device)
     bundle.load_time_s = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.1f s", path.name, bundle.family.name, bundle.prediction_type, bundle.load_time_s)
     return bundle

@@ -269,6 +269,12 @@ class Family(abc.ABC):
             # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
             bundle.denoiser.compile()
 
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        """Move the denoiser to the run's device. The run keeps it on the host from loading until the LoRA is added
+        and ``apply_speed_options`` ran, so a family storing frozen weights in fp8 casts them on the host and only
+        fp8 reaches the device (Flux/SD3: tensor by tensor, swapped blocks' frozen weights left on the host)."""
+        bundle.denoiser.to(device)
+
     # ------------------------------------------------------------------------------------------- export
 
     @abc.abstractmethod

@@ -254,12 +254,8 @@ class FluxFamily(Family):
         from studio.engine.families import memory
 
         denoiser = bundle.denoiser
-        if training.base_weights_fp8:
+        if training.base_weights_fp8:  # on the host in a run (see place_denoiser): only fp8 reaches the device
             memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
-        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
-        swap = memory.swap_blocks(blocks, training.block_swap, denoiser.device)
-        if swap is not None:
-            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -267,6 +263,13 @@ class FluxFamily(Family):
         if training.compile:
             for block in (*bundle.denoiser.transformer_blocks, *bundle.denoiser.single_transformer_blocks):
                 block.compile()
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        from studio.engine.families import memory
+
+        denoiser = bundle.denoiser
+        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+        memory.place_swapping(bundle, blocks, training.block_swap, device)
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_flux.py; ComfyUI's comfy/lora.py maps these to the BFL model's keys;

@@ -239,11 +239,8 @@ class SD3Family(Family):
 
         denoiser = bundle.denoiser
         # SD3.5 Large (8 B) on a consumer GPU: flux's fp8 storage and block swap apply to the joint blocks alike.
-        if training.base_weights_fp8:
+        if training.base_weights_fp8:  # on the host in a run (see place_denoiser): only fp8 reaches the device
             memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
-        swap = memory.swap_blocks(list(denoiser.transformer_blocks), training.block_swap, denoiser.device)
-        if swap is not None:
-            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -256,6 +253,11 @@ class SD3Family(Family):
             for _, module in bundle.denoiser.named_modules():
                 if type(module).__name__ == "JointTransformerBlock":
                     module.compile()
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        from studio.engine.families import memory
+
+        memory.place_swapping(bundle, list(bundle.denoiser.transformer_blocks), training.block_swap, device)
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_sd3.py; ComfyUI's model_lora_keys_unet maps lora_unet_<MMDiT path>

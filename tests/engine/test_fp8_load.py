@@ -1,0 +1,213 @@
+"""fp8 base weights at load (Flux, SD3.5 Large): only fp8 frozen weights ever reach the device, swapped blocks' never,
+and the training step is the one casting after the move gave (which put the whole bf16 transformer on the device).
+
+A CPU has no second device, so every tensor move is watched instead: ``Tensor.to`` is wrapped for the whole real
+run set-up (``run_setup.setup``), and each move of a denoiser weight is recorded with the dtype it had when it moved.
+``Module.to`` (load_model's, accelerate's) moves tensors through the same ``Tensor.to``, so none escapes.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from studio.engine import run_setup
+from studio.engine.config import LoraSection, ModelSection, TrainingSection
+from studio.engine.families import memory
+from studio.engine.lora import inject_lora
+from test_trainer import tiny_job
+
+FP8 = torch.float8_e4m3fn
+FAMILIES = ("flux-dev", "sd3.5-large")
+
+
+def _name(name: str) -> str:
+    return name.replace(".base_layer", "")  # peft's wrapper renames the weights it wraps
+
+
+class Moves:
+    """Every ``Tensor.to(<device>)`` of a weight of the run's denoiser: name → [(dtype, bytes)] in order."""
+
+    def __init__(self) -> None:
+        self.bundle = None
+        self.seen: dict[str, list[tuple[torch.dtype, int]]] = {}
+
+    def record(self, tensor: torch.Tensor) -> None:
+        if self.bundle is None or tensor.numel() == 0:
+            return
+        ptr = tensor.untyped_storage().data_ptr()
+        for name, p in self.bundle.denoiser.named_parameters():
+            if p.numel() and p.untyped_storage().data_ptr() == ptr:
+                self.seen.setdefault(_name(name), []).append((tensor.dtype, tensor.numel() * tensor.element_size()))
+                return
+
+
+def _device_of(args, kwargs):
+    target = kwargs.get("device")
+    if target is None and args and isinstance(args[0], (torch.device, str)):
+        target = args[0]
+    if target is None and args and isinstance(args[0], torch.Tensor):
+        target = args[0].device
+    return target
+
+
+@contextmanager
+def watched_setup(job, monkeypatch):
+    """The real run set-up with every tensor move recorded; yields (run, moves)."""
+    from studio.engine.recovery import release
+    from studio.engine.run_state import Run
+
+    from studio.engine import checkpoint
+
+    moves = Moves()
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if _device_of(args, kwargs) is not None:
+            moves.record(self)
+        return real_to(self, *args, **kwargs)
+
+    def watching(load):  # the family's loader, so that load_model's own moves are seen too
+        def loaded(*args, **kwargs):
+            moves.bundle = load(*args, **kwargs)
+            return moves.bundle
+        return loaded
+
+    for loader in ("_load_folder", "_load_single_file"):
+        monkeypatch.setattr(checkpoint, loader, watching(getattr(checkpoint, loader)))
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    run = Run(job)
+    try:
+        list(run_setup.setup(run, threading.Event(), None))
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+        yield run, moves
+    finally:
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+        release(run)
+
+
+def _fp8_job(family, tiny_model, tiny_dataset, tmp_path, **training):
+    fields = {"training__" + k: v for k, v in {"base_weights_fp8": True, "mixed_precision": "bf16", **training}.items()}
+    return tiny_job(tiny_model(family, "flow"), tiny_dataset, tmp_path / "run", **fields)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("block_swap", [0, 1])
+def test_only_fp8_frozen_weights_reach_the_device(family, block_swap, tiny_model, tiny_dataset, tmp_path, monkeypatch,
+                                                  fresh_accelerate_state):
+    job = _fp8_job(family, tiny_model, tiny_dataset, tmp_path, block_swap=block_swap,
+                   gradient_checkpointing=bool(block_swap))
+    with watched_setup(job, monkeypatch) as (run, moves):
+        denoiser = run.bundle.denoiser
+        frozen = {_name(n): p for n, p in denoiser.named_parameters() if not p.requires_grad}
+        lora = [p for p in denoiser.parameters() if p.requires_grad]
+        device = run.device
+        swapped = {_name(n) for n, p in denoiser.named_parameters() if not p.requires_grad and any(
+            p is q for b in (run.bundle.extra["block_swap"].blocks if block_swap else []) for q in b.parameters())}
+    cast = {n for n, p in frozen.items() if p.dtype == FP8}
+    assert len(cast) > 0.5 * len(frozen)  # every Linear's weight and bias; norms and embeddings stay bf16
+    assert len(swapped) > 0 if block_swap else not swapped
+    # Each frozen weight outside the swapped blocks moved exactly once, already in the dtype it is kept in (fp8 for
+    # the cast ones: 1 byte per parameter); the swapped blocks' frozen weights did not move at all.
+    moved = {n: m for n, m in moves.seen.items() if n in frozen}
+    assert set(moved) == set(frozen) - swapped
+    for name, record in moved.items():
+        assert record == [(frozen[name].dtype, frozen[name].numel() * frozen[name].element_size())], name
+    fp8_bytes = sum(b for n, m in moved.items() if n in cast for _, b in m)
+    assert fp8_bytes == sum(frozen[n].numel() for n in cast - swapped)
+    total = sum(b for m in moved.values() for _, b in m)
+    bf16_total = sum(p.numel() * 2 for n, p in frozen.items() if n not in swapped)
+    assert total == bf16_total - fp8_bytes  # 1 byte instead of 2 for each cast weight; norms and embeddings at 2
+    assert lora and all(p.dtype == torch.float32 and p.device == device for p in lora)
+    print(f"{family}, {block_swap} block(s) swapped: {total} B of frozen weights moved to the device "
+          f"(as bf16 it would be {bf16_total} B); {len(cast - swapped)} fp8 tensors, {fp8_bytes} B at 1 byte/param; "
+          f"{len(swapped)} swapped-block tensors stayed on the host")
+
+
+def _loss_and_grads(bundle, latents, cond, training):
+    bundle.denoiser.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=training,
+                                           generator=torch.Generator().manual_seed(11), weight_dtype=torch.bfloat16)
+    loss.backward()
+    return loss.detach(), {_name(n): p.grad.clone() for n, p in bundle.denoiser.named_parameters() if p.requires_grad}
+
+
+def _cast_after_move(folder, training, seed):
+    """What the run did before: the whole bf16 denoiser on the device, the LoRA added, then fp8 and block swap."""
+    from studio.engine.checkpoint import load_model
+
+    bundle = load_model(ModelSection(path=str(folder)), dtype=torch.bfloat16, device="cpu")
+    torch.manual_seed(seed)
+    inject_lora(bundle, LoraSection(rank=4, alpha=4.0), train_text_encoder=False)
+    memory.store_frozen_in_fp8(bundle.denoiser, torch.bfloat16)
+    if training.gradient_checkpointing:
+        bundle.denoiser.enable_gradient_checkpointing()
+    blocks = [m for name, m in bundle.denoiser.named_children() if name.endswith("transformer_blocks")]
+    memory.swap_blocks([b for group in blocks for b in group], training.block_swap, "cpu")
+    return bundle
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("block_swap", [0, 1])
+def test_the_step_equals_casting_after_the_move(family, block_swap, tiny_model, tiny_dataset, tmp_path, monkeypatch,
+                                                fresh_accelerate_state):
+    """Same LoRA start, same fp8 weights, same loss and LoRA gradients, bit for bit (the LoRA is still added before
+    the cast, from bf16 weights: casting first would start it from fp8-rounded values, and DoRA could not start)."""
+    job = _fp8_job(family, tiny_model, tiny_dataset, tmp_path, block_swap=block_swap,
+                   gradient_checkpointing=bool(block_swap))
+    gen = torch.Generator().manual_seed(3)
+    with watched_setup(job, monkeypatch) as (run, _):
+        new = run.bundle
+        channels = new.denoiser.config.in_channels // (4 if family.startswith("flux") else 1)
+        latents = (torch.randn(2, channels, 16, 16, generator=gen) * 0.5).to(torch.bfloat16)
+        with torch.no_grad():
+            cond = new.family.encode_text(new, ["a red circle", "a blue square"]).to("cpu", torch.bfloat16)
+        loss_new, grads_new = _loss_and_grads(new, latents, cond, job.training)
+    old = _cast_after_move(tiny_model(family, "flow"), job.training, job.training.seed)
+    assert {n: p.dtype for n, p in old.denoiser.named_parameters()} == {n: p.dtype for n, p in new.denoiser.named_parameters()}
+    loss_old, grads_old = _loss_and_grads(old, latents, cond, job.training)
+    assert torch.isfinite(loss_new) and torch.equal(loss_new, loss_old)
+    assert grads_new.keys() == grads_old.keys() and all(torch.equal(grads_new[k], grads_old[k]) for k in grads_new)
+    print(f"{family}, block swap {block_swap}: loss {float(loss_new):.6f} and {len(grads_new)} LoRA gradients equal")
+
+
+def test_an_fp8_file_keeps_its_weights_exactly(comfy_tree, tiny_dataset, tmp_path, monkeypatch, fresh_accelerate_state):
+    """A FLUX.1 transformer file stored in float8_e4m3fn: diffusers reads it into bf16 on the host (exact: e4m3 values
+    are bf16 values), the cast back is exact too, and the device only sees the file's own fp8 bytes."""
+    from safetensors.torch import load_file
+
+    folder, models = comfy_tree
+    path = models / "unet" / "tiny-flux1-dev-fp8.safetensors"
+    job = tiny_job(path, tiny_dataset, tmp_path / "run", training__base_weights_fp8=True,
+                   training__mixed_precision="bf16")
+    job.model.config_dir = str(folder)
+    stored = load_file(str(path))
+    with watched_setup(job, monkeypatch) as (run, moves):
+        frozen = {_name(n): p for n, p in run.bundle.denoiser.named_parameters() if not p.requires_grad}
+    cast = {n: p for n, p in frozen.items() if p.dtype == FP8}
+    assert cast and set(cast) <= set(stored)
+    for name, p in cast.items():
+        assert torch.equal(p.view(torch.uint8), stored[name].view(torch.uint8)), name
+        assert moves.seen[name] == [(FP8, p.numel())]
+
+
+def test_a_whole_run_with_fp8_and_block_swap_trains_and_previews(tiny_model, tiny_dataset, tmp_path, fresh_accelerate_state):
+    """The order the run now loads in (denoiser placed last), end to end: two steps, a preview (text encoders back on
+    the device beside the fp8 denoiser), the LoRA written."""
+    from studio.engine.events import RunFinished, StepCompleted
+    from studio.engine.trainer import run_training
+
+    job = _fp8_job("flux-dev", tiny_model, tiny_dataset, tmp_path, block_swap=2, gradient_checkpointing=True)
+    job.training.steps = 2
+    job.sampling.every = 2
+    events = list(run_training(job))
+    assert isinstance(events[-1], RunFinished), events[-1]
+    assert len([e for e in events if isinstance(e, StepCompleted)]) == 2
+
+
+from test_flux_files import comfy_tree  # noqa: E402,F401  (the ComfyUI-layout files, fp8 transformer included)
+from test_speed_options import fresh_accelerate_state  # noqa: E402,F401  (bf16 runs reset accelerate's state)
