@@ -102,6 +102,8 @@ def cache_latents(run: Run) -> Iterator[TrainEvent]:
 def _text_key(run: Run, caption: str) -> str:
     t = run.job.training
     options = () if (t.max_token_length, t.clip_skip) == (75, 1) else (t.max_token_length, t.clip_skip)
+    storage = run.bundle.extra.get("text_storage")  # fp8 T5 encodes a little differently (Family.store_frozen_on_host)
+    options += (storage,) if storage else ()
     return cache_key("text-v1", caption, run.model_fp, *options)  # the defaults keep earlier caches valid
 
 

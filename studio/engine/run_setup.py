@@ -119,7 +119,7 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     # The denoiser stays in host memory until its LoRA is added and its frozen weights are stored as the job asks
     # (fp8): it reaches the device as stored, after the text encoders have cached the captions and left it.
-    bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device, denoiser_on_host=True)
+    bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device, training=t)
     from studio.engine.families.sd import TEXT_OPTIONS
 
     # Caption length and clip skip, read by the family's text encoding (training, caching and previews).

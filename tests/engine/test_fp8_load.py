@@ -195,19 +195,100 @@ def test_an_fp8_file_keeps_its_weights_exactly(comfy_tree, tiny_dataset, tmp_pat
         assert moves.seen[name] == [(FP8, p.numel())]
 
 
-def test_a_whole_run_with_fp8_and_block_swap_trains_and_previews(tiny_model, tiny_dataset, tmp_path, fresh_accelerate_state):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_whole_run_with_fp8_and_block_swap_trains_and_previews(family, tiny_model, tiny_dataset, tmp_path,
+                                                                 fresh_accelerate_state):
     """The order the run now loads in (denoiser placed last), end to end: two steps, a preview (text encoders back on
     the device beside the fp8 denoiser), the LoRA written."""
-    from studio.engine.events import RunFinished, StepCompleted
+    from studio.engine.events import RunFinished, SampleReady, StepCompleted
     from studio.engine.trainer import run_training
 
-    job = _fp8_job("flux-dev", tiny_model, tiny_dataset, tmp_path, block_swap=2, gradient_checkpointing=True)
+    job = _fp8_job(family, tiny_model, tiny_dataset, tmp_path, block_swap=2, gradient_checkpointing=True)
     job.training.steps = 2
     job.sampling.every = 2
     events = list(run_training(job))
     assert isinstance(events[-1], RunFinished), events[-1]
     assert len([e for e in events if isinstance(e, StepCompleted)]) == 2
+    assert {e.step for e in events if isinstance(e, SampleReady)} == {0, 2}  # the base model's, then step 2's
+    assert events[-1].lora_path.is_file()
 
 
 from test_flux_files import comfy_tree  # noqa: E402,F401  (the ComfyUI-layout files, fp8 transformer included)
 from test_speed_options import fresh_accelerate_state  # noqa: E402,F401  (bf16 runs reset accelerate's state)
+
+
+# ------------------------------------------------------------------------------------------------ the estimate
+
+GiB = 2**30
+
+
+@pytest.fixture
+def card_12gb(monkeypatch):
+    """Pretend a 12 GB NVIDIA card is present (only its properties are read, nothing runs on it)."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(name="NVIDIA Test 12GB", total_memory=12 * GiB, major=8, minor=6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    return props
+
+
+def _family_job(family: str, **training):
+    """A 1024 px job with the family's own preset (Flux: fp8 and checkpointing on), on the bundled full-size config."""
+    from studio.engine.config import Job
+    from studio.engine.families import get_family
+
+    job = Job()
+    job.model.path, job.model.family = "/nowhere/model.safetensors", family
+    for dotted, value in get_family(family).job_defaults().items():
+        section, name = dotted.split(".")
+        setattr(getattr(job, section), name, value)
+    job.training.base_weights_fp8, job.training.gradient_checkpointing = True, True
+    job.dataset.resolution, job.sampling.every = 1024, 0
+    for name, value in training.items():
+        setattr(job.training, name, value)
+    return job
+
+
+@pytest.mark.parametrize("family, swap", [("flux-dev", 36), ("sd3.5-large", 20)])
+def test_the_estimate_shows_a_12gb_card_fits_fp8_and_block_swap_at_1024(card_12gb, family, swap):
+    from studio.engine.estimate import estimate
+
+    fits = estimate(_family_job(family, block_swap=swap), device="cuda", calibrate=False)
+    print(f"{family} 1024 px, fp8 + {swap} blocks swapped, previews off: {fits.summary}")
+    assert fits.gpu_memory_bytes < 0.9 * 12 * GiB and fits.warnings == []
+    # Loading now needs the text encoders and the VAE only (T5 in fp8 too): the denoiser comes after them.
+    assert fits.memory.loading < 0.8 * 12 * GiB
+    no_swap = estimate(_family_job(family, block_swap=0), device="cuda", calibrate=False)
+    assert no_swap.memory.loading == fits.memory.loading and no_swap.memory.training > fits.memory.training
+    bf16 = estimate(_family_job(family, base_weights_fp8=False, block_swap=swap), device="cuda", calibrate=False)
+    assert bf16.memory.loading > fits.memory.loading and bf16.memory.training > fits.memory.training
+    assert any("training.base_weights_fp8" in w for w in bf16.warnings) or bf16.gpu_memory_bytes < 0.9 * 12 * GiB
+    # Previews bring the text encoders back beside the model: the estimate says so and names the phase.
+    job = _family_job(family, block_swap=swap)
+    job.sampling.every = 100
+    previews = estimate(job, device="cuda", calibrate=False)
+    print(f"... with previews every 100 steps: {previews.summary}")
+    assert previews.memory.peak_phase == "previews" and previews.memory.training == fits.memory.training
+    assert previews.memory.previews > 12 * GiB and any("sampling.every = 0" in w for w in previews.warnings)
+
+
+def test_fp8_t5_is_stored_before_it_moves_and_keys_its_own_text_cache(tiny_model):
+    """With base_weights_fp8 a run's load stores T5 in fp8 on the host (the embeddings it caches then differ a
+    little, so they are cached under their own key); without, nothing changes."""
+    from studio.engine.checkpoint import load_model
+
+    folder = str(tiny_model("flux-dev", "flow"))
+    plain = load_model(ModelSection(path=folder), dtype=torch.bfloat16, training=TrainingSection())
+    fp8 = load_model(ModelSection(path=folder), dtype=torch.bfloat16, training=TrainingSection(base_weights_fp8=True))
+    t5 = dict(fp8.text_encoders[1].named_parameters())
+    assert "text_storage" not in plain.extra and fp8.extra["text_storage"] == "t5-fp8"
+    assert all(p.dtype == torch.bfloat16 for p in plain.text_encoders[1].parameters())
+    kept = {n for n in t5 if n.endswith((".wo.weight", "layer_norm.weight")) or n == "shared.weight"}
+    assert {n for n, p in t5.items() if p.dtype != FP8} == kept and fp8.text_encoders[1].dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = (m.family.encode_text(m, ["a red circle"]) for m in (plain, fp8))
+    assert torch.equal(a["pooled"], b["pooled"])  # CLIP untouched
+    rel = float((a["t5"].float() - b["t5"].float()).abs().max() / a["t5"].float().abs().max())
+    print(f"tiny T5 with fp8 weights: largest change {rel:.1%} of the largest state")
+    assert 0 < rel < 0.1

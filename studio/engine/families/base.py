@@ -269,6 +269,12 @@ class Family(abc.ABC):
             # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
             bundle.denoiser.compile()
 
+    def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
+        """Right after a run loads the model, before anything moves to the device: store frozen parts that are never
+        trained as the job asks (Flux/SD3 with ``training.base_weights_fp8``: T5-XXL in fp8). The denoiser waits for
+        ``apply_speed_options`` (its LoRA comes first). Tag ``bundle.extra['text_storage']`` when the text encodings
+        change, so cached ones made otherwise are not reused. SD: nothing."""
+
     def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
         """Move the denoiser to the run's device. The run keeps it on the host from loading until the LoRA is added
         and ``apply_speed_options`` ran, so a family storing frozen weights in fp8 casts them on the host and only
@@ -373,6 +379,10 @@ class Family(abc.ABC):
     def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
         """GPU bytes of the frozen denoiser weights under the job's memory options (SD: all resident, as computed)."""
         return self.full_size_parameters()["denoiser"] * weight_bytes
+
+    def text_encoder_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """GPU bytes of the text encoders' weights as the run stores them (SD: all in the load dtype)."""
+        return self.full_size_parameters()["text_encoders"] * weight_bytes
 
     @abc.abstractmethod
     def activation_gib(self, gradient_checkpointing: bool) -> float:

@@ -264,6 +264,20 @@ class FluxFamily(Family):
             for block in (*bundle.denoiser.transformer_blocks, *bundle.denoiser.single_transformer_blocks):
                 block.compile()
 
+    def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
+        from studio.engine.families import memory
+
+        t5 = bundle.text_encoders[1]
+        if training.base_weights_fp8 and t5 is not None:  # T5 is never trained here (trainable_text_encoders)
+            memory.store_t5_in_fp8(t5, t5.dtype)
+            bundle.extra["text_storage"] = "t5-fp8"
+
+    def text_encoder_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        from studio.engine.families import memory
+
+        others = self._parameters["text_encoders"] - memory.T5_XXL_PARAMETERS
+        return others * weight_bytes + memory.t5_bytes(training.base_weights_fp8, weight_bytes)
+
     def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
         from studio.engine.families import memory
 

@@ -34,6 +34,37 @@ def store_frozen_in_fp8(denoiser: Any, compute_dtype: torch.dtype) -> None:
     denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
+# T5-XXL's encoder (google/t5-v1_1-xxl): 4,762 M parameters. Two parts stay in the load dtype: the 24 feed-forward
+# output projections ``wo`` (4096 x 10240 each), because transformers' T5 casts the hidden states to
+# ``wo.weight.dtype`` before calling ``wo`` (T5DenseGatedActDense.forward), i.e. to fp8 before the casting hook runs;
+# and the token embedding (32128 x 4096), because ``PreTrainedModel.dtype`` is its first parameter's dtype and
+# pipelines make their latents in the text encoder's dtype (fp8 would fail there).
+T5_XXL_PARAMETERS = 4762.3e6
+T5_XXL_KEPT_PARAMETERS = 24 * 4096 * 10240 + 32128 * 4096
+_T5_KEEP = (r"\.wo$", r"^shared$", r"embed_tokens$")
+
+
+def store_t5_in_fp8(encoder: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """Keep a frozen T5 encoder's Linear and embedding weights in float8_e4m3fn (``wo`` excepted), computing in
+    ``compute_dtype``: what kohya's ``--fp8_base`` does for T5-XXL, so loading (the text encoders and the VAE
+    caching captions) fits a 12 GB card too. Its outputs move by fp8's rounding (3 mantissa bits per weight)."""
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    apply_layerwise_casting(encoder, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                            skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN + _T5_KEEP)
+    if encoder.dtype != compute_dtype:  # a transformers change in parameter order would make previews fail later
+        raise RuntimeError(f"T5 reports {encoder.dtype} after fp8 storage (expected {compute_dtype}); its first "
+                           "parameter is no longer the token embedding")
+
+
+def t5_bytes(fp8: bool, weight_bytes: int) -> float:
+    """Bytes of T5-XXL's weights as the job stores them (``store_t5_in_fp8`` or the load dtype)."""
+    if not fp8:
+        return T5_XXL_PARAMETERS * weight_bytes
+    return (T5_XXL_PARAMETERS - T5_XXL_KEPT_PARAMETERS) + T5_XXL_KEPT_PARAMETERS * weight_bytes
+
+
 def place(denoiser: torch.nn.Module, device: torch.device | str, host_blocks: list[torch.nn.Module] = ()) -> int:
     """Move the denoiser to ``device`` one tensor at a time, as stored (fp8 weights move as fp8), except the frozen
     parameters of ``host_blocks`` (swapped blocks: they stay on the host until their block runs). Trainable
