@@ -184,11 +184,24 @@ class TrainingSection:
     )
     attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
     channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
-    compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
+    compile: bool = option(False, "Compile the denoiser (UNet or transformer) with torch.compile: a slower start, "
+                           "faster steps.", advanced=True)
     compile_scope: str = option(
-        "blocks", "What 'compile' compiles: 'blocks' (each transformer block once, reused: the quicker start) or "
-        "'denoiser' (the whole UNet: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
+        "blocks", "What 'compile' compiles: 'blocks' (each repeated transformer block once, reused: the quicker start) "
+        "or 'denoiser' (all of it: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
         advanced=True,
+    )
+    compile_backend: str = option(
+        "inductor", "How 'compile' compiles: 'inductor' generates fused kernels (fastest; needs a C++ compiler, and "
+        "Triton on NVIDIA GPUs); 'aot_eager' only traces forward and backward into graphs (no compiler needed: the "
+        "fallback when inductor fails to build).", choices=("inductor", "aot_eager"), advanced=True,
+    )
+    cuda_graphs: bool = option(
+        False, "With 'compile': record the denoiser's forward and backward as CUDA graphs, one per bucket shape, and "
+        "replay them (torch.compile's reduce-overhead mode). Cuts the per-kernel launch cost that holds small batches "
+        "back; costs a recording per shape and some GPU memory. Best with compile scope 'denoiser' (one graph per "
+        "step, not one per block). NVIDIA GPUs, one process, no block swap.",
+        label="CUDA graphs", advanced=True,
     )
     tf32: bool = option(
         True, "Run fp32 matrix products and convolutions in TF32 on GPUs that have it (NVIDIA Ampere and newer): "
@@ -572,6 +585,25 @@ def optimizer_device_problem(optimizer: str, device_type: str | None) -> str | N
     return None
 
 
+def _cuda_graph_problems(t: "TrainingSection", device_type: str | None) -> list[Problem]:
+    """Why ``training.cuda_graphs`` cannot be used as set, if it cannot."""
+    if not t.cuda_graphs:
+        return []
+    problems = []
+    if not t.compile:
+        problems.append(Problem("training.cuda_graphs", "CUDA graphs are recorded by torch.compile: turn on "
+                                "training.compile as well (or turn CUDA graphs off)"))
+    if device_type in ("cpu", "mps"):
+        where = "this machine has no NVIDIA GPU" if t.device == "auto" else f"training.device is '{t.device}'"
+        problems.append(Problem("training.cuda_graphs", f"CUDA graphs need an NVIDIA GPU and {where}; turn CUDA "
+                                "graphs off"))
+    if t.block_swap:
+        problems.append(Problem("training.cuda_graphs", "block swap moves weights between the host and the GPU "
+                                "during each step, which a recorded CUDA graph cannot follow; set "
+                                "training.block_swap to 0 or turn CUDA graphs off"))
+    return problems
+
+
 def validate(job: Job, *, check_paths: bool = True, device_type: str | None = None) -> list[Problem]:
     """Every problem with the job at once, each naming the field and what to do.
 
@@ -611,6 +643,7 @@ def validate(job: Job, *, check_paths: bool = True, device_type: str | None = No
     if lo.dora and lo.algorithm != "lora":
         problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
                                 f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
+    problems += _cuda_graph_problems(t, device_type if t.device == "auto" else t.device)
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))

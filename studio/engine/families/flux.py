@@ -91,6 +91,7 @@ class FluxFamily(Family):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5-XXL (states), the 16-channel VAE with shift/scale."""
 
     denoiser_name = "transformer"
+    compile_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     text_encoder_names = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
     prediction_types = (PREDICTION,)
@@ -260,9 +261,6 @@ class FluxFamily(Family):
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
                 bundle.text_encoders[0].gradient_checkpointing_enable()
-        if training.compile:
-            for block in (*bundle.denoiser.transformer_blocks, *bundle.denoiser.single_transformer_blocks):
-                block.compile()
 
     def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
         from studio.engine.families import memory

@@ -82,6 +82,7 @@ class SD3Family(Family):
     """SD3.x: MMDiT transformer, CLIP-L + CLIP-G (+ optional T5-XXL), 16-channel VAE; rectified flow, SD3 shift."""
 
     denoiser_name = "transformer"
+    compile_block_classes = ("JointTransformerBlock",)
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     # kohya's lora_sd3 prefixes; lora_te3 (T5) is only read: lora.train_text_encoder adapts the CLIPs
     # (trainable_text_encoders), as kohya does unless asked, and diffusers' SD3 loader has no T5 LoRA.
@@ -246,13 +247,6 @@ class SD3Family(Family):
             if train_text_encoder:
                 for te in bundle.text_encoders[:2]:
                     te.gradient_checkpointing_enable()
-        if training.compile and training.compile_scope == "denoiser":
-            bundle.denoiser.compile()
-        elif training.compile and training.compile_scope == "blocks":
-            # The repeated joint blocks: each compiles once and is reused.
-            for _, module in bundle.denoiser.named_modules():
-                if type(module).__name__ == "JointTransformerBlock":
-                    module.compile()
 
     def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
         from studio.engine.families import memory
