@@ -643,6 +643,10 @@ def validate(job: Job, *, check_paths: bool = True, device_type: str | None = No
     if lo.dora and lo.algorithm != "lora":
         problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
                                 f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
+    if lo.dora and t.base_weights_fp8:
+        # peft's DoRA computes the norm of the frozen weight itself, outside the fp8 casting hook (fp8 + fp32 fails).
+        problems.append(Problem("lora.dora", "DoRA cannot train over base weights stored in fp8 (it reads the frozen "
+                                "weight itself); turn off lora.dora or training.base_weights_fp8"))
     problems += _cuda_graph_problems(t, device_type if t.device == "auto" else t.device)
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "

@@ -292,3 +292,15 @@ def test_fp8_t5_is_stored_before_it_moves_and_keys_its_own_text_cache(tiny_model
     rel = float((a["t5"].float() - b["t5"].float()).abs().max() / a["t5"].float().abs().max())
     print(f"tiny T5 with fp8 weights: largest change {rel:.1%} of the largest state")
     assert 0 < rel < 0.1
+
+
+def test_dora_over_fp8_weights_is_refused_before_the_run(tiny_model, tiny_dataset, tmp_path):
+    """peft's DoRA reads the frozen weight itself, outside the casting hook: the step would fail (fp8 + fp32)."""
+    from studio.engine.config import errors, validate
+
+    job = _fp8_job("flux-dev", tiny_model, tiny_dataset, tmp_path)
+    job.lora.dora = True
+    [problem] = [p for p in errors(validate(job)) if p.field == "lora.dora"]
+    assert "base_weights_fp8" in problem.message
+    job.training.base_weights_fp8 = False
+    assert not [p for p in errors(validate(job)) if p.field == "lora.dora"]
