@@ -56,14 +56,22 @@ class ModelSection:
         choices=("auto", "epsilon", "v_prediction"),
         advanced=True,
     )
-    vae: str = option("", "Optional separate VAE file (.safetensors) to use instead of the checkpoint's own.", advanced=True)
-    # Parts a transformer-only file (FLUX.1 …) lacks; the Model page asks for them by the family's part names.
+    vae: str = option(
+        "", "Separate VAE file (.safetensors) to use instead of the checkpoint's own, or for a model file that does "
+        "not carry one; empty uses the model's own or finds it next to the model.", advanced=True)
+    # Parts a transformer-only file (FLUX.1, SD3.5 …) lacks; the Model page asks for them by the family's part names
+    # (which encoder is which: the family's parts(), e.g. FLUX.1 CLIP-L + T5-XXL, SD3 CLIP-L + CLIP-G + T5-XXL).
     text_encoder: str = option(
-        "", "Separate text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; empty "
-        "finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+        "", "Separate first text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; "
+        "empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
     text_encoder_2: str = option(
-        "", "Separate second text encoder file (e.g. t5xxl_fp16.safetensors) for a model file that does not carry "
-        "it; empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+        "", "Separate second text encoder file (FLUX.1: t5xxl_fp16.safetensors; SD3: clip_g.safetensors) for a model "
+        "file that does not carry it; empty finds it next to the model or in ComfyUI/A1111's model folders.",
+        advanced=True)
+    text_encoder_3: str = option(
+        "", "Separate third text encoder file (SD3: t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors; optional, "
+        "zeros in its place without it) for a model file that does not carry it; empty finds it next to the model or "
+        "in ComfyUI/A1111's model folders.", advanced=True)
     config_dir: str = option(
         "",
         "Optional diffusers config folder for a single-file checkpoint of unusual shape; normally the bundled "
@@ -693,7 +701,7 @@ def _validate_paths(job: Job) -> list[Problem]:
         problems.append(Problem("model.path", f"'{model}' does not exist; pick a checkpoint file or diffusers folder"))
     if job.model.vae and not Path(job.model.vae).expanduser().is_file():
         problems.append(Problem("model.vae", f"VAE file '{job.model.vae}' does not exist; clear the field to use the model's own"))
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         value = getattr(job.model, name)
         if value and not Path(value).expanduser().is_file():
             problems.append(Problem(f"model.{name}", f"'{value}' does not exist; choose the file, or clear the field "

@@ -168,7 +168,7 @@ class FluxFamily(Family):
         if transformer_layout(shapes) is None:
             return {}
         parts = resolve_parts(self, path, model)
-        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae")}
+        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae") if name in parts}
 
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)

@@ -168,6 +168,19 @@ class SD3Family(Family):
 
     # -------------------------------------------------------------------------------------------- loading
 
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        """CLIP-L, CLIP-G, T5-XXL (optional) and VAE files a single file lacks (or the job names), found or chosen."""
+        from studio.engine.families.sd3_loading import resolve_parts
+        from studio.engine.safe_load import open_weights
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            return {}  # a diffusers folder has every part
+        shapes = open_weights(path).shapes
+        if not any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in shapes):
+            return {}
+        return resolve_parts(self, path, shapes, model)
+
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)
 
@@ -475,14 +488,15 @@ class SD3Family(Family):
         from studio.engine.tiny import TINY_RESOLUTION
         from studio.engine.tokenizers import load_tokenizer
 
-        def clip() -> Any:
+        def clip(mlp: int) -> Any:
             return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=49408, hidden_size=32, intermediate_size=mlp, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
                 pad_token_id=1, hidden_act="gelu"))
 
         torch.manual_seed(seed)
-        clip_l, clip_g = clip(), clip()
+        # The two CLIPs differ in shape, as the real ones do (768 / 1280 wide): part files are told apart by it.
+        clip_l, clip_g = clip(37), clip(48)
         with torch.no_grad():
             # SD3 uses CLIP-L's pooled output unprojected (diffusers' single-file loader sets this projection to
             # the identity), so a tiny model that round-trips through a single file must have it too.
