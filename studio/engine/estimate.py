@@ -487,8 +487,7 @@ def _memory_advice(job: Job, phase: str = "training", family: Family | None = No
     t = job.training
     steps = []
     if phase == "previews":
-        steps.append("turn previews off (sampling.every = 0): a preview brings the text encoders back to the GPU "
-                     "beside the model")
+        steps.append("turn previews off (sampling.every = 0) or lower their size (sampling.width/height)")
     if phase == "loading":
         steps.append("cache the text embeddings (the text encoders then leave the GPU before the model arrives)")
     if not t.gradient_checkpointing:
@@ -511,7 +510,7 @@ class MemoryPhases:
 
     loading: int  # the text encoders and the VAE caching; the denoiser arrives after, as stored (fp8: 1 B/weight)
     training: int  # weights, LoRA + gradients + optimizer state, activations kept for backward
-    previews: int  # training's weights plus the text encoders brought back for the prompts (0: no previews)
+    previews: int  # training's weights (+ the text encoders, where the family needs them back) (0: no previews)
 
     @property
     def peak(self) -> int:
@@ -556,11 +555,14 @@ def memory_phases(job: Job, family: Family | str, lora_params: int) -> MemoryPha
 
     loading = need(te_all + vae + (denoiser if te_resident else 0))
     training = need(denoiser + te_resident + vae + lora + activations)
-    # A preview runs the denoiser forward only (no activations kept for backward) at the preview size.
+    # A preview runs the denoiser forward only (no activations kept for backward) at the preview size. The text
+    # encoders come back for it unless the run encoded the preview prompts beside the captions (Family.preview_embeds).
     preview = 0
     if job.sampling.every:
         size = (job.sampling.width or d.resolution) * (job.sampling.height or d.resolution) / native ** 2
-        preview = need(denoiser + te_all + vae + lora + family.activation_gib(True) * 2**30 * size)
+        encoded_once = _text_cached(job) and type(family).preview_embeds is not Family.preview_embeds
+        preview = need(denoiser + (te_resident if encoded_once else te_all) + vae + lora
+                       + family.activation_gib(True) * 2**30 * size)
     return MemoryPhases(loading, training, preview)
 
 

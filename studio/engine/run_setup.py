@@ -140,6 +140,9 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     if report.usable == 0:
         raise failures.NoUsableImages(d.path, report)
     report.items, held_out = validation.split_items(job, report.items)
+    from studio.engine.sampling import preview_prompts
+
+    run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
     run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
 
     frozen_te = not job.lora.train_text_encoder
@@ -184,9 +187,6 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     if resume_dir is not None:
         restore(run)
         yield LogMessage("info", f"Resumed at step {run.position.step} of {run.total_steps} from {resume_dir}")
-    from studio.engine.sampling import preview_prompts
-
-    run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
 
 
 def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:

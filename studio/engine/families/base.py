@@ -350,6 +350,12 @@ class Family(abc.ABC):
         pipeline encode the prompts itself."""
         return None
 
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        """The prompts as the pipeline's ``*_embeds`` arguments, encoded now so previews can run later without the text
+        encoders on the device (a run encodes its preview prompts once, beside the captions, when it caches text:
+        Flux's and SD3's T5-XXL would not fit beside the model on a 12 GB card). None: previews need the encoders."""
+        return None
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}

@@ -345,6 +345,10 @@ class FluxFamily(Family):
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser,
         )
 
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        cond = self.encode_text(bundle, prompts)  # what FluxPipeline.encode_prompt computes (no negative: distilled)
+        return {"prompt_embeds": cond["t5"], "pooled_prompt_embeds": cond["pooled"]}
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         # Flux is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it); no
         # negative prompt without true CFG. T5 length as the family's pipeline uses it.

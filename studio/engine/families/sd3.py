@@ -424,6 +424,14 @@ class SD3Family(Family):
             text_encoder_3=t5, tokenizer_3=bundle.tokenizers[2] if t5 is not None else None,
         )
 
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        n = len(prompts)  # the pipeline's classifier-free guidance needs the negative prompt's too ("" when none)
+        cond = self.encode_text(bundle, [*prompts, negative_prompt or ""])
+        hidden, pooled = cond["hidden"], cond["pooled"]
+        return {"prompt_embeds": hidden[:n], "pooled_prompt_embeds": pooled[:n],
+                "negative_prompt_embeds": hidden[n:].expand(n, -1, -1),
+                "negative_pooled_prompt_embeds": pooled[n:].expand(n, -1)}
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}
         if lora_scale is not None:
