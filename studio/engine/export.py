@@ -78,27 +78,6 @@ def kohya_export_problem(source: Any) -> str | None:
     return None
 
 
-def fused_layer_problem(bundle: "ModelBundle") -> str | None:
-    """Why the bundle's adapters cannot be written in kohya layout because the family's original model fuses layers
-    they adapt separately (Flux's and SD3's q/k/v), or None. Only plain LoRA modules join exactly (stacked downs,
-    block-diagonal up); a LoHa, LoKr or DoRA of each part has no fused form. Names only: cheap, before training."""
-    seen: dict[str, str] = {}
-    for key, model in components(bundle).items():
-        for path, layer in lora_layers(model).items():
-            adapter = adapter_of_layer(layer)
-            if adapter.name in ("lora", "locon"):
-                continue
-            name = kohya_module_name(bundle.family, key, path, bundle.denoiser.config)
-            if name in seen:
-                field = "lora.dora" if adapter.name == "dora" else "lora.algorithm"
-                return (f"{adapter.label} cannot be written for {bundle.family.label}: its kohya/ComfyUI layout fuses "
-                        f"{seen[name]} and {path} into one layer ({name}), and a {adapter.label} of each part has "
-                        f"no fused form (only a plain LoRA joins exactly). Train a plain LoRA: set lora.algorithm = "
-                        f"lora{' and lora.dora = false' if field == 'lora.dora' else ''}")
-            seen[name] = path
-    return None
-
-
 def kohya_state_dict(bundle: "ModelBundle", dtype: torch.dtype = torch.float16, *,
                      dora_target: str = "lycoris") -> dict[str, torch.Tensor]:
     """The trained adapters in kohya/LyCORIS layout: ``<name>.<suffix>`` with each adapter type's suffixes."""

@@ -267,9 +267,7 @@ class Family(abc.ABC):
 
     def unused_training_options(self, training: "TrainingSection") -> list[str]:
         """The ``training.*`` fields set away from their defaults that this family ignores."""
-        from studio.engine.config import TrainingSection
-
-        default = TrainingSection()
+        default = type(training)()  # the section's defaults
         return [f"training.{name}" for name in self.ignored_training_options
                 if getattr(training, name) != getattr(default, name)]
 
