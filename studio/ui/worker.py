@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 RunFn = Callable[..., Iterator[object]]
 
+WORK_NICE = 10  # how much lower than the window work threads run (Linux nice steps; see lower_this_threads_priority)
+
 
 def default_run_fn() -> RunFn:
     from studio.engine.trainer import run_training  # imported late: pulls in torch, and is written separately
@@ -60,13 +62,16 @@ def lower_this_threads_priority() -> None:
     QThread.LowPriority does this on Windows and macOS; on Linux, Qt cannot lower a normal thread's priority,
     but a thread's nice value can be raised (and torch's OpenMP workers, started from this thread, inherit
     it). Under load the scheduler then serves the window first; alone on the machine, training is as fast.
+    Raised from the app's own nice value: an app started with ``nice`` (a CI job, a user's launcher) would
+    otherwise get a work thread no lower than its GUI thread.
     """
     import os
     import sys
 
     if sys.platform.startswith("linux"):
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORK_NICE))
         except OSError:  # not allowed in some sandboxes; the window is merely less smooth under load
             pass
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
@@ -198,3 +202,22 @@ def test_closing_while_training_asks_and_stops_the_thread(qtbot, make_window, re
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=10_000)
     assert not window.controller.running
     assert window.train_page.run_state == "cancelled"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice values are a Linux feature")
+def test_the_training_thread_runs_below_the_window_even_when_the_app_is_niced(qtbot, make_window, ready, tmp_path):
+    """The work thread is WORK_NICE steps below the GUI thread, counted from the app's own nice value (an app
+    started with `nice`, like this test run often is, must still leave its window the higher priority)."""
+    from studio.ui.worker import WORK_NICE
+
+    seen = {}
+
+    def run(job, stop=None, pause=None):
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        yield from stepping_run(tmp_path / "run", total=2, delay=0.002)(job, stop, pause)
+
+    window = ready(make_window(run))
+    window.start_training()
+    wait_for_state(qtbot, window, "finished")
+    gui = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen["worker"] == min(19, gui + WORK_NICE), f"GUI thread nice {gui}, training thread {seen['worker']}"
