@@ -379,7 +379,7 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True,
     launch_s = step_ops * op_seconds(dev.type, peak)
     per_step = _combine(dev.type, compute_s, launch_s)
     total_steps = planned_steps(job)
-    previews = preview_rounds(job, total_steps)
+    previews = preview_rounds(job, total_steps, per_step)
     preview_each = preview_seconds(job, family, folder, config_json, vae_config, down, dev.type, peak) if previews else 0.0
     gpu_bytes = gpu_total = None
     name = dev.type.upper()
@@ -427,10 +427,15 @@ def lora_module_count(family: str, config_json: str, targets: str) -> int:
                                 target_modules(family, targets, get_family(family).denoiser_name)))
 
 
-def preview_rounds(job: Job, total_steps: int) -> int:
+def preview_rounds(job: Job, total_steps: int, seconds_per_step: float | None = None) -> int:
     """How many times the run renders its previews: at step 0 (the base model), every ``sampling.every`` steps,
-    and at the last step when the cadence does not land on it (the trainer's cadence)."""
+    and at the last step when the cadence does not land on it (the trainer's cadence). 'auto' (-1) is the cadence
+    the run will pick from this time per step (run_setup.preview_cadence)."""
+    from studio.engine.sampling import auto_preview_cadence
+
     every = job.sampling.every
+    if every < 0:
+        every = auto_preview_cadence(seconds_per_step)
     if not every or total_steps <= 0:
         return 0
     return 1 + total_steps // every + (1 if total_steps % every else 0)

@@ -113,3 +113,31 @@ def test_sd3_rows_clip_l_clip_g_and_an_optional_t5_are_shown_and_chosen(qtbot, w
     window.model.set_value("model.text_encoder_2", "")
     qtbot.waitUntil(lambda: not page.parts.error, timeout=30_000)
     assert page.parts.rows["text_encoder_2"][1].endswith("clip_g.safetensors")
+
+
+def test_z_image_parts_are_found_in_comfyui_folders(qtbot, window, tiny_model, tmp_path):
+    """ComfyUI's Z-Image files: the transformer alone (original fused-qkv layout), qwen_3_4b and ae beside it."""
+    import sys
+    from pathlib import Path
+
+    from studio.engine.checkpoint import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    from test_zimage_files import original_state_dict
+
+    folder = tiny_model("zimage", "flow")
+    bundle = load_model(ModelSection(path=str(folder)))
+    models = tmp_path / "ComfyUI" / "models"
+    _save(original_state_dict(bundle.denoiser.state_dict()), models / "diffusion_models" / "tiny_z_image_turbo.safetensors")
+    _save({"model." + k: v for k, v in bundle.text_encoders[0].state_dict().items()},
+          models / "text_encoders" / "qwen_3_4b.safetensors")
+    _save(bundle.vae.state_dict(), models / "vae" / "ae.safetensors")
+    window.go_to("model")
+    page = window.model_page
+    window.model.set_value("model.config_dir", str(folder))
+    drop_paths(page.drop, models / "diffusion_models" / "tiny_z_image_turbo.safetensors")
+    qtbot.waitUntil(lambda: page.info is not None and bool(page.parts.rows), timeout=60_000)
+    assert page.info["family"] == "zimage"
+    assert {n: f and f.rsplit("/", 1)[-1] for n, (_, f) in page.parts.rows.items()} == {
+        "text_encoder": "qwen_3_4b.safetensors", "vae": "ae.safetensors"}
+    assert page.parts.missing == []

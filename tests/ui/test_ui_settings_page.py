@@ -212,3 +212,16 @@ def test_each_family_has_a_preset_with_its_resolution_and_preview_sampler(qtbot,
     assert (job.dataset.resolution, job.sampling.steps, job.sampling.guidance) == (1024, 28, 3.5)
     assert (job.lora.rank, job.training.lr, job.training.min_snr_gamma) == (16, 1e-4, 0.0)
     assert page.editor("dataset.resolution").input.value() == 1024
+
+
+def test_the_z_image_preset_samples_like_turbo_and_trains_at_the_models_shift(qtbot, window, page):
+    names = [page.preset_combo.itemText(i) for i in range(page.preset_combo.count())]
+    page.preset_combo.setCurrentIndex(names.index("Z-Image defaults"))
+    assert "Z-Image" in page.preset_description.text()
+    qtbot.mouseClick(page.apply_button, Qt.LeftButton)
+    job = window.model.job
+    # Turbo's sampler: 8 steps without guidance; rank 16, lr 1e-4, logit-normal σ at the model's own shift.
+    assert (job.dataset.resolution, job.sampling.steps, job.sampling.guidance) == (1024, 8, 0.0)
+    assert (job.lora.rank, job.training.lr, job.training.flow_shift) == (16, 1e-4, "auto")
+    assert job.training.gradient_checkpointing and job.training.base_weights_fp8
+    assert page.editor("sampling.steps").input.value() == 8

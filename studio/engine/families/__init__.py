@@ -34,6 +34,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "sd3": ("studio.engine.families.sd3:SD3_MEDIUM", "Stable Diffusion 3 Medium"),
     "sd3.5-medium": ("studio.engine.families.sd3:SD35_MEDIUM", "Stable Diffusion 3.5 Medium"),
     "sd3.5-large": ("studio.engine.families.sd3:SD35_LARGE", "Stable Diffusion 3.5 Large"),
+    "zimage": ("studio.engine.families.zimage:ZIMAGE", "Z-Image"),
 }
 # Assumed where nothing tells the family (the built-in demo model is a tiny one of it).
 DEFAULT_FAMILY = "sd1"

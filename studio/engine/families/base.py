@@ -139,6 +139,9 @@ class Family(abc.ABC):
     vae_overflow_hint: str = ""
     # Prediction types the tiny test model is built with (each gets its own training test).
     tiny_prediction_types: tuple[str, ...] = ("epsilon",)
+    # What training_loss must read back on the host each step, and why ("" = nothing: the hot-loop test traps every
+    # read). Z-Image's transformer takes one caption tensor per image, so the captions' token counts are Python ints.
+    step_host_read: str = ""
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -308,6 +311,11 @@ class Family(abc.ABC):
                            dtype: "torch.dtype | None" = None) -> dict[str, "torch.Tensor"]:
         """Tensors a written checkpoint should also carry: markers (v-prediction …) and keys of the original file
         the conversion does not produce but the original loaders expect (those cast to ``dtype``)."""
+        return {}
+
+    def consumer_problems(self) -> Mapping[str, str]:
+        """Tools (adapters.consumers.CONSUMERS) that cannot load this family's LoRA files at all, each with the reason
+        (the export report says so instead of "loads fully"); none for SD, which every tool reads."""
         return {}
 
     def kohya_index(self, bundle: ModelBundle) -> dict[str, tuple[str, Any]]:
