@@ -74,12 +74,22 @@ def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, FileModule], streng
     return {"by_component": counts, "unmatched": unmatched}
 
 
-def bakes_loras(family: Any) -> bool:
-    """Whether a kohya/LyCORIS file's updates can be added to this family's weights (baking, LyCORIS previews)."""
+def _overrides(family: Any, names: tuple[str, ...]) -> bool:
     from studio.engine.families.base import Family
 
-    return all(getattr(type(family), name) is not getattr(Family, name)
-               for name in ("kohya_index", "single_file_state_dict", "checkpoint_metadata_ids"))
+    return all(getattr(type(family), name) is not getattr(Family, name) for name in names)
+
+
+def patches_loras(family: Any) -> bool:
+    """Whether a kohya/LyCORIS file's updates can be added to this family's loaded weights (LyCORIS previews: the
+    family names every layer a file may carry, ``kohya_index``)."""
+    return _overrides(family, ("kohya_index",))
+
+
+def bakes_loras(family: Any) -> bool:
+    """Whether a LoRA can be baked into this family's single-file checkpoints (its weights patched, then written
+    in the original layout with the checkpoint's metadata)."""
+    return _overrides(family, ("kohya_index", "single_file_state_dict", "checkpoint_metadata_ids"))
 
 
 def _bake_refusal(family: Any) -> str | None:

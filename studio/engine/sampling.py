@@ -230,9 +230,9 @@ def generate(
         # LoHa/LoKr/DoRA files: diffusers' loader does not convert them, so their ΔW (each adapter type's own
         # formula, as ComfyUI/A1111 apply it) is added to the weights for this image and taken off again.
         from studio.engine.export import LoraFileError, describe_lora
-        from studio.engine.merge import bakes_loras
+        from studio.engine.merge import patches_loras
 
-        if not bakes_loras(bundle.family):
+        if not patches_loras(bundle.family):
             kind = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}.get(describe_lora(path)["network_type"], "LyCORIS")
             raise LoraFileError(f"'{path.name}' is a {kind} file: diffusers cannot load it and LoRA Studio cannot add "
                                 f"its update to {bundle.family.label}'s weights yet, so it cannot be tried here; "

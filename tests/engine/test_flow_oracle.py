@@ -164,7 +164,7 @@ def test_sd3_shifts_follow_the_model_s_scheduler_and_the_resolution_shift_works(
                                expected(flow.FlowSampling(shift="resolution"), image_seq_len=tokens))
 
 
-@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium"])
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium", "zimage"])
 def test_a_latent_of_odd_size_trains_on_its_even_part(tiny_model, name):
     """Both transformers work on 2 x 2 latent patches. A bucket or resolution that is a multiple of 8 but not of 16
     (e.g. 1000 px: a 125-row latent) used to fail inside the step (Flux's packing, SD3's patch embedding); the

@@ -41,3 +41,5 @@ def test_only_the_settings_a_family_ignores_and_only_when_set():
     assert get_family("sd3.5-large").unused_training_options(TrainingSection()) == []
     assert sorted(get_family("sd3.5-large").unused_training_options(training)) == [
         "training.clip_skip", "training.max_token_length", "training.min_snr_gamma", "training.noise_offset"]
+    assert sorted(get_family("zimage").unused_training_options(training)) == [
+        "training.clip_skip", "training.max_token_length", "training.min_snr_gamma", "training.noise_offset"]

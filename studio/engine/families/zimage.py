@@ -85,6 +85,8 @@ def caption_lengths(mask: torch.Tensor) -> list[int]:
 class ZImageFamily(Family):
     """Z-Image: ZImageTransformer2DModel, Qwen3-4B (text_encoder), FLUX.1's VAE with shift/scale; rectified flow."""
 
+    # DDPM-only settings the flow objective and Qwen3 encoding never read (said at the start, not in the metadata).
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     denoiser_name = "transformer"
     compile_block_classes = ("ZImageTransformerBlock",)  # refiners and main layers alike
     text_encoder_names = ("text_encoder",)
@@ -206,6 +208,7 @@ class ZImageFamily(Family):
                       weight_dtype: torch.dtype) -> torch.Tensor:
         """Rectified flow as ZImagePipeline samples it: ``x_σ = (1 - σ) x + σ ε`` in, timestep ``1 - σ``, the network's
         output compared with ``x - ε`` (the pipeline negates it into the velocity ``ε - x`` its scheduler steps)."""
+        latents = flow.even_part(latents)  # 2 x 2 patches, as for Flux and SD3
         b, c, h, w = latents.shape
         sched = bundle.noise_scheduler.config
         shift = {"base_seq_len": sched.get("base_image_seq_len", 256), "max_seq_len": sched.get("max_image_seq_len", 4096),
@@ -281,6 +284,9 @@ class ZImageFamily(Family):
         }
 
     # ------------------------------------------------------------------------------------------ preview
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        return flow.patched_pixels(bundle.vae)  # 2 x 2 patches of the VAE's latent: 16 px
 
     def pipeline(self, bundle: ModelBundle) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
