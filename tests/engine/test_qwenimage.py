@@ -1,0 +1,299 @@
+"""Qwen-Image: the tiny model trains from the CLI and learns; its LoRA files (ours and the diffusers layout) load in
+QwenImagePipeline with no key left over; captions are encoded as the pipeline encodes them; the objective's conventions
+are the pipeline's (an oracle that knows the clean latent has zero training loss and denoises exactly through the
+pipeline's loop); the exported names are the ones ComfyUI and diffusers map onto the full-size model (meta device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from studio.engine.families import get_family
+from studio.engine.families.qwenimage import QWEN_IMAGE, pack
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tiny_model) -> Path:
+    return tiny_model("qwen-image", "flow")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_qwen):
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+
+    return load_model(ModelSection(path=str(tiny_qwen)))
+
+
+def _latents_and_text(bundle, data: Path):
+    from studio.engine.dataset import load_image, prepare_image
+
+    items = sorted(data.glob("*.png"))
+    with torch.no_grad():
+        latents = torch.cat([bundle.family.encode_image(bundle, prepare_image(load_image(p), (64, 64))[0][None])[0]
+                             for p in items])
+        cond = bundle.family.encode_text(bundle, [p.with_suffix(".txt").read_text() for p in items])
+    return latents, cond
+
+
+def _fixed_noise_loss(bundle, latents, cond, training) -> float:
+    with torch.no_grad():
+        return sum(float(bundle.family.training_loss(bundle, bundle.denoiser, latents, cond, training=training,
+                                                     generator=torch.Generator().manual_seed(100 + s),
+                                                     weight_dtype=torch.float32)) for s in range(8)) / 8
+
+
+def _image(pipe):
+    return pipe("a red circle", num_inference_steps=3, height=64, width=64, true_cfg_scale=1.0,
+                generator=torch.Generator().manual_seed(7), output_type="np").images
+
+
+def test_bundled_qwenimage_config_matches_its_generator_and_the_reference_sizes(tmp_path):
+    import filecmp
+    import importlib.util
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from studio.paths import resource_path
+
+    root = resource_path("model_configs")
+    spec = importlib.util.spec_from_file_location("make_qwenimage_configs", root / "make_qwenimage_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_configs(tmp_path)
+    for file in sorted((tmp_path / "qwen-image").rglob("*.json")):
+        rel = file.relative_to(tmp_path / "qwen-image")
+        assert filecmp.cmp(file, root / "qwen-image" / rel, shallow=False), rel
+    cfg = QWEN_IMAGE.bundled_config_dir()
+    with init_empty_weights():
+        transformer = QwenImageTransformer2DModel.from_config(QWEN_IMAGE.denoiser_config(cfg))
+        qwen = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(cfg / "text_encoder", local_files_only=True))
+        vae = AutoencoderKLQwenImage.from_config(AutoencoderKLQwenImage.load_config(cfg, subfolder="vae"))
+    counts = {"denoiser": sum(p.numel() for p in transformer.parameters()),
+              "text_encoders": sum(p.numel() for p in qwen.parameters()), "vae": sum(p.numel() for p in vae.parameters())}
+    for part, expected in QWEN_IMAGE.full_size_parameters().items():
+        assert abs(counts[part] - expected) / expected < 0.01, (part, counts[part])
+    assert vae.spatial_compression_ratio == 8 and transformer.config.in_channels == 4 * vae.config.z_dim
+
+
+def test_captions_are_encoded_as_the_pipeline_encodes_them(bundle):
+    """Fixed length with a mask here, variable length there: the real tokens' states are the same, template dropped."""
+    pipe = bundle.pipeline()
+    captions = ["a red circle", "a much longer caption about a blue square on a green field"]
+    with torch.no_grad():
+        ours = QWEN_IMAGE.encode_text(bundle, captions)
+        theirs, theirs_mask = pipe.encode_prompt(captions, device="cpu")
+    lengths = ours["prompt_mask"].sum(1).tolist()
+    assert lengths == theirs_mask.sum(1).tolist() and lengths[0] < lengths[1]
+    assert lengths[0] == len(bundle.tokenizers[0]("a red circle<|im_end|>\n<|im_start|>assistant\n").input_ids)
+    for i, n in enumerate(lengths):
+        assert torch.allclose(ours["prompt"][i, :n], theirs[i, :n], atol=1e-5)
+        assert (ours["prompt"][i, n:] == 0).all()
+    # Cached captions join: every caption has the same padded length.
+    assert ours["prompt"].shape[1] == QWEN_IMAGE.max_length(bundle)
+
+
+def test_latents_are_the_vaes_one_frame_normalised_per_channel(bundle):
+    """encode_image's mean decodes (after the pipeline's own de-normalisation) to what the VAE decodes from its latent."""
+    vae = bundle.vae
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean, std = QWEN_IMAGE.encode_image(bundle, pixels)
+        raw = vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+    assert mean.shape == (1, 16, 16, 16) and std.shape == mean.shape  # 4x down in the tiny VAE, frames squeezed
+    shape = (1, 16, 1, 1)
+    restored = mean * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(shape)
+    assert torch.allclose(restored, raw[:, :, 0], atol=1e-5)
+    assert not torch.allclose(mean, raw[:, :, 0])
+
+
+def test_the_objective_follows_the_pipelines_conventions(bundle):
+    """An oracle transformer that knows the clean latent x returns what training asks for (ε - x at timestep σ, 2x2
+    packed): its training loss is zero, and QwenImagePipeline's own loop (t / 1000, dynamic shift, shift_terminal,
+    Euler) lands exactly on x with it."""
+    from studio.engine.config import TrainingSection
+
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def oracle(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_mask=None, img_shapes=None,
+               return_dict=True, **kwargs):
+        seen.append((img_shapes, encoder_hidden_states_mask))
+        sigma = timestep.float().view(-1, 1, 1)
+        clean = pack(x)[: hidden_states.shape[0]]
+        noise = (hidden_states.float() - (1 - sigma) * clean) / sigma
+        return (noise - clean,)
+
+    transformer = bundle.denoiser
+    real_forward = transformer.forward
+    transformer.forward = oracle  # the instance's forward: the pipeline calls the module as it calls the real one
+    try:
+        with torch.no_grad():
+            cond = QWEN_IMAGE.encode_text(bundle, ["a red circle", "a blue square"])
+            loss = QWEN_IMAGE.training_loss(bundle, transformer, x, cond, training=TrainingSection(),
+                                            generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32)
+            assert float(loss) < 1e-8
+            assert seen[-1][0] == [[(1, 8, 8)]] * 2 and seen[-1][1].dtype == torch.bool
+            pipe = bundle.pipeline()
+            pipe.set_progress_bar_config(disable=True)
+            start = pack(torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2)))
+            out = pipe("a red circle", num_inference_steps=3, height=64, width=64, true_cfg_scale=1.0, latents=start,
+                       output_type="latent").images
+    finally:
+        transformer.forward = real_forward
+    assert torch.allclose(out[0], pack(x)[0], atol=1e-4), (out[0] - pack(x)[0]).abs().max()
+
+
+def test_auto_shift_is_the_schedulers_dynamic_shift_at_the_images_size(bundle):
+    """σ drawn at 1024 px (4096 tokens) lie above those at 256 px: mu follows Qwen-Image's 0.5 → 0.9 over 256 → 8192."""
+    from studio.engine.config import TrainingSection
+    from studio.engine.families import flow
+
+    sched = bundle.noise_scheduler.config
+    sampling = QWEN_IMAGE.flow_sampling(TrainingSection(), sched)
+    assert sampling.shift == "resolution"
+    shift = QWEN_IMAGE.shift_config(sched)
+    assert (shift["max_seq_len"], shift["max_shift"]) == (8192, 0.9)
+    assert abs(flow.flux_mu(8192, **shift) - 0.9) < 1e-9 and abs(flow.flux_mu(256, **shift) - 0.5) < 1e-9
+    small = flow.sample_sigmas(64, sampling, torch.Generator().manual_seed(0), 256, shift)
+    large = flow.sample_sigmas(64, sampling, torch.Generator().manual_seed(0), 4096, shift)
+    assert (large > small).all()
+
+
+def test_tiny_qwenimage_trains_from_the_cli_and_its_loras_load_in_diffusers(tiny_qwen, tmp_path, capsys):
+    from diffusers import QwenImagePipeline
+
+    from fixtures_data import make_dataset
+    from studio.cli import main
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import load_job
+    from studio.engine.export import describe_lora
+    from studio.engine.lora import count_lora_modules
+    from test_export import _key_problems, _load_messages
+
+    data = make_dataset(tmp_path / "data", count=4)
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_qwen), "--data", str(data), "--out", str(out), "--steps", "30",
+                 "--lr", "5e-3", "--rank", "8", "--alpha", "8", "--resolution", "64", "--sample-every", "0",
+                 "--name", "tiny", "--set", "dataset.bucket_step=16", "--set", "output.save_diffusers=true",
+                 "--set", "training.base_weights_fp8=false", "--set", "training.gradient_checkpointing=false"])
+    assert code == 0, capsys.readouterr().err
+    job = load_job(out / "job.toml")
+    with safe_open(str(out / "tiny.safetensors"), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["modelspec.architecture"] == "Qwen-Image/lora" and meta["ss_base_model_version"] == "qwen_image"
+    assert {"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight", "lora_unet_transformer_blocks_0_attn_to_q.alpha",
+            "lora_unet_transformer_blocks_1_attn_add_k_proj.lora_up.weight",
+            "lora_unet_transformer_blocks_1_txt_mlp_net_0_proj.lora_down.weight"} <= keys
+    info = describe_lora(out / "tiny.safetensors")
+    # 2 blocks, 12 modules each (both streams' q, k, v, out and both feed-forwards' two Linears).
+    assert (info["family"], sum(info["modules"].values())) == ("qwen-image", 2 * 12), info
+
+    bundle = load_model(job.model)
+    latents, cond = _latents_and_text(bundle, data)
+    before = _fixed_noise_loss(bundle, latents, cond, job.training)
+    pipe = bundle.pipeline()
+    assert isinstance(pipe, QwenImagePipeline)
+    pipe.set_progress_bar_config(disable=True)
+    base_image = _image(pipe)
+    for name, file in (("ours", out / "tiny.safetensors"), ("diffusers", out / "tiny-diffusers.safetensors")):
+        with _load_messages() as messages:
+            pipe.load_lora_weights(str(file), adapter_name=name)
+        assert _key_problems(messages) == [], (name, messages)
+        assert count_lora_modules(bundle.denoiser, name) == 2 * 12
+    pipe.set_adapters(["ours"], adapter_weights=[1.0])
+    ours_image = _image(pipe)
+    after = _fixed_noise_loss(bundle, latents, cond, job.training)
+    pipe.set_adapters(["diffusers"], adapter_weights=[1.0])
+    assert abs(_fixed_noise_loss(bundle, latents, cond, job.training) - after) < 1e-4  # the same LoRA, two layouts
+    print(f"qwen-image tiny: {2 * 12} LoRA modules, loss at fixed noise {before:.4f} -> {after:.4f} "
+          f"(ratio {after / before:.3f})")
+    assert after < 0.95 * before, (before, after)
+    assert not (ours_image == base_image).all()  # scale 1 changes the image
+    pipe.set_adapters(["ours"], adapter_weights=[0.0])
+    assert (_image(pipe) == base_image).all()  # scale 0 is the base model exactly
+
+
+def test_previews_are_encoded_as_training_encodes_them(bundle):
+    """The family hands the pipeline its own (padded, masked) caption states; the image is the pipeline's own."""
+    pipe = bundle.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = QWEN_IMAGE.preview_prompt_kwargs(bundle, ["a red circle"], "blurry")
+    ours = pipe(**kwargs, num_inference_steps=2, height=64, width=64, true_cfg_scale=3.0,
+                generator=torch.Generator().manual_seed(3), output_type="np").images
+    theirs = pipe("a red circle", negative_prompt="blurry", num_inference_steps=2, height=64, width=64,
+                  true_cfg_scale=3.0, generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert abs(ours - theirs).max() < 1e-5
+    assert QWEN_IMAGE.preview_batch_factor(1.0) == 1 and QWEN_IMAGE.preview_batch_factor(4.0) == 2
+    assert QWEN_IMAGE.pipeline_kwargs(negative_prompt="", guidance=4.0, lora_scale=None)["true_cfg_scale"] == 4.0
+
+
+# ------------------------------------------------------------------------------------ the full-size names
+
+
+@pytest.fixture(scope="module")
+def meta_qwen():
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    with init_empty_weights():
+        return QwenImageTransformer2DModel.from_config(QWEN_IMAGE.denoiser_config(QWEN_IMAGE.bundled_config_dir()))
+
+
+def test_exported_names_are_the_ones_comfyui_and_diffusers_map_onto_the_full_size_model(meta_qwen):
+    """ComfyUI's QwenImage model keeps diffusers' paths; its LoRA key map accepts "lora_unet_" + the path with
+    underscores for every diffusion_model weight. diffusers' Qwen converter must split each name back to its path."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
+
+    from studio.engine.lora import matching_modules
+
+    modules = dict(meta_qwen.named_modules())
+    targets = matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("kohya-default", "transformer"))
+    assert len(targets) == 60 * 12
+    assert len(matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("attention", "transformer"))) == 60 * 8
+    # The modulations are not trained by default but the loaders map them, so files adapting them are named too.
+    named = targets + [p for p in modules if p.endswith(("img_mod.1", "txt_mod.1"))]
+    weights = {k.removesuffix(".weight") for k in meta_qwen.state_dict() if k.endswith(".weight")}
+    comfy = {"lora_unet_" + k.replace(".", "_"): k for k in weights}  # ComfyUI's map (comfy/lora.py)
+    state = {}
+    for path in named:
+        name = QWEN_IMAGE.kohya_name("transformer", path)
+        assert comfy[name] == path, name
+        rank, module = 4, modules[path]
+        state[name + ".lora_down.weight"] = torch.zeros(rank, module.in_features)
+        state[name + ".lora_up.weight"] = torch.zeros(module.out_features, rank)
+        state[name + ".alpha"] = torch.tensor(4.0)
+    converted = _convert_non_diffusers_qwen_lora_to_diffusers(state)
+    assert {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in converted if "lora_A" in k} == set(named)
+    with pytest.raises(ValueError, match="not a Qwen-Image block layer"):
+        QWEN_IMAGE.kohya_name("transformer", "img_in")
+
+
+def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
+    from studio.engine.families import lora_family
+
+    ours = {"lora_unet_transformer_blocks_0_img_mlp_net_2.lora_down.weight": (8, 12288)}
+    assert lora_family({}, ours)[0] is QWEN_IMAGE
+    ai_toolkit = {"diffusion_model.transformer_blocks.0.txt_mod.1.lora_A.weight": (8, 3072)}
+    assert lora_family({}, ai_toolkit)[0] is QWEN_IMAGE
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (8, 3072)}
+    assert lora_family({}, flux)[0] is get_family("flux-dev")
+    assert lora_family({"modelspec.architecture": "Qwen-Image/lora"}, {})[0] is QWEN_IMAGE
+
+
+def test_a_transformer_only_file_is_named_and_refused_with_what_to_use(tmp_path):
+    from test_checkpoint_support import write_sparse_safetensors
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+    from studio.engine.safe_load import ModelLoadError
+
+    keys = {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64), "transformer_blocks.0.img_mod.1.weight": (18432, 3072)}
+    path = write_sparse_safetensors(tmp_path / "qwen_image_bf16.safetensors", keys)
+    with pytest.raises(ModelLoadError, match="Qwen-Image transformer file.*diffusers folder of Qwen/Qwen-Image"):
+        load_model(ModelSection(path=str(path)))
