@@ -297,3 +297,48 @@ def test_a_transformer_only_file_is_named_and_refused_with_what_to_use(tmp_path)
     path = write_sparse_safetensors(tmp_path / "qwen_image_bf16.safetensors", keys)
     with pytest.raises(ModelLoadError, match="Qwen-Image transformer file.*diffusers folder of Qwen/Qwen-Image"):
         load_model(ModelSection(path=str(path)))
+
+
+# ------------------------------------------------------------------------------------------- fitting 20 B
+
+
+def test_the_presets_memory_options_train_the_tiny_model(tiny_qwen, tiny_dataset, tmp_path):
+    """The family's preset (fp8 frozen weights, gradient checkpointing) plus one swapped block trains two real steps."""
+    from studio.engine.config import set_value
+    from studio.engine.events import RunFinished, StepCompleted
+    from test_trainer import collect, tiny_job
+
+    defaults = QWEN_IMAGE.job_defaults()
+    assert defaults["training.base_weights_fp8"] and defaults["training.gradient_checkpointing"]
+    job = tiny_job(tiny_qwen, tiny_dataset, tmp_path / "run", training__steps=2)
+    for key, value in defaults.items():
+        if not key.startswith(("dataset.resolution", "training.mixed_precision", "sampling.")):
+            set_value(job, key, value)
+    job.training.block_swap = 1
+    events = collect(job)
+    assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
+    losses = [e.loss for e in events if isinstance(e, StepCompleted)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_the_estimate_counts_fp8_and_block_swap():
+    from studio.engine.config import Job
+    from studio.engine.estimate import gpu_memory
+
+    job = Job()
+    job.model.family = "qwen-image"
+    job.dataset.resolution = 1024
+    job.training.gradient_checkpointing = True
+    job.training.mixed_precision = "bf16"
+    base = gpu_memory(job, "qwen-image", 20_000_000)
+    job.training.base_weights_fp8 = True
+    fp8 = gpu_memory(job, "qwen-image", 20_000_000)
+    job.training.block_swap = 30
+    swapped = gpu_memory(job, "qwen-image", 20_000_000)
+    gib = 2**30
+    print(f"Qwen-Image 1024 px estimate: bf16 {base / gib:.1f} GiB, fp8 {fp8 / gib:.1f} GiB, "
+          f"fp8 + 30 blocks swapped {swapped / gib:.1f} GiB")
+    # fp8 saves one byte per transformer weight (20.4 GB = 19.0 GiB, times the allocator's slack); 29 more blocks
+    # off the GPU save ~1 byte x 29/60 x 99 % of them.
+    assert 19.0 * gib < base - fp8 < 22.0 * gib
+    assert 9.0 * gib < fp8 - swapped < 11.0 * gib
