@@ -7,7 +7,9 @@ dense bf16 peak (``DENSE_BF16_TFLOPS``, by device name), and peak VRAM allocated
 scripts on the same GPU, model and images. Runs go in priority order (every configuration eager first, then the
 peers, then checkpointing, then compile) and a run that would end past ``--budget-s`` is skipped and listed as
 such, so the suite always finishes inside its time. ``--dry-run`` walks the same path on the tiny model on a CPU
-(the test suite runs it); it leaves compile out (minutes of CPU compile for nothing learned).
+(the test suite runs it); it does not run the compiled rows (minutes of CPU compile for nothing learned) but checks
+that their settings make valid GPU jobs. Compiled rows: the repeated blocks, the whole denoiser, and the whole
+denoiser as CUDA graphs (batch 1 only).
 """
 
 from __future__ import annotations
@@ -41,11 +43,16 @@ DENSE_BF16_TFLOPS: list[tuple[str, float]] = [
 # (name, model preset, resolution, batch sizes): the issue's four configurations.
 CONFIGS = [("sd15-512", "sd1", 512, (1, 8)), ("sdxl-1024", "sdxl", 1024, (1, 4))]
 DRY_CONFIGS = [("tiny-a", "tiny", 64, (1,)), ("tiny-b", "tiny", 64, (2,))]
-VARIANTS = [  # (label, gradient checkpointing, compile), in the order they are run
-    ("eager", False, False),
-    ("eager + checkpointing", True, False),
-    ("compiled", False, True),
-    ("compiled + checkpointing", True, True),
+# (label, gradient checkpointing, compile scope or None, CUDA graphs, only these (config, batch) or None), in the
+# order they are run. CUDA graphs go first among the compiled rows and at batch 1 only: launch overhead is what
+# they remove, and batch 1 is where it shows (the SD1.5 batch-1 target is a step rate).
+VARIANTS = [
+    ("eager", False, None, False, None),
+    ("eager + checkpointing", True, None, False, None),
+    ("CUDA graphs (whole denoiser)", False, "denoiser", True, {("sd15-512", 1), ("sdxl-1024", 1), ("tiny-a", 1)}),
+    ("compiled (blocks)", False, "blocks", False, None),
+    ("compiled (whole denoiser)", False, "denoiser", False, None),
+    ("compiled (blocks) + checkpointing", True, "blocks", False, None),
 ]
 # Ours trains the peers' LoRA (rank 4 on the attention projections), so every row does the same math.
 GPU_SETTINGS: dict[str, Any] = {"lora.rank": 4, "lora.alpha": 4.0, "lora.targets": "attention"}
@@ -100,12 +107,13 @@ class Budget:
 def _plan(configs: list, dry: bool, peers: dict[str, Path | None]) -> list[dict[str, Any]]:
     """Every run of the suite, in priority order."""
     plan = []
-    variants = [v for v in VARIANTS if not (dry and v[2])]
-    for index, (label, ckpt, compile_) in enumerate(variants):
+    for index, (label, ckpt, scope, graphs, only) in enumerate(VARIANTS):
         for name, model, resolution, batches in configs:
             for batch in batches:
-                plan.append({"config": name, "model": model, "resolution": resolution, "batch": batch,
-                             "row": "ours", "variant": label, "checkpointing": ckpt, "compile": compile_})
+                if only is None or (name, batch) in only:
+                    plan.append({"config": name, "model": model, "resolution": resolution, "batch": batch,
+                                 "row": "ours", "variant": label, "checkpointing": ckpt, "compile": bool(scope),
+                                 "compile_scope": scope or "blocks", "cuda_graphs": graphs})
         if index == 0:  # the peers right after ours eager: the comparison the suite exists for
             for name, model, resolution, batches in configs:
                 script = peers.get(model)
@@ -155,6 +163,13 @@ def gpu_suite(args: argparse.Namespace) -> int:
             entry["skipped"] = "no reference script given for this model (--peer-script / --peer-script-sdxl)"
             results.append(entry)
             continue
+        if item["row"] == "ours" and dry and item["compile"]:
+            # A CPU compile takes minutes and teaches nothing about GPU speed: the dry run only checks that the row's
+            # settings still make a valid job on a GPU (tests/engine/test_compile.py trains compiled for real).
+            entry["skipped"] = "compile is left out of a dry run"
+            entry["problems"] = _row_problems(item)
+            results.append(entry)
+            continue
         if not budget.fits(item["model"], item["compile"]):
             entry["skipped"] = (f"over the time budget ({budget.elapsed():.0f} s of {budget.seconds:.0f} s used; this "
                                 f"run would take ~{budget.expect(item['model'], item['compile']):.0f} s)")
@@ -170,7 +185,7 @@ def gpu_suite(args: argparse.Namespace) -> int:
         else:
             settings = {**BASE_SETTINGS, **GPU_SETTINGS, **_parse_overrides(args), "dataset.resolution": item["resolution"],
                         "training.batch_size": item["batch"], "training.mixed_precision": precision,
-                        "training.gradient_checkpointing": item["checkpointing"], "training.compile": item["compile"]}
+                        **_row_settings(item)}
             spec = {**common, "settings": settings, "cache_dir": None, "count_flops": False,
                     "sync_debug": bool(args.sync_debug)}
         started = time.perf_counter()
@@ -204,6 +219,21 @@ def gpu_suite(args: argparse.Namespace) -> int:
     print(f"JSON: {path}", file=sys.stderr)
     failed = [r for r in results if "run" in r and not r["run"].get("ok")]
     return 1 if failed else 0
+
+
+def _row_settings(item: dict[str, Any]) -> dict[str, Any]:
+    """The job settings that make one row's variant."""
+    return {"training.gradient_checkpointing": item["checkpointing"], "training.compile": item["compile"],
+            "training.compile_scope": item["compile_scope"], "training.cuda_graphs": item["cuda_graphs"]}
+
+
+def _row_problems(item: dict[str, Any]) -> list[str]:
+    """What the job's validation says of a row's settings on a CUDA device (empty: the row would run)."""
+    from studio.engine.config import Job, apply_overrides, validate
+
+    job = Job()
+    apply_overrides(job, _row_settings(item))
+    return [str(p) for p in validate(job, check_paths=False, device_type="cuda") if p.severity == "error"]
 
 
 def _parse_overrides(args: argparse.Namespace) -> dict[str, Any]:

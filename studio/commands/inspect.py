@@ -1,10 +1,11 @@
-"""`lora-studio inspect PATH [--json]`: what a checkpoint, LoRA file or dataset folder is, in words or as JSON."""
+"""`lora-studio inspect PATH [--json] [--set model.KEY=VALUE]`: what a checkpoint, LoRA file or dataset folder is, in words or as JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -24,7 +25,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256/A1111 hashes (they read the whole file)")
     p.add_argument("--load", action="store_true", help="also load the model for real and report the load time")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="a model setting the description should use, as in a job: e.g. --set model.config_dir=DIR for "
+                        "a model of unusual size, --set model.text_encoder_3=t5xxl_fp16.safetensors to check a part "
+                        "file (repeatable)")
     return p
+
+
+def _model_section(overrides: list[str]) -> Any:
+    """The job's model section from ``--set model.KEY=VALUE`` items (bad ones are a ConfigError naming them)."""
+    from studio.engine.config import ConfigError, Job, Problem, apply_overrides, parse_cli_value
+
+    values, problems = {}, []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().startswith("model."):
+            problems.append(Problem("--set", f"'{item}' is not model.KEY=VALUE, e.g. model.config_dir=DIR"))
+            continue
+        values[key.strip()] = parse_cli_value(value.strip())
+    if problems:
+        raise ConfigError(problems, "command line")
+    job = Job()
+    apply_overrides(job, values)
+    return job.model
 
 
 def format_bytes(n: float | None) -> str:
@@ -37,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
     from studio.engine.inspection import inspect_path
     from studio.engine.safe_load import ModelLoadError
 
+    from studio.engine.config import ConfigError
+
     try:
-        info = inspect_path(args.path, hashes=not args.no_hash, load=args.load)
+        model = _model_section(args.overrides) if args.overrides else None
+        info = inspect_path(args.path, hashes=not args.no_hash, load=args.load, model=model)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -115,6 +144,12 @@ def _describe_checkpoint(info: dict[str, Any]) -> str:
         rows.append(("Notes", "; ".join(extras + list(info.get("notes") or []))))
     elif info.get("notes"):
         rows.append(("Notes", "; ".join(info["notes"])))
+    if info.get("parts"):
+        # Parts the file lacks (a transformer-only FLUX.1 / SD3.5 file): the file found nearby, or missing.
+        rows.append(("Parts", "; ".join(
+            f"{p['label']}: " + (Path(p["file"]).name + " (found)" if p["file"] else
+                                 "not found" + ("" if p["required"] else ", optional") + f" (model.{p['name']})")
+            for p in info["parts"])))
     if info.get("sha256"):
         rows.append(("SHA-256", info["sha256"]))
         rows.append(("A1111 hash", f"{info['a1111_shorthash']} (legacy: {info['a1111_legacy_hash']})"))
@@ -123,6 +158,10 @@ def _describe_checkpoint(info: dict[str, Any]) -> str:
         rows.append(("Loaded in", f"{format_seconds(info['load_time_s'])} (fp32, CPU; peak memory "
                                   f"{format_bytes(info.get('peak_rss_bytes'))})"))
     verdict = "ready to train on" if info.get("usable") else f"cannot be trained on: {info.get('problem')}"
+    lacking = [p for p in info.get("parts") or [] if p["required"] and not p["file"]]
+    if info.get("usable") and (lacking or info.get("parts_problem")):
+        verdict = ("needs its " + ", ".join(f"{p['label']} (model.{p['name']})" for p in lacking) + " first"
+                   if lacking else f"needs other part files: {info['parts_problem']}")
     rows.append(("Status", verdict))
     return f"{info.get('name') or info.get('path')}\n{_rows(rows)}"
 

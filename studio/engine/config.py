@@ -56,14 +56,22 @@ class ModelSection:
         choices=("auto", "epsilon", "v_prediction"),
         advanced=True,
     )
-    vae: str = option("", "Optional separate VAE file (.safetensors) to use instead of the checkpoint's own.", advanced=True)
-    # Parts a transformer-only file (FLUX.1 …) lacks; the Model page asks for them by the family's part names.
+    vae: str = option(
+        "", "Separate VAE file (.safetensors) to use instead of the checkpoint's own, or for a model file that does "
+        "not carry one; empty uses the model's own or finds it next to the model.", advanced=True)
+    # Parts a transformer-only file (FLUX.1, SD3.5 …) lacks; the Model page asks for them by the family's part names
+    # (which encoder is which: the family's parts(), e.g. FLUX.1 CLIP-L + T5-XXL, SD3 CLIP-L + CLIP-G + T5-XXL).
     text_encoder: str = option(
-        "", "Separate text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; empty "
-        "finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+        "", "Separate first text encoder file (e.g. clip_l.safetensors) for a model file that does not carry it; "
+        "empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
     text_encoder_2: str = option(
-        "", "Separate second text encoder file (e.g. t5xxl_fp16.safetensors) for a model file that does not carry "
-        "it; empty finds it next to the model or in ComfyUI/A1111's model folders.", advanced=True)
+        "", "Separate second text encoder file (FLUX.1: t5xxl_fp16.safetensors; SD3: clip_g.safetensors) for a model "
+        "file that does not carry it; empty finds it next to the model or in ComfyUI/A1111's model folders.",
+        advanced=True)
+    text_encoder_3: str = option(
+        "", "Separate third text encoder file (SD3: t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors; optional, "
+        "zeros in its place without it) for a model file that does not carry it; empty finds it next to the model or "
+        "in ComfyUI/A1111's model folders.", advanced=True)
     config_dir: str = option(
         "",
         "Optional diffusers config folder for a single-file checkpoint of unusual shape; normally the bundled "
@@ -184,11 +192,24 @@ class TrainingSection:
     )
     attention: str = option("sdpa", "Attention kernel: PyTorch's fused SDPA, or the plain math version.", choices=("sdpa", "classic"), advanced=True)
     channels_last: bool = option(False, "Use channels-last memory format for the UNet (faster on some GPUs).", advanced=True)
-    compile: bool = option(False, "Compile the UNet's transformer blocks with torch.compile (slow start, faster steps).", advanced=True)
+    compile: bool = option(False, "Compile the denoiser (UNet or transformer) with torch.compile: a slower start, "
+                           "faster steps.", advanced=True)
     compile_scope: str = option(
-        "blocks", "What 'compile' compiles: 'blocks' (each transformer block once, reused: the quicker start) or "
-        "'denoiser' (the whole UNet: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
+        "blocks", "What 'compile' compiles: 'blocks' (each repeated transformer block once, reused: the quicker start) "
+        "or 'denoiser' (all of it: a longer start, no breaks between blocks).", choices=("blocks", "denoiser"),
         advanced=True,
+    )
+    compile_backend: str = option(
+        "inductor", "How 'compile' compiles: 'inductor' generates fused kernels (fastest; needs a C++ compiler, and "
+        "Triton on NVIDIA GPUs); 'aot_eager' only traces forward and backward into graphs (no compiler needed: the "
+        "fallback when inductor fails to build).", choices=("inductor", "aot_eager"), advanced=True,
+    )
+    cuda_graphs: bool = option(
+        False, "With 'compile': record the denoiser's forward and backward as CUDA graphs, one per bucket shape, and "
+        "replay them (torch.compile's reduce-overhead mode). Cuts the per-kernel launch cost that holds small batches "
+        "back; costs a recording per shape and some GPU memory. Best with compile scope 'denoiser' (one graph per "
+        "step, not one per block). NVIDIA GPUs, one process, no block swap.",
+        label="CUDA graphs", advanced=True,
     )
     tf32: bool = option(
         True, "Run fp32 matrix products and convolutions in TF32 on GPUs that have it (NVIDIA Ampere and newer): "
@@ -568,6 +589,25 @@ def optimizer_device_problem(optimizer: str, device_type: str | None) -> str | N
     return None
 
 
+def _cuda_graph_problems(t: "TrainingSection", device_type: str | None) -> list[Problem]:
+    """Why ``training.cuda_graphs`` cannot be used as set, if it cannot."""
+    if not t.cuda_graphs:
+        return []
+    problems = []
+    if not t.compile:
+        problems.append(Problem("training.cuda_graphs", "CUDA graphs are recorded by torch.compile: turn on "
+                                "training.compile as well (or turn CUDA graphs off)"))
+    if device_type in ("cpu", "mps"):
+        where = "this machine has no NVIDIA GPU" if t.device == "auto" else f"training.device is '{t.device}'"
+        problems.append(Problem("training.cuda_graphs", f"CUDA graphs need an NVIDIA GPU and {where}; turn CUDA "
+                                "graphs off"))
+    if t.block_swap:
+        problems.append(Problem("training.cuda_graphs", "block swap moves weights between the host and the GPU "
+                                "during each step, which a recorded CUDA graph cannot follow; set "
+                                "training.block_swap to 0 or turn CUDA graphs off"))
+    return problems
+
+
 def validate(job: Job, *, check_paths: bool = True, device_type: str | None = None) -> list[Problem]:
     """Every problem with the job at once, each naming the field and what to do.
 
@@ -607,6 +647,7 @@ def validate(job: Job, *, check_paths: bool = True, device_type: str | None = No
     if lo.dora and lo.algorithm != "lora":
         problems.append(Problem("lora.dora", f"DoRA is trained with the 'lora' adapter type; turn it off for "
                                 f"'{lo.algorithm}' or set lora.algorithm = 'lora'"))
+    problems += _cuda_graph_problems(t, device_type if t.device == "auto" else t.device)
     if t.compile and getattr(sys, "frozen", False):
         problems.append(Problem("training.compile", "the installed app has no compiler for torch.compile; turn it off "
                                 "(or run LoRA Studio from a Python install to use it)"))
@@ -652,7 +693,7 @@ def _validate_paths(job: Job) -> list[Problem]:
         problems.append(Problem("model.path", f"'{model}' does not exist; pick a checkpoint file or diffusers folder"))
     if job.model.vae and not Path(job.model.vae).expanduser().is_file():
         problems.append(Problem("model.vae", f"VAE file '{job.model.vae}' does not exist; clear the field to use the model's own"))
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         value = getattr(job.model, name)
         if value and not Path(value).expanduser().is_file():
             problems.append(Problem(f"model.{name}", f"'{value}' does not exist; choose the file, or clear the field "

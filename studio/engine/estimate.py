@@ -19,6 +19,7 @@ are not measured yet: a GPU estimate says it is uncalibrated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from studio.engine.config import BUILTIN_DEMO_MODEL, Job
+from studio.engine.config import BUILTIN_DEMO_MODEL, Job, LoraSection
 from studio.engine.devices import device_problem, format_bytes, pick_device
 from studio.engine.families import DEFAULT_FAMILY, Family, get_family
 from studio.engine.jsonfile import JsonFileError, read_json_object
@@ -237,28 +238,24 @@ def denoiser_cost(family: str, config_json: str, width: int, height: int, batch:
     return flops.get_total_flops(), counter.ops
 
 
+def lora_param_count(family: str, config_json: str, lora: LoraSection) -> int:
+    """Exact trainable parameter count of the job's adapter on the denoiser: the adapter type (LoRA, LoCon, DoRA,
+    LoHa, LoKr), its targets and ranks, injected by peft into a meta-device denoiser (shapes only, no memory)."""
+    return _adapter_params(family, config_json, json.dumps(dataclasses.asdict(lora), sort_keys=True))
+
+
 @functools.lru_cache(maxsize=16)
-def lora_param_count(family: str, config_json: str, targets: str, rank: int, conv_rank: int = 0) -> int:
-    """Exact LoRA parameter count of the denoiser for these targets and ranks, from the modules peft would wrap.
+def _adapter_params(family: str, config_json: str, lora_json: str) -> int:
+    from studio.engine.adapters import adapter_for
+    from studio.engine.config import LoraSection
 
-    peft's adapters: Linear in→out gets A (rank×in) and B (out×rank); a k×k Conv2d gets A (rank×in×k×k) and a
-    1×1 B (out×rank), with the conv rank for spatial convolutions (kohya's conv_dim).
-    """
-    from studio.engine.lora import matching_modules, target_modules
-
-    denoiser = _meta_denoiser(family, config_json)
-    modules = dict(denoiser.named_modules())
-    total = 0
-    for name in matching_modules(denoiser, target_modules(family, targets, get_family(family).denoiser_name)):
-        module = modules[name]
-        if isinstance(module, torch.nn.Linear):
-            total += rank * (module.in_features + module.out_features)
-        else:
-            spatial = tuple(module.kernel_size) != (1, 1)  # 1x1 convs are linear maps: normal rank (kohya)
-            r = (conv_rank or rank) if spatial else rank
-            kh, kw = module.kernel_size
-            total += r * module.in_channels * kh * kw + r * module.out_channels
-    return total
+    lora = LoraSection(**json.loads(lora_json))
+    fam = get_family(family)
+    with torch.device("meta"):
+        denoiser = fam.meta_denoiser(json.loads(config_json))  # a fresh one: injecting changes the module
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(adapter_for(lora).peft_config(lora, fam, fam.denoiser_name, denoiser))
+    return sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
 
 
 @functools.lru_cache(maxsize=8)
@@ -390,7 +387,7 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True,
         props = torch.cuda.get_device_properties(dev)
         name = props.name
         gpu_total = props.total_memory
-        lora_params = lora_param_count(family.name, config_json, job.lora.targets, job.lora.rank, job.lora.conv_rank)
+        lora_params = lora_param_count(family.name, config_json, job.lora)
         gpu_bytes = gpu_memory(job, family, lora_params)
         if gpu_bytes > gpu_total:
             warnings.append(f"this will likely not fit in the {format_bytes(gpu_total)} of GPU memory (needs ≈ "

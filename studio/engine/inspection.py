@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import time
@@ -66,15 +67,35 @@ def _dominant_dtype(components: dict[str, dict[str, Any]]) -> str | None:
     return weights.most_common(1)[0][0] if weights else None
 
 
-def _file_info(path: Path) -> dict[str, Any]:
+def _part_files(path: Path, family: str | None, model: ModelSection | None = None
+                ) -> tuple[list[dict[str, Any]], str | None]:
+    """The parts a model file lacks (its family's ``part_files``: found nearby, or missing), and why they could not be
+    looked up (a wrong file named), for the CLI and the Model page."""
+    if family is None:
+        return [], None
+    fam = get_family(family)
+    try:
+        section = dataclasses.replace(model, path=str(path)) if model is not None else ModelSection(path=str(path))
+        found = fam.part_files(path, section)
+    except (ModelLoadError, OSError, ValueError) as exc:  # the description stands; the reason goes with it
+        return [], str(exc)
+    parts = {p.name: p for p in fam.parts()}
+    return [{"name": name, "label": parts[name].label if name in parts else name,
+             "required": parts[name].required if name in parts else True, "file": str(file) if file else None}
+            for name, file in found.items()], None
+
+
+def _file_info(path: Path, model: ModelSection | None = None) -> dict[str, Any]:
     w = open_weights(path)
     det = detect(w.shapes, w.metadata, path.name, tensor=w.tensor)
     components = _components(w.shapes, w.dtypes, _component_prefixes(det.family))
     problem = det.problem
-    if det.kind == "checkpoint" and not problem and not det.standard_size:
+    if det.kind == "checkpoint" and not problem and not det.standard_size and not (model and model.config_dir):
         problem = (f"the layout is {_family_label(det.family) or det.architecture}'s but the sizes are unusual: "
                    "loading needs model.config_dir pointing to this model's diffusers configs")
     kind = det.kind if det.kind in ("lora", "vae", "embedding") else "checkpoint" if det.kind in ("checkpoint", "other") else "unknown"
+    # The Model page asks for missing parts itself (its parts panel); "usable" is about the file alone.
+    parts, parts_problem = _part_files(path, det.family if det.kind == "checkpoint" and problem is None else None, model)
     return {
         "kind": kind,
         "path": str(path),
@@ -99,6 +120,8 @@ def _file_info(path: Path) -> dict[str, Any]:
         "usable": det.kind == "checkpoint" and problem is None,
         "problem": problem,
         "notes": list(det.notes),
+        "parts": parts,
+        "parts_problem": parts_problem,
         "metadata": _trim(w.metadata),
     }
 
@@ -191,11 +214,12 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, hashes: bool = False, load: bool = False,
-                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       progress: Callable[[str], None] | None = None, model: ModelSection | None = None) -> dict[str, Any]:
     """Describe a base model (single file, diffusers folder, cached hub id) from its header and configs.
 
     ``hashes`` adds sha256 and A1111's hashes (reads the whole file once; remembered in the user cache).
     ``load`` also loads it for real (fp32, CPU) and reports the load time and the peak memory of this process.
+    ``model`` (a job's model settings: config_dir, part files) is what the parts are looked up and loaded with.
     """
     started = time.perf_counter()
     target, extra = _resolve(path)
@@ -206,7 +230,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, hashes: bool = False, load: b
             from studio.engine.checkpoint import _single_file_in
 
             target = _single_file_in(target)
-        info = _file_info(target)
+        info = _file_info(target, model)
     info.update(extra)
     info["read_time_s"] = time.perf_counter() - started
     if hashes and target.is_file():
@@ -216,7 +240,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, hashes: bool = False, load: b
     if load:
         if progress:
             progress("Loading the model")
-        info.update(measure_load(str(path)))
+        info.update(measure_load(str(path), model))
     return info
 
 
@@ -232,13 +256,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
 
-def measure_load(model_path: str) -> dict[str, Any]:
+def measure_load(model_path: str, model: ModelSection | None = None) -> dict[str, Any]:
     """Load the model as training would (fp32, CPU) and report how long it took."""
     import torch
 
     from studio.engine.checkpoint import load_model
 
-    bundle = load_model(ModelSection(path=model_path), dtype=torch.float32)
+    section = dataclasses.replace(model, path=model_path) if model is not None else ModelSection(path=model_path)
+    bundle = load_model(section, dtype=torch.float32)
     result = {"load_time_s": bundle.load_time_s, "load_dtype": "float32", "peak_rss_bytes": peak_rss_bytes(),
               "loaded_prediction_type": bundle.prediction_type}
     del bundle
@@ -252,7 +277,8 @@ def _looks_like_dataset(folder: Path) -> bool:
     return False
 
 
-def inspect_path(path: str | os.PathLike, *, hashes: bool = False, load: bool = False) -> dict[str, Any]:
+def inspect_path(path: str | os.PathLike, *, hashes: bool = False, load: bool = False,
+                 model: ModelSection | None = None) -> dict[str, Any]:
     """Describe a checkpoint, a LoRA file or a dataset folder; ``result["kind"]`` says which.
 
     LoRA files are described by studio.engine.export.describe_lora and folders of images by
@@ -261,7 +287,7 @@ def inspect_path(path: str | os.PathLike, *, hashes: bool = False, load: bool = 
     target, extra = _resolve(path)
     if target.is_dir():
         if (target / "model_index.json").is_file() or not _looks_like_dataset(target):
-            return inspect_checkpoint(path, hashes=hashes, load=load)
+            return inspect_checkpoint(path, hashes=hashes, load=load, model=model)
         from studio.engine.dataset import scan_dataset
 
         report = scan_dataset(target)
@@ -273,7 +299,7 @@ def inspect_path(path: str | os.PathLike, *, hashes: bool = False, load: bool = 
         det = detect({k: t.shape for k, t in header.tensors.items()}, header.metadata, target.name)
         if det.kind == "lora":
             return _lora_info(target, hashes)
-    info = inspect_checkpoint(path, hashes=hashes, load=load)
+    info = inspect_checkpoint(path, hashes=hashes, load=load, model=model)
     if info.get("kind") == "lora":
         return _lora_info(target, hashes)
     return info

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from studio.engine import devices, failures, validation
+from studio.engine import compiling, devices, failures, validation
 from studio.engine.cache import TensorCache, model_fingerprint
 from studio.engine.checkpoint import load_model
 from studio.engine.config import Job, Problem, errors, validate
@@ -198,8 +198,12 @@ def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
 def apply_speed_options(run: Run) -> None:
     """The job's speed switches: TF32 for the run's device, then the family's (checkpointing, attention kernel,
     memory format, compile)."""
-    devices.set_tf32(run.device, run.job.training.tf32)
-    run.bundle.family.apply_speed_options(run.bundle, run.job.training, run.job.lora.train_text_encoder)
+    t, bundle = run.job.training, run.bundle
+    devices.set_tf32(run.device, t.tf32)
+    bundle.family.apply_speed_options(bundle, t, run.job.lora.train_text_encoder)
+    # Last, so it compiles the model as the run will call it (checkpointing, attention kernel, fp8 storage).
+    compiling.compile_denoiser(bundle.denoiser, bundle.family.compile_blocks(bundle.denoiser), t,
+                               shapes=len(set(run.buckets)) or 1)
 
 
 def preview_cadence(run: Run) -> int:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from studio.engine import devices, failures, run_data, validation
+from studio.engine import compiling, devices, failures, run_data, validation
 from studio.engine.config import Job, errors
 from studio.engine.events import (
     CheckpointSaved, LogMessage, RunCancelled, RunFailed, RunFinished, RunStarted, SampleReady, StatusChanged,
@@ -199,6 +199,7 @@ def _train_step(run: Run, data_cache: dict) -> tuple[torch.Tensor, bool]:
         for micro in range(t.gradient_accumulation):
             batch = run_data.next_batch(run, data_cache)
             latents, cond = run_data.batch_inputs(run, batch, micro)
+            compiling.begin_step(t)
             last = micro == t.gradient_accumulation - 1
             with acc.no_sync(run.denoiser_ddp) if not last else nullcontext():
                 loss = _loss(run, latents, cond, micro) / t.gradient_accumulation

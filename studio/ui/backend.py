@@ -57,16 +57,18 @@ def _dataset_module():
 # ------------------------------------------------------------------------------------------------ model
 
 
-def model_parts(family: str, model: dict) -> list[tuple[str, str, str | None]]:
-    """(part name, label for people, file or None) of each part the job's model file lacks (the family says which)."""
+def model_parts(family: str, model: dict) -> list[tuple[str, str, str | None, bool]]:
+    """(part name, label for people, file or None, required) of each part the job's model file lacks or names (the
+    family says which); a file named for the wrong part raises ModelLoadError with the sentence to show."""
     from studio.engine.config import ModelSection
     from studio.engine.families import get_family
 
     fam = get_family(family)
     section = ModelSection(**model)
     found = fam.part_files(Path(section.path), section)
-    labels = {p.name: p.label for p in fam.parts()}
-    return [(name, labels.get(name, name), str(file) if file else None) for name, file in found.items()]
+    parts = {p.name: p for p in fam.parts()}
+    return [(name, parts[name].label if name in parts else name, str(file) if file else None,
+             parts[name].required if name in parts else True) for name, file in found.items()]
 
 
 def inspect_model(path: str) -> dict:

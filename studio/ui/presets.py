@@ -17,7 +17,7 @@ from studio.paths import resource_path, user_data_dir
 
 BUILTIN_ORDER = ("quick-test", "balanced", "high-quality")
 # What a preset is about: how to train, not what on (paths, names and captions stay with the job).
-EXCLUDED = {"model.path", "model.vae", "model.text_encoder", "model.text_encoder_2", "model.config_dir", "dataset.path", "dataset.trigger_word", "dataset.repeats",
+EXCLUDED = {"model.path", "model.vae", "model.text_encoder", "model.text_encoder_2", "model.text_encoder_3", "model.config_dir", "dataset.path", "dataset.trigger_word", "dataset.repeats",
             "dataset.caption_extension", "output.dir", "output.name", "output.title", "output.description",
             "sampling.prompts"}
 

@@ -30,7 +30,7 @@ def _suite(tmp_path: Path, *extra: str) -> tuple[dict, str]:
 def test_gpu_suite_dry_run_measures_every_planned_run(tmp_path):
     report, text = _suite(tmp_path)
     assert report["suite"] == "gpu-dry" and report["device_name"] is None
-    ours = [r for r in report["results"] if r["row"] == "ours"]
+    ours = [r for r in report["results"] if r["row"] == "ours" and not r.get("skipped")]
     # Two configurations × eager and checkpointing (compile is left out of a dry run).
     assert {(r["config"], r["batch"], r["variant"]) for r in ours} == {
         ("tiny-a", 1, "eager"), ("tiny-b", 2, "eager"),
@@ -43,6 +43,13 @@ def test_gpu_suite_dry_run_measures_every_planned_run(tmp_path):
     by = {(r["config"], r["variant"]): r for r in ours}
     # Checkpointing recomputes the forward: more counted FLOPs for the same batch.
     assert by[("tiny-a", "eager + checkpointing")]["step_tflop"] > by[("tiny-a", "eager")]["step_tflop"]
+    # The compiled rows are planned, not run: their settings are checked as a GPU job (CUDA graphs at batch 1 only).
+    compiled = [r for r in report["results"] if r["row"] == "ours" and r.get("skipped")]
+    assert {(r["config"], r["variant"]) for r in compiled} >= {
+        ("tiny-a", "CUDA graphs (whole denoiser)"), ("tiny-b", "compiled (whole denoiser)"),
+        ("tiny-a", "compiled (blocks)"), ("tiny-b", "compiled (blocks) + checkpointing")}
+    assert ("tiny-b", "CUDA graphs (whole denoiser)") not in {(r["config"], r["variant"]) for r in compiled}
+    assert all(r["compile"] and r["problems"] == [] for r in compiled), [r["problems"] for r in compiled]
     peers = [r for r in report["results"] if r["row"] == "peer"]
     assert peers and all("no reference script" in r["skipped"] for r in peers)
     assert "| config | batch | row | variant | img/s |" in text and "tiny-b" in text
@@ -50,7 +57,7 @@ def test_gpu_suite_dry_run_measures_every_planned_run(tmp_path):
 
 def test_gpu_suite_skips_what_would_overrun_its_budget(tmp_path):
     report, text = _suite(tmp_path, "--budget-s", "0.001")
-    ours = [r for r in report["results"] if r["row"] == "ours"]
+    ours = [r for r in report["results"] if r["row"] == "ours" and not r["compile"]]
     assert ours and all("over the time budget" in r["skipped"] and "run" not in r for r in ours)
     assert "over the time budget" in text
 

@@ -84,39 +84,51 @@ def test_memory_follows_the_settings(card_24gb):
 
 
 def test_lora_parameter_count_is_exact():
-    """SD1.5's 192 kohya modules at rank 16, against the adapters peft builds (on meta: no memory)."""
+    """SD1.5's 192 kohya modules at rank 16: A (16×in) and B (out×16) for each wrapped Linear/Conv."""
     from diffusers import UNet2DConditionModel
 
     from studio.engine.config import LoraSection
-    from studio.engine.lora import lora_config
+    from studio.engine.lora import matching_modules, target_modules
     from studio.paths import resource_path
 
-    from peft.tuners.lora import LoraLayer
-
     config = json.loads((resource_path("model_configs", "sd1") / "unet" / "config.json").read_text())
-    count = est.lora_param_count("sd1", json.dumps(config, sort_keys=True), "kohya-default", 16)
+    count = est.lora_param_count("sd1", json.dumps(config, sort_keys=True), LoraSection(rank=16))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-        unet.requires_grad_(False)
-        unet.add_adapter(lora_config(LoraSection(rank=16), "sd1", "unet", unet))
-    assert sum(isinstance(m, LoraLayer) for m in unet.modules()) == 192  # kohya's module set on SD1.5 (FACTS.md)
-    assert count == sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    modules = dict(unet.named_modules())
+    wrapped = [modules[n] for n in matching_modules(unet, target_modules("sd1", "kohya-default", "unet"))]
+    assert len(wrapped) == 192  # kohya's module set on SD1.5 (FACTS.md)
+    sizes = [(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
+             else (m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels) for m in wrapped]
+    assert count == sum(16 * (i + o) for i, o in sizes)
 
 
 @pytest.mark.parametrize("targets", ["attention", "kohya-default", "+conv"])
-def test_lora_parameter_count_matches_peft(tiny_sd1, targets):
-    """Against the adapters peft really builds, convolutions (with their own conv rank) included."""
-    from diffusers import UNet2DConditionModel
+def test_lora_parameter_count_matches_a_real_injection(tiny_sd1, targets):
+    """Against the job's adapters injected into the real (CPU) tiny UNet the way a run does, conv ranks included."""
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import LoraSection, ModelSection
+    from studio.engine.lora import inject_lora
 
-    from studio.engine.config import LoraSection
-    from studio.engine.lora import lora_config
-
+    lora = LoraSection(rank=4, targets=targets, conv_rank=2)
+    bundle = load_model(ModelSection(path=str(tiny_sd1)))
+    params = inject_lora(bundle, lora, train_text_encoder=False)
     config = json.loads((tiny_sd1 / "unet" / "config.json").read_text())
-    unet = UNet2DConditionModel.from_config(config)
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(LoraSection(rank=4, targets=targets, conv_rank=2), "sd1", "unet", unet))
-    real = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    assert est.lora_param_count("sd1", json.dumps(config, sort_keys=True), targets, 4, 2) == real
+    assert est.lora_param_count("sd1", json.dumps(config, sort_keys=True), lora) == sum(p.numel() for p in params["unet"])
+
+
+def test_adapter_types_count_their_own_parameters(tiny_sd1):
+    """LoHa carries two rank-r pairs per layer (twice LoRA's), DoRA adds one magnitude per output feature, LoKr's
+    Kronecker factors are far smaller than LoRA's pair at the same rank (the estimate used to count all as LoRA)."""
+    from studio.engine.config import LoraSection
+
+    config = json.dumps(json.loads((tiny_sd1 / "unet" / "config.json").read_text()), sort_keys=True)
+    count = {name: est.lora_param_count("sd1", config, LoraSection(rank=8, targets="attention", **kw))
+             for name, kw in {"lora": {}, "loha": {"algorithm": "loha"}, "lokr": {"algorithm": "lokr"},
+                              "dora": {"dora": True}}.items()}
+    assert count["loha"] == 2 * count["lora"]
+    assert count["lora"] < count["dora"] < 1.5 * count["lora"]
+    assert count["lokr"] < count["lora"] / 2
 
 
 @pytest.mark.slow

@@ -111,3 +111,66 @@ def test_an_incomplete_part_file_is_refused_by_name(comfy_tree, tmp_path):
     with pytest.raises(ModelLoadError, match="clip_l-broken.safetensors' is not a complete CLIP-L text encoder"):
         load_model(ModelSection(path=str(models / "unet" / "tiny-flux1-dev.safetensors"), config_dir=str(folder),
                                 text_encoder=str(broken)))
+
+
+def test_a_comfyui_all_in_one_checkpoint_uses_its_own_encoders_and_vae(comfy_tree, tmp_path):
+    """ComfyUI's all-in-one FLUX.1 checkpoints (flux1-dev-fp8.safetensors) carry CLIP-L and T5 under
+    ``text_encoders.clip_l/t5xxl.transformer.`` and the VAE under ``vae.`` (LDM names): no part files are asked for.
+    (Their transformer is BFL-named under ``model.diffusion_model.``, which diffusers' own converter reads; here it is
+    in diffusers names, as the transformer-only files above, so the test needs no BFL writer.)"""
+    from safetensors.torch import load_file
+
+    from studio.engine.checkpoint import load_model
+    from studio.engine.families import get_family
+    from studio.engine.ldm import vae_to_ldm
+
+    folder, models = comfy_tree
+    reference = load_model(ModelSection(path=str(folder)))
+    state = dict(reference.denoiser.state_dict())
+    clip = load_file(str(models / "text_encoders" / "clip_l.safetensors"))
+    state.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip.items()})
+    state.update({"text_encoders.t5xxl.transformer." + k: v.to(torch.float8_e4m3fn)
+                  for k, v in reference.text_encoders[1].state_dict().items()})
+    state.update({"vae." + k.removeprefix("first_stage_model."): v
+                  for k, v in vae_to_ldm(reference.vae.state_dict(), reference.vae.config).items()})
+    home = tmp_path / "checkpoints"
+    home.mkdir()
+    file = home / "flux1-dev-fp8.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    for tok in (folder / "tokenizer_2").iterdir():  # T5's tokenizer is still the user's (not bundled)
+        shutil.copy(tok, home / tok.name)
+    det = detect({k: tuple(v.shape) for k, v in state.items()}, {}, file.name)
+    assert det.components == {"transformer": True, "text_encoder": True, "text_encoder_2": True, "vae": True}
+    assert any("carries its own CLIP-L, T5-XXL, VAE" in n for n in det.notes)
+    section = ModelSection(path=str(file), config_dir=str(folder))
+    assert get_family("flux-dev").part_files(file, section) == {}  # the Model page asks for nothing
+    bundle = load_model(section)
+    assert bundle.extra["parts"] == {"text_encoder": "inside", "text_encoder_2": "inside", "vae": "inside"}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, reference.vae.config.latent_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        ours, theirs = (b.family.encode_text(b, ["a red circle"]) for b in (bundle, reference))
+        torch.testing.assert_close(ours["pooled"], theirs["pooled"], rtol=0, atol=0)
+        fp8 = reference.text_encoders[1].encoder.block[0].layer[0].SelfAttention.q.weight.to(torch.float8_e4m3fn)
+        assert torch.equal(bundle.text_encoders[1].encoder.block[0].layer[0].SelfAttention.q.weight, fp8.float())
+        torch.testing.assert_close(bundle.vae.decode(x).sample, reference.vae.decode(x).sample, rtol=0, atol=0)
+        for a, b in zip(bundle.denoiser.state_dict().values(), reference.denoiser.state_dict().values()):
+            assert torch.equal(a, b)
+    # A part file named in the job still wins over the file's own part.
+    chosen = load_model(ModelSection(path=str(file), config_dir=str(folder),
+                                     text_encoder_2=str(models / "text_encoders" / "t5xxl_fp16.safetensors")))
+    assert chosen.extra["parts"]["text_encoder_2"].endswith("t5xxl_fp16.safetensors")
+
+
+def test_a_part_file_given_for_the_wrong_field_is_refused_by_name(comfy_tree):
+    from studio.engine.checkpoint import load_model
+
+    folder, models = comfy_tree
+    t5 = models / "text_encoders" / "t5xxl_fp16.safetensors"
+    with pytest.raises(ModelLoadError, match=r"'t5xxl_fp16.safetensors' \(model.text_encoder\) holds a T5 text encoder "
+                                             r"\(width \d+, \d+ layers, MLP \d+\), not the text encoder \(CLIP ViT-L\)"):
+        load_model(ModelSection(path=str(models / "unet" / "tiny-flux1-dev.safetensors"), config_dir=str(folder),
+                                text_encoder=str(t5)))
+    with pytest.raises(ModelLoadError, match=r"'tiny-flux1-dev.safetensors' \(model.vae\) holds a FLUX.1 \[dev\] model"):
+        load_model(ModelSection(path=str(models / "unet" / "tiny-flux1-dev-fp8.safetensors"), config_dir=str(folder),
+                                vae=str(models / "unet" / "tiny-flux1-dev.safetensors")))

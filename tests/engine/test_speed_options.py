@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import fixtures_runs
+
 from studio.engine import devices, run_setup, trainer
 from studio.engine.config import Job
 from studio.engine.events import RunFailed, RunFinished, StatusChanged, StepCompleted
@@ -24,21 +26,9 @@ from studio.engine.optim import OptimizerUnavailable, adamw_kernel_options, make
 
 
 def tiny_job(model: Path, data: Path, out: Path, **training) -> Job:
-    job = Job()
-    job.model.path = str(model)
-    job.dataset.path = str(data)
-    job.dataset.resolution = 64
-    job.dataset.bucket_step = 16
-    job.lora.rank = 4
-    job.lora.alpha = 4.0
-    job.training.steps = 2
-    job.training.lr = 1e-3
-    job.sampling.every = 0
-    job.output.dir = str(out)
-    job.output.name = "tiny"
-    for key, value in training.items():
-        setattr(job.training, key, value)
-    return job
+    """The shared tiny job, 2 steps, with ``training`` settings given by their plain names."""
+    return fixtures_runs.tiny_job(model, data, out, **{f"training__{key}": value
+                                                       for key, value in {"steps": 2, **training}.items()})
 
 
 @pytest.fixture
@@ -66,7 +56,7 @@ def fake_run(unet, **training) -> SimpleNamespace:
     job = Job()
     for key, value in training.items():
         setattr(job.training, key, value)
-    return SimpleNamespace(job=job, device=torch.device("cpu"),
+    return SimpleNamespace(job=job, device=torch.device("cpu"), buckets=[(64, 64)],
                            bundle=SimpleNamespace(family=get_family("sd1"), denoiser=unet, text_encoders=[]))
 
 

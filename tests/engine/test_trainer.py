@@ -19,26 +19,7 @@ from studio.engine.events import (
     is_terminal,
 )
 from studio.engine.trainer import run_training
-
-
-def tiny_job(model: Path, data: Path, out: Path, **overrides) -> Job:
-    job = Job()
-    job.model.path = str(model)
-    job.dataset.path = str(data)
-    job.dataset.resolution = 64
-    job.dataset.bucket_step = 16
-    job.lora.rank = 4
-    job.lora.alpha = 4.0
-    job.training.steps = 3
-    job.training.lr = 1e-3
-    job.sampling.every = 0
-    job.sampling.steps = 2
-    job.output.dir = str(out)
-    job.output.name = "tiny"
-    for path, value in overrides.items():
-        section, name = path.split("__")
-        setattr(getattr(job, section), name, value)
-    return job
+from fixtures_runs import tiny_job  # noqa: F401  (many test files import it from here)
 
 
 def collect(job: Job, **kw) -> list:

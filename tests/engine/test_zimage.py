@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from studio.engine.families import get_family
-from studio.engine.families.zimage import ZIMAGE
+from studio.engine.families.zimage import ZIMAGE, templated
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,17 @@ def test_previews_are_encoded_as_training_encodes_them(tiny_zimage):
                   generator=torch.Generator().manual_seed(3), output_type="np", max_sequence_length=64).images
     assert abs(ours - theirs).max() < 1e-6
     assert ZIMAGE.preview_batch_factor(0.0) == 1 and ZIMAGE.preview_batch_factor(1.0) == 2  # CFG for any g > 0
+    # A tokenizer that pads on the left (the pipeline keeps states[mask] either way): the same caption states.
+    bundle.tokenizers[0].padding_side = "left"
+    left = ZIMAGE.preview_prompt_kwargs(bundle, ["a red circle"], "")
+    assert [e.shape[0] for e in left["prompt_embeds"]] == [31]
+    with torch.no_grad():
+        tokens = bundle.tokenizers[0](templated(bundle.tokenizers[0], ["a red circle"]), padding="max_length",
+                                      max_length=64, return_tensors="pt")
+        mask = tokens.attention_mask.bool()
+        theirs = bundle.text_encoders[0](input_ids=tokens.input_ids, attention_mask=mask,
+                                         output_hidden_states=True).hidden_states[-2][0][mask[0]]
+    assert torch.equal(left["prompt_embeds"][0], theirs)
 
 
 # ------------------------------------------------------------------------------------------ the ComfyUI layout
@@ -246,7 +257,27 @@ def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
 
     ours = {"diffusion_model.noise_refiner.0.attention.to_q.lora_down.weight": (8, 3840)}
     assert lora_family({}, ours)[0] is ZIMAGE
+    diffusers_layout = {"transformer.layers.0.feed_forward.w1.lora_A.weight": (8, 3840),
+                        "transformer.context_refiner.1.attention.to_k.lora_A.weight": (8, 3840)}
+    assert lora_family({}, diffusers_layout, "diffusers")[0] is ZIMAGE
+    lumina = {"transformer.noise_refiner.0.attn.to_q.lora_A.weight": (8, 2304)}  # diffusers' Lumina 2 names
+    assert lora_family({}, lumina, "diffusers")[0] is None
     flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (8, 3072)}
     assert lora_family({}, flux)[0] is get_family("flux-dev")
     assert lora_family({"modelspec.architecture": "Z-Image/lora"}, {})[0] is ZIMAGE
     assert json.loads(json.dumps(ZIMAGE.metadata_ids("flow")))["modelspec.architecture"] == "Z-Image/lora"
+
+
+def test_the_repeated_blocks_compile_scope_and_memory_options(meta_zimage, tiny_zimage, tiny_dataset, tmp_path):
+    from studio.engine.config import TrainingSection
+    from studio.engine.events import RunFinished
+    from test_trainer import collect, tiny_job
+
+    assert len(ZIMAGE.compile_blocks(meta_zimage)) == 30 + 2 + 2  # every block: refiners and main layers
+    # The 30 main layers are what block swap moves (fp8 halves what stays); 20 swapped leave about a third resident.
+    full = ZIMAGE.denoiser_weight_bytes(TrainingSection(), 2)
+    assert 0.3 < ZIMAGE.denoiser_weight_bytes(TrainingSection(block_swap=20), 2) / full < 0.45
+    events = collect(tiny_job(tiny_zimage, tiny_dataset, tmp_path / "run", training__steps=2,
+                              training__base_weights_fp8=True, training__block_swap=1,
+                              training__gradient_checkpointing=True))
+    assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])

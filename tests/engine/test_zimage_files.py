@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from studio.engine.config import ModelSection, TrainingSection
 from studio.engine.detect import detect
+from studio.engine.families import get_family
 from studio.engine.safe_load import ModelLoadError
 
 # diffusers' names → the original (Tongyi / ComfyUI) names, the inverse of diffusers' single-file converter.
@@ -49,8 +50,9 @@ def comfy_tree(tiny_model, tmp_path_factory):
     for sub in ("diffusion_models", "text_encoders", "vae"):
         (models / sub).mkdir(parents=True)
     state = bundle.denoiser.state_dict()
-    save_file(original_state_dict(state, "model.diffusion_model."), str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(models / "diffusion_models" / "tiny_z_image_diffusers.safetensors"))
+    transformers = models / "diffusion_models"
+    save_file(original_state_dict(state, "model.diffusion_model."), str(transformers / "tiny_z_image_turbo_bf16.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(transformers / "tiny_z_image_diffusers.safetensors"))
     qwen = {"model." + k: v.contiguous() for k, v in bundle.text_encoders[0].state_dict().items()}
     qwen["lm_head.weight"] = qwen["model.embed_tokens.weight"].clone()  # some copies keep the (tied) LM head
     save_file(qwen, str(models / "text_encoders" / "qwen_3_4b.safetensors"))
@@ -83,8 +85,8 @@ def test_transformer_only_file_loads_with_parts_found_in_comfyui_folders(comfy_t
     reference = load_model(ModelSection(path=str(folder)))
     path = models / "diffusion_models" / file
     model = ModelSection(path=str(path), config_dir=str(configs))
-    assert get_family("zimage").part_files(path, model) == {"text_encoder": models / "text_encoders" / "qwen_3_4b.safetensors",
-                                                            "vae": models / "vae" / "ae.safetensors"}
+    found = get_family("zimage").part_files(path, model)
+    assert found == {"text_encoder": models / "text_encoders" / "qwen_3_4b.safetensors", "vae": models / "vae" / "ae.safetensors"}
     bundle = load_model(model)
     assert bundle.family.name == "zimage" and bundle.prediction_type == "flow" and "detection" in bundle.extra
     assert bundle.extra["parts"]["text_encoder"] == str(models / "text_encoders" / "qwen_3_4b.safetensors")
@@ -107,10 +109,14 @@ def test_missing_parts_are_named(comfy_tree, tmp_path):
     folder, models, configs = comfy_tree
     alone = tmp_path / "z_image_turbo.safetensors"
     shutil.copy(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors", alone)
-    with pytest.raises(ModelLoadError, match=r"also needed: text encoder \(Qwen3-4B\), VAE .*, Qwen3's tokenizer"):
+    with pytest.raises(ModelLoadError, match=r"without its text encoder \(Qwen3-4B\), VAE .* and Qwen3's tokenizer"):
         load_model(ModelSection(path=str(alone), config_dir=str(configs)))
+    transformer = str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors")
+    bad = tmp_path / "qwen_broken.safetensors"
+    save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, str(bad))
     with pytest.raises(ModelLoadError, match="not a complete Qwen3 text encoder"):
-        bad = tmp_path / "qwen_broken.safetensors"
-        save_file({"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, str(bad))
-        load_model(ModelSection(path=str(models / "diffusion_models" / "tiny_z_image_turbo_bf16.safetensors"),
-                                config_dir=str(configs), text_encoder=str(bad)))
+        load_model(ModelSection(path=transformer, config_dir=str(configs), text_encoder=str(bad)))
+    # The VAE chosen as the text encoder: the file and the field are named, on the Model page's rows too.
+    vae = str(models / "vae" / "ae.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'ae.safetensors' \(model.text_encoder\) holds no Qwen3 text encoder"):
+        get_family("zimage").part_files(Path(transformer), ModelSection(path=transformer, text_encoder=vae))

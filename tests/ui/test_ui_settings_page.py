@@ -223,4 +223,5 @@ def test_the_z_image_preset_samples_like_turbo_and_trains_at_the_models_shift(qt
     # Turbo's sampler: 8 steps without guidance; rank 16, lr 1e-4, logit-normal σ at the model's own shift.
     assert (job.dataset.resolution, job.sampling.steps, job.sampling.guidance) == (1024, 8, 0.0)
     assert (job.lora.rank, job.training.lr, job.training.flow_shift) == (16, 1e-4, "auto")
-    assert job.training.gradient_checkpointing and page.editor("sampling.steps").input.value() == 8
+    assert job.training.gradient_checkpointing and job.training.base_weights_fp8
+    assert page.editor("sampling.steps").input.value() == 8

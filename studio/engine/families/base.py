@@ -268,9 +268,14 @@ class Family(abc.ABC):
             if train_text_encoder:
                 for te in bundle.text_encoders:
                     te.gradient_checkpointing_enable()
-        if training.compile and training.compile_scope == "denoiser":
-            # In place (nn.Module.compile): every holder of the module (peft, accelerate, the pipeline) runs it compiled.
-            bundle.denoiser.compile()
+
+    # Class names of the denoiser's repeated blocks: what ``training.compile_scope = "blocks"`` compiles
+    # (engine/compiling.py; each block's code compiles once and is reused by its siblings).
+    compile_block_classes: tuple[str, ...] = ()
+
+    def compile_blocks(self, denoiser: Any) -> list[Any]:
+        """The denoiser's repeated blocks, in order (the "blocks" compile scope); none means compile all of it."""
+        return [m for _, m in denoiser.named_modules() if type(m).__name__ in self.compile_block_classes]
 
     # ------------------------------------------------------------------------------------------- export
 

@@ -91,6 +91,7 @@ class FluxFamily(Family):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5-XXL (states), the 16-channel VAE with shift/scale."""
 
     denoiser_name = "transformer"
+    compile_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     text_encoder_names = ("text_encoder", "text_encoder_2")
     kohya_prefixes = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te3"}
     prediction_types = (PREDICTION,)
@@ -167,7 +168,7 @@ class FluxFamily(Family):
         if transformer_layout(shapes) is None:
             return {}
         parts = resolve_parts(self, path, model)
-        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae")}
+        return {name: parts[name] for name in ("text_encoder", "text_encoder_2", "vae") if name in parts}
 
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)
@@ -264,9 +265,6 @@ class FluxFamily(Family):
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
                 bundle.text_encoders[0].gradient_checkpointing_enable()
-        if training.compile:
-            for block in (*bundle.denoiser.transformer_blocks, *bundle.denoiser.single_transformer_blocks):
-                block.compile()
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_flux.py; ComfyUI's comfy/lora.py maps these to the BFL model's keys;

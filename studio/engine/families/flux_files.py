@@ -1,5 +1,6 @@
 """FLUX.1 files as people keep them: diffusers folders, a transformer-only single file (BFL or diffusers layout, often
-fp8) plus separate CLIP-L, T5-XXL and "ae" VAE files, found beside it or in ComfyUI/A1111 model folders.
+fp8) plus separate CLIP-L, T5-XXL and "ae" VAE files, found beside it or in ComfyUI/A1111 model folders (parts.py),
+and ComfyUI's all-in-one checkpoints, whose own ``text_encoders.clip_l/t5xxl.`` and ``vae.`` parts are used.
 
 Single files load through diffusers' own single-file converters with the bundled configs (offline). T5's
 tokenizer cannot be bundled here (the app does not ship a copy), so it is taken from the user's files: a
@@ -17,6 +18,10 @@ import torch
 from studio.engine.detect import Detection
 from studio.engine.families.base import ModelBundle
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
+from studio.engine.families.parts import (
+    PartSpec, comfyui_t5_tokenizer, holding, missing_message, resolve, search_folders, spec_from_config,
+)
+from studio.engine.families.parts import find_t5_tokenizer as _find_t5_tokenizer
 from studio.engine.safe_load import ModelLoadError, open_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,15 +42,6 @@ _BFL_GUIDANCE = "guidance_in.in_layer.weight"
 _DIFFUSERS_MARK = "single_transformer_blocks.0.proj_mlp.weight"
 _DIFFUSERS_GUIDANCE = "time_text_embed.guidance_embedder.linear_1.weight"
 _PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
-T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
-# Where ComfyUI / A1111-Forge keep the parts, relative to a "models" folder.
-PART_FOLDERS = {
-    "denoiser": ("unet", "diffusion_models", "Stable-diffusion", "checkpoints"),
-    "text_encoder": ("text_encoders", "clip", "text_encoder"),
-    "vae": ("vae", "VAE"),
-}
-
-
 def _find(shapes: Mapping[str, Any], key: str) -> str | None:
     for prefix in _PREFIXES:
         if prefix + key in shapes:
@@ -73,19 +69,28 @@ def detect_flux_file(family: "FluxFamily", shapes: Mapping[str, tuple[int, ...]]
     layout, prefix, guidance = found
     if guidance != family.guidance_embeds:
         return None
-    keys = list(shapes)
-    components = {
-        "transformer": True,
-        "text_encoder": any(k.startswith(("text_encoders.clip_l.", "clip_l.")) for k in keys),
-        "text_encoder_2": any(k.startswith(("text_encoders.t5xxl.", "t5xxl.")) for k in keys),
-        "vae": any(k.startswith(("vae.", "first_stage_model.")) for k in keys),
-    }
+    components = {"transformer": True, **inside_parts(shapes)}
     det = Detection("checkpoint", family.label, family=family.name, prediction_type="flow",
                     prediction_source="the family (rectified flow)", native_resolution=1024, components=components)
     qkv = shapes.get(prefix + (_BFL_MARK if layout == "bfl" else "transformer_blocks.0.attn.to_q.weight"))
     det.standard_size = bool(qkv) and qkv[-1] == 3072
     det.notes.append(f"{layout.upper() if layout == 'bfl' else 'diffusers'}-layout transformer")
+    inside = [label for name, label in (("text_encoder", "CLIP-L"), ("text_encoder_2", "T5-XXL"), ("vae", "VAE"))
+              if components[name]]
+    if inside:
+        det.notes.append(f"carries its own {', '.join(inside)} (ComfyUI's all-in-one layout)")
     return det
+
+
+# Where a ComfyUI all-in-one FLUX.1 checkpoint (comfy's supported_models.Flux: text_encoder_key_prefix
+# "text_encoders.", vae_key_prefix "vae.") keeps its parts.
+INSIDE_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer.",
+                   "vae": "vae."}
+
+
+def inside_parts(shapes: Mapping[str, Any]) -> dict[str, bool]:
+    """Which parts a FLUX.1 file carries itself (all-in-one checkpoints), by their key prefixes."""
+    return {name: any(k.startswith(prefix) for k in shapes) for name, prefix in INSIDE_PREFIXES.items()}
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -146,43 +151,71 @@ def load_vae_file(family: "FluxFamily", path: Path, config_dir: Path | None = No
                                           subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
 
 
+def _inside(w: "WeightsFile", prefix: str, new_prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` of an all-in-one file, with ``new_prefix`` in its place."""
+    return {new_prefix + k[len(prefix):]: v for k, v in w.tensors([k for k in w.shapes if k.startswith(prefix)]).items()}
+
+
 def load_single_file(family: "FluxFamily", path: Path, weights: "WeightsFile", detection: Detection,
                      model: "ModelSection", dtype: torch.dtype) -> ModelBundle:
-    """A transformer-only (or all-in-one) FLUX.1 file plus the parts it lacks, each a file the job names or one
-    found beside it / in the usual model folders; the message names every part still missing."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    """A transformer-only (or all-in-one) FLUX.1 file plus the parts it lacks, each a file the job names, the file's
+    own (ComfyUI's all-in-one checkpoints) or one found beside it / in the usual model folders; the message names
+    every part still missing."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     _check_prediction(family, model)
     config_dir = Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
     parts = resolve_parts(family, path, model)
-    missing = [label for name, label in part_labels(family).items() if parts.get(name) is None]
+    missing = [spec for spec in part_specs(family, config_dir) if spec.name in parts and parts[spec.name] is None]
+    if parts.get("tokenizer_2") is None:
+        missing.append(T5_TOKENIZER_SPEC)
     if missing:
         raise ModelLoadError(missing_parts_message(family, path, missing))
-    # diffusers converts the BFL layout (and casts fp8 storage to ``dtype``) with the bundled config, offline.
-    transformer = FluxTransformer2DModel.from_single_file(str(path), config=str(config_dir), subfolder="transformer",
+    # diffusers converts the BFL layout (and casts fp8 storage to ``dtype``) with the bundled config, offline; an
+    # all-in-one file's transformer is handed over alone (its other parts load below).
+    source: Any = str(path)
+    if any(name not in parts for name in INSIDE_PREFIXES):
+        _, prefix, _ = transformer_layout(weights.shapes) or ("", "", False)
+        source = {k[len(prefix):]: v for k, v in weights.tensors(
+            [k for k in weights.shapes if k.startswith(prefix) and not k.startswith(("text_encoders.", "vae."))]).items()}
+    transformer = FluxTransformer2DModel.from_single_file(source, config=str(config_dir), subfolder="transformer",
                                                           torch_dtype=dtype, local_files_only=True)
     check_complete(transformer, "transformer", path.name)
-    clip = load_text_encoder(config_dir, "text_encoder", parts["text_encoder"], dtype)
-    t5 = load_text_encoder(config_dir, "text_encoder_2", parts["text_encoder_2"], dtype)
-    vae = load_vae_file(family, parts["vae"], config_dir)
+    encoders = []
+    for sub in ("text_encoder", "text_encoder_2"):
+        if sub in parts:
+            encoders.append(load_text_encoder(config_dir, sub, parts[sub], dtype))
+        else:
+            encoders.append(load_text_encoder(config_dir, sub, path, dtype, prefix=INSIDE_PREFIXES[sub]))
+    if "vae" in parts:
+        vae = load_vae_file(family, parts["vae"], config_dir)
+    else:  # ComfyUI's "vae." keys are the LDM names diffusers' converter reads under "first_stage_model."
+        vae = AutoencoderKL.from_single_file(_inside(weights, "vae.", "first_stage_model."), config=str(config_dir),
+                                             subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+        check_complete(vae, "VAE", path.name)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config_dir, subfolder="scheduler", local_files_only=True)
-    return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae, text_encoders=[clip, t5],
+    found = {k: str(v) if k in parts else "inside" for k, v in
+             (("text_encoder", parts.get("text_encoder")), ("text_encoder_2", parts.get("text_encoder_2")),
+              ("vae", parts.get("vae")))}
+    return ModelBundle(family=family, prediction_type="flow", denoiser=transformer, vae=vae, text_encoders=encoders,
                        tokenizers=[_clip_tokenizer(), parts["tokenizer_2"]], noise_scheduler=scheduler,
-                       source=str(path), extra={"parts": {k: str(v) for k, v in parts.items() if k != "tokenizer_2"}})
+                       source=str(path), extra={"parts": found})
 
 
-def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype) -> Any:
-    """CLIP-L or T5-XXL from a single file (transformers layout, possibly under a ComfyUI prefix; fp8 is cast)."""
+def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype, prefix: str | None = None) -> Any:
+    """CLIP-L or T5-XXL from a single file (transformers layout, possibly under a prefix; fp8 is cast): a part file
+    (its prefix told by its keys) or an all-in-one file's (``prefix``)."""
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
     cls = CLIPTextModel if sub == "text_encoder" else T5EncoderModel
     config = AutoConfig.from_pretrained(config_dir / sub, local_files_only=True)
     w = open_weights(file)
+    if prefix is None:
+        found = holding(w.shapes)
+        prefix = found.prefix if found is not None else ""
     state = {}
-    for key, value in w.tensors().items():
-        for prefix in ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.", "transformer."):
-            key = key.removeprefix(prefix)
-        state[key] = value.to(dtype) if value.is_floating_point() else value
+    for key, value in w.tensors([k for k in w.shapes if k.startswith(prefix)]).items():
+        state[key[len(prefix):]] = value.to(dtype) if value.is_floating_point() else value
     if cls is CLIPTextModel:
         # Files say "text_model.…"; transformers >= 5.6 dropped that level from CLIPTextModel's own names.
         with torch.device("meta"):
@@ -205,118 +238,46 @@ def load_text_encoder(config_dir: Path, sub: str, file: Path, dtype: torch.dtype
 # -------------------------------------------------------------------------------------------- the parts
 
 
-def part_labels(family: "FluxFamily") -> dict[str, str]:
-    """The parts a transformer-only file needs besides itself, by name, for people."""
-    labels = {p.name: p.label for p in family.parts() if p.role != "denoiser"}
-    labels["tokenizer_2"] = "T5 tokenizer (spiece.model or T5 tokenizer.json)"
-    return labels
+# A name only: the T5 tokenizer is not a weights file (and is looked for beside the T5 file or in the HF cache).
+T5_TOKENIZER_SPEC = PartSpec("tokenizer_2", "T5 tokenizer (spiece.model or T5 tokenizer.json)", "tokenizer")
 
 
-def missing_parts_message(family: "FluxFamily", path: Path, missing: list[str]) -> str:
-    return (f"'{path.name}' holds only the {family.label} transformer; also needed: {', '.join(missing)}. Choose them "
-            "on the Model page (or set model.text_encoder / model.text_encoder_2 / model.vae), or put "
-            "clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors and T5's spiece.model next to the model "
-            "or in ComfyUI's models/text_encoders and models/vae folders")
+def part_specs(family: "FluxFamily", config_dir: Path) -> list[PartSpec]:
+    """The parts a transformer-only file needs, with the sizes the config folder gives (CLIP-L and T5 are told apart
+    by them, and from SD's or SD3's encoders)."""
+    labels = {p.name: p.label for p in family.parts()}
+    return [
+        spec_from_config("text_encoder", labels["text_encoder"], "clip", config_dir,
+                         hints=("clip_l", "clip-l", "clip_vit_l", "vit-l")),
+        spec_from_config("text_encoder_2", labels["text_encoder_2"], "t5", config_dir,
+                         hints=("t5xxl", "t5-xxl", "t5_xxl", "t5-v1_1-xxl")),
+        # Flux's "ae" and SD3's VAE share their shapes: only files named for it (or in the model's own vae/ folder).
+        spec_from_config("vae", labels["vae"], "vae", config_dir, hints=("ae.", "flux_vae", "flux-vae", "ae_", "vae"),
+                         hints_only=True),
+    ]
 
 
-def search_folders(path: Path) -> list[Path]:
-    """The model's own folder, then the ComfyUI/A1111 part folders of the "models" folder above it."""
-    path = Path(path).expanduser()
-    folders = [path.parent]
-    for parent in path.parents:
-        if parent.name.lower() == "models":
-            for names in PART_FOLDERS.values():
-                folders += [parent / n for n in names]
-            break
-    seen: list[Path] = []
-    for folder in folders:
-        if folder.is_dir() and folder not in seen:
-            seen.append(folder)
-    return seen
-
-
-# File-name hints of each part (lower case, as ComfyUI's example workflows name them).
-_NAME_HINTS = {
-    "text_encoder": ("clip_l", "clip-l", "clip_vit_l", "vit-l"),
-    "text_encoder_2": ("t5xxl", "t5-xxl", "t5_xxl", "t5-v1_1-xxl", "t5xxl_fp16", "t5xxl_fp8"),
-    "vae": ("ae.", "flux_vae", "flux-vae", "ae_", "vae"),
-}
-
-
-def _candidates(folders: list[Path]) -> list[Path]:
-    out = []
-    for folder in folders:
-        try:
-            out += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
-        except OSError:
-            continue
-    return out
-
-
-def find_part(name: str, folders: list[Path], latent_channels: int = 16) -> Path | None:
-    """A file in ``folders`` whose name says it is this part (clip_l…, t5xxl…, ae…), checked by its keys."""
-    for file in _candidates(folders):
-        lower = file.name.lower()
-        if not any(hint in lower for hint in _NAME_HINTS[name]):
-            continue
-        try:
-            shapes = open_weights(file).shapes
-        except Exception:  # an unreadable file is not the part; the next candidate may be
-            continue
-        if part_kind(shapes, latent_channels) == name:
-            return file
-    return None
-
-
-def part_kind(shapes: Mapping[str, tuple[int, ...]], latent_channels: int = 16) -> str | None:
-    """Which FLUX.1 part a file holds, by its keys: text_encoder (CLIP-L), text_encoder_2 (T5), vae, or None."""
-    keys = list(shapes)
-    if any("encoder.block.0.layer.0.SelfAttention.q.weight" in k for k in keys):
-        return "text_encoder_2"
-    if any(k.endswith("encoder.layers.0.self_attn.q_proj.weight") for k in keys):
-        return "text_encoder"
-    conv = next((shapes[k] for k in keys if k.endswith("encoder.conv_out.weight")), None)
-    # The encoder's last conv gives mean and log-variance: 2 x 16 channels for Flux's VAE (SD's: 2 x 4).
-    if conv is not None and len(conv) == 4 and conv[0] == 2 * latent_channels:
-        return "vae"
-    return None
+def missing_parts_message(family: "FluxFamily", path: Path, missing: list[PartSpec]) -> str:
+    return missing_message(family.label, path, missing,
+                           "clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors and T5's spiece.model")
 
 
 def find_t5_tokenizer(folders: list[Path]) -> Any | None:
     """T5's tokenizer from the user's files (spiece.model / tokenizer.json, or a tokenizer_2 folder), or the HF cache."""
-    from transformers import T5TokenizerFast
-
-    for folder in folders:
-        for candidate in (folder, folder / "tokenizer_2", folder / "t5_tokenizer", folder / "t5xxl"):
-            if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
-                try:
-                    return T5TokenizerFast.from_pretrained(candidate, local_files_only=True)
-                except Exception:
-                    continue
-    for repo, sub in (("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
-                      ("google/t5-v1_1-xxl", "")):
-        from studio.engine.checkpoint import hub_snapshot
-
-        snapshot = hub_snapshot(repo)
-        if snapshot is not None and any((snapshot / sub / f).is_file() for f in T5_TOKENIZER_FILES):
-            return T5TokenizerFast.from_pretrained(snapshot / sub, local_files_only=True)
-    return None
+    return _find_t5_tokenizer(folders, ("tokenizer_2", "t5_tokenizer", "t5xxl"), (
+        ("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+        ("google/t5-v1_1-xxl", "")))
 
 
 def resolve_parts(family: "FluxFamily", path: Path, model: "ModelSection") -> dict[str, Any]:
-    """Each part: the file the job names, the model file itself when it carries the part, or one found nearby."""
-    from studio.engine.jsonfile import JsonFileError, read_json_object
-
-    folders = search_folders(path)
+    """Each part the file lacks: the file the job names (checked by its shapes), else one found nearby (None: not
+    found); parts the file carries itself (all-in-one) are left out unless the job names a file for them."""
+    path = Path(path).expanduser()
     config_dir = Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
-    try:
-        channels = int(read_json_object(config_dir / "vae" / "config.json").get("latent_channels", 16))
-    except (JsonFileError, TypeError, ValueError):
-        channels = 16
     chosen = {"text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2, "vae": model.vae}
-    out: dict[str, Any] = {}
-    for name, value in chosen.items():
-        out[name] = Path(value).expanduser() if value else find_part(name, folders, channels)
-    extra = [Path(v).expanduser().parent for v in chosen.values() if v]
+    out: dict[str, Any] = resolve(part_specs(family, config_dir), path, chosen,
+                                  inside_parts(open_weights(path).shapes))
+    folders = search_folders(path)
+    extra = [Path(v).parent for v in out.values() if v is not None] + comfyui_t5_tokenizer(path)
     out["tokenizer_2"] = find_t5_tokenizer(folders + [f for f in extra if f not in folders])
     return out

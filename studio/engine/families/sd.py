@@ -165,6 +165,7 @@ class StableDiffusionFamily(Family):
     """SD1.x / SD2.x: one UNet, one CLIP text encoder, the VAE; DDPM noise, epsilon or v target, min-SNR."""
 
     denoiser_name = "unet"
+    compile_block_classes = ("BasicTransformerBlock",)
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     kohya_prefixes: Mapping[str, str] = {"unet": "lora_unet", "text_encoder": "lora_te"}
     prediction_types = ("epsilon", "v_prediction")
@@ -358,11 +359,6 @@ class StableDiffusionFamily(Family):
             unet.set_attn_processor(AttnProcessor())
         if training.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if training.compile and training.compile_scope == "blocks":
-            # Compile the repeated transformer blocks, not the whole UNet: each block compiles once and is reused.
-            for _, module in unet.named_modules():
-                if type(module).__name__ == "BasicTransformerBlock":
-                    module.compile()
 
     # ------------------------------------------------------------------------------------------- export
     # Key layout (checked against each consumer's loader, see FACTS.md "Which LoRA file format travels"):

@@ -82,6 +82,7 @@ class SD3Family(Family):
     """SD3.x: MMDiT transformer, CLIP-L + CLIP-G (+ optional T5-XXL), 16-channel VAE; rectified flow, SD3 shift."""
 
     denoiser_name = "transformer"
+    compile_block_classes = ("JointTransformerBlock",)
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     # kohya's lora_sd3 prefixes; lora_te3 (T5) is only read: lora.train_text_encoder adapts the CLIPs
     # (trainable_text_encoders), as kohya does unless asked, and diffusers' SD3 loader has no T5 LoRA.
@@ -167,6 +168,19 @@ class SD3Family(Family):
 
     # -------------------------------------------------------------------------------------------- loading
 
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        """CLIP-L, CLIP-G, T5-XXL (optional) and VAE files a single file lacks (or the job names), found or chosen."""
+        from studio.engine.families.sd3_loading import resolve_parts
+        from studio.engine.safe_load import open_weights
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            return {}  # a diffusers folder has every part
+        shapes = open_weights(path).shapes
+        if not any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in shapes):
+            return {}
+        return resolve_parts(self, path, shapes, model)
+
     def bundled_config_dir(self, prediction_type: str | None = None) -> Path:
         return resource_path("model_configs", self._config_folder)
 
@@ -249,13 +263,6 @@ class SD3Family(Family):
             if train_text_encoder:
                 for te in bundle.text_encoders[:2]:
                     te.gradient_checkpointing_enable()
-        if training.compile and training.compile_scope == "denoiser":
-            bundle.denoiser.compile()
-        elif training.compile and training.compile_scope == "blocks":
-            # The repeated joint blocks: each compiles once and is reused.
-            for _, module in bundle.denoiser.named_modules():
-                if type(module).__name__ == "JointTransformerBlock":
-                    module.compile()
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_sd3.py; ComfyUI's model_lora_keys_unet maps lora_unet_<MMDiT path>
@@ -465,14 +472,15 @@ class SD3Family(Family):
         from studio.engine.tiny import TINY_RESOLUTION
         from studio.engine.tokenizers import load_tokenizer
 
-        def clip() -> Any:
+        def clip(mlp: int) -> Any:
             return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=49408, hidden_size=32, intermediate_size=mlp, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407,
                 pad_token_id=1, hidden_act="gelu"))
 
         torch.manual_seed(seed)
-        clip_l, clip_g = clip(), clip()
+        # The two CLIPs differ in shape, as the real ones do (768 / 1280 wide): part files are told apart by it.
+        clip_l, clip_g = clip(37), clip(48)
         with torch.no_grad():
             # SD3 uses CLIP-L's pooled output unprojected (diffusers' single-file loader sets this projection to
             # the identity), so a tiny model that round-trips through a single file must have it too.

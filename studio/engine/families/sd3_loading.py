@@ -2,8 +2,11 @@
 
 Single files name the parts by prefix (``model.diffusion_model.``, ``first_stage_model.``,
 ``text_encoders.clip_l/clip_g/t5xxl.``); diffusers' own single-file converters turn each into its diffusers
-module through a bundled config folder, offline. T5-XXL is optional: a model without it (or without T5's
-tokenizer, which is not bundled) trains with zeros in its place, as StableDiffusion3Pipeline does.
+module through a bundled config folder, offline. The common SD3.5 download holds the MMDiT (and VAE) without the
+text encoders, which come as clip_l / clip_g / t5xxl files: those are found beside it (Stability's text_encoders/
+folder) or in ComfyUI/A1111's folders, or named in the job, told apart by their shapes (parts.py), and put into the
+all-in-one layout, so they load exactly as an all-in-one file's. T5-XXL is optional: a model without it (or
+without T5's tokenizer, which is not bundled) trains with zeros in its place, as StableDiffusion3Pipeline does.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from studio.engine.families.base import ModelBundle
+from studio.engine.families.parts import (
+    PartSpec, comfyui_t5_tokenizer, find_t5_tokenizer, holding, missing_message, resolve, spec_from_config,
+)
 from studio.engine.families.loading import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, check_complete, weights_variant
-from studio.engine.safe_load import ModelLoadError, WeightsFile, read_safetensors_header
+from studio.engine.safe_load import ModelLoadError, WeightsFile, open_weights, read_safetensors_header
 
 if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.config import ModelSection
@@ -23,10 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.families.sd3 import SD3Family
 
 _PREDICTION_SOURCE = "the family (SD3 models are rectified-flow models)"
-# What a T5 tokenizer folder holds (any one of them): the fast tokenizer's JSON or sentencepiece's model.
-T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 T5_TOKENIZER_HINT = ("a 'tokenizer_3' folder with T5's tokenizer (tokenizer.json or spiece.model, as in "
-                     "stabilityai/stable-diffusion-3.5-large's tokenizer_3/)")
+                     "stabilityai/stable-diffusion-3.5-large's tokenizer_3/; ComfyUI's comfy/text_encoders/t5_tokenizer "
+                     "is found by itself)")
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -60,16 +65,71 @@ def detect_sd3_file(family: "SD3Family", shapes: Mapping[str, tuple[int, ...]], 
                     in_channels=embed[1] if embed and len(embed) == 4 else None)
     det.native_resolution = family.native_resolution()
     det.standard_size = (len(blocks), width) == (family._depth, family._width)
-    missing = [label for name, label in (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G")) if not components[name]]
-    if missing:
-        det.problem = (f"this file holds the {family.short_label} transformer without its {' and '.join(missing)} "
-                       "text encoder(s); choose the file that includes them (e.g. Stability's *_incl_clips "
-                       "file) or the diffusers folder of the model")
-    if not components["vae"]:
-        det.notes.append("no VAE inside: set model.vae to the SD3 VAE file")
+    lacks = [label for name, label in (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"), ("vae", "VAE"))
+             if not components[name]]
+    if lacks:
+        det.notes.append(f"no {', '.join(lacks)} inside: loads with the part files found beside it (a text_encoders/ "
+                         "folder) or in ComfyUI/A1111's model folders, or chosen on the Model page")
     if not components["text_encoder_3"]:
-        det.notes.append("no T5-XXL inside: training uses zeros in its place (as SD3 allows)")
+        det.notes.append("no T5-XXL inside: a t5xxl file found or chosen is used, else zeros in its place (as SD3 allows)")
     return det
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+# Where each part sits in the all-in-one layout (sd3.FILE_PREFIXES), which part files are put into.
+_INSIDE = {"text_encoder": "text_encoders.clip_l.", "text_encoder_2": "text_encoders.clip_g.",
+           "text_encoder_3": "text_encoders.t5xxl.", "vae": "first_stage_model."}
+# Stability ships SD3's VAE inside the model file (or in the repository's vae/ folder beside it); Flux's "ae" has the
+# same shapes but other weights, so only files named for SD3 are taken.
+_VAE_HINTS = ("sd3_vae", "sd3-vae", "sd3.5_vae", "sd3.5-vae", "sd35_vae", "sd35-vae", "vae_sd3", "vae-sd3")
+
+
+def part_specs(family: "SD3Family", config_dir: Path) -> list[PartSpec]:
+    """CLIP-L, CLIP-G, T5-XXL (optional) and the VAE, with the sizes the config folder gives: CLIP-L (768 wide,
+    12 layers) and CLIP-G (1280, 32) are told apart by them, not by their file names."""
+    labels = {p.name: p.label for p in family.parts()}
+    return [
+        spec_from_config("text_encoder", labels["text_encoder"], "clip", config_dir,
+                         hints=("clip_l", "clip-l", "clip_vit_l", "vit-l")),
+        spec_from_config("text_encoder_2", labels["text_encoder_2"], "clip", config_dir,
+                         hints=("clip_g", "clip-g", "bigg", "vit-g")),
+        spec_from_config("text_encoder_3", labels["text_encoder_3"], "t5", config_dir,
+                         hints=("t5xxl", "t5-xxl", "t5_xxl", "t5-v1_1-xxl"), required=False),
+        spec_from_config("vae", labels["vae"], "vae", config_dir, hints=_VAE_HINTS, hints_only=True),
+    ]
+
+
+def _config_dir(family: "SD3Family", model: "ModelSection") -> Path:
+    return Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
+
+
+def resolve_parts(family: "SD3Family", path: Path, shapes: Mapping[str, tuple[int, ...]],
+                  model: "ModelSection") -> dict[str, Path | None]:
+    """The part files of a single file: each the job names (checked by its shapes) or, for a part the file lacks,
+    one found nearby (None: not found). Parts the file carries and the job does not name are left out."""
+    inside = {name: any(k.startswith(prefix) for k in shapes) for name, prefix in _INSIDE.items()}
+    chosen = {name: getattr(model, name) for name in _INSIDE}
+    return resolve(part_specs(family, _config_dir(family, model)), Path(path), chosen, inside)
+
+
+def _part_tensors(name: str, file: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A part file's tensors under the all-in-one file's names (``text_encoders.clip_l.transformer.text_model.…``;
+    VAEs as vae_state_dict gives them), cast to ``dtype`` (fp8 T5 files too)."""
+    if name == "vae":
+        from studio.engine.families.sd_loading import vae_state_dict
+
+        return vae_state_dict(file)
+    w = open_weights(file)
+    found = holding(w.shapes)
+    prefix = found.prefix if found is not None else ""
+    out = {}
+    for key, value in w.tensors([k for k in w.shapes if k.startswith(prefix)]).items():
+        rest = key[len(prefix):]
+        if name != "text_encoder_3" and not rest.startswith(("text_model.", "text_projection.")):
+            rest = "text_model." + rest  # transformers >= 5.6 saves CLIPTextModel without its text_model level
+        out[_INSIDE[name] + "transformer." + rest] = value.to(dtype) if value.is_floating_point() else value
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -83,14 +143,11 @@ def _prediction_note(model: "ModelSection") -> str | None:
 
 
 def t5_tokenizer(folders: list[Path]) -> Any | None:
-    """T5's tokenizer from the first folder that holds one (its ``tokenizer_3`` subfolder or itself), else None."""
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        for candidate in (folder / "tokenizer_3", folder):
-            if any((candidate / f).is_file() for f in T5_TOKENIZER_FILES):
-                return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
-    return None
+    """T5's tokenizer from the first folder that holds one (its ``tokenizer_3`` subfolder or itself), else from an
+    SD3 model already in the local Hugging Face cache, else None."""
+    return find_t5_tokenizer(folders, ("tokenizer_3",), tuple(
+        (repo, "tokenizer_3") for repo in ("stabilityai/stable-diffusion-3.5-large", "stabilityai/stable-diffusion-3.5-medium",
+                                           "stabilityai/stable-diffusion-3-medium-diffusers")))
 
 
 def _clip_tokenizers(folder: Path | None) -> list[Any]:
@@ -198,6 +255,13 @@ def load_single_file(family: "SD3Family", path: Path, w: WeightsFile, det: "Dete
                                  "configuration does not fit; set model.config_dir to a diffusers folder with this "
                                  "model's configs")
         config_dir = family.bundled_config_dir()
+    # Every part is found (or refused by name) before the big transformer is read.
+    parts = resolve_parts(family, path, w.shapes, model)
+    missing = [spec for spec in part_specs(family, config_dir) if spec.required and spec.name in parts
+               and parts[spec.name] is None]
+    if missing:
+        raise ModelLoadError(missing_message(family.label, path, missing,
+                                             "clip_l.safetensors, clip_g.safetensors (and t5xxl_fp16.safetensors)"))
     notes = [n for n in (_prediction_note(model),) if n]
     kw = {"config": str(config_dir), "torch_dtype": dtype, "local_files_only": True}
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in w.shapes) else ""
@@ -206,44 +270,46 @@ def load_single_file(family: "SD3Family", path: Path, w: WeightsFile, det: "Dete
     transformer = SD3Transformer2DModel.from_single_file(mmdit, subfolder="transformer", **kw)
     check_complete(transformer, "transformer", name)
 
-    if model.vae:
-        from studio.engine.families.sd_loading import vae_state_dict
+    def tensors_of(part: str) -> tuple[dict[str, torch.Tensor], str]:
+        """A part's tensors in the all-in-one layout and the file they come from: its part file, or this file."""
+        if parts.get(part) is not None:
+            return _part_tensors(part, parts[part], dtype), parts[part].name
+        return _tensors(w, _INSIDE[part]), name
 
-        vae_path = Path(model.vae).expanduser()
-        vae_sd, vae_name = vae_state_dict(vae_path), vae_path.name
-    else:
-        vae_sd, vae_name = _tensors(w, "first_stage_model."), name
-        if not vae_sd:
-            raise ModelLoadError(f"'{name}' has no VAE inside; set model.vae to the SD3 VAE file")
+    vae_sd, vae_name = tensors_of("vae")
     vae = AutoencoderKL.from_single_file(vae_sd, subfolder="vae", **kw)
     check_complete(vae, "VAE", vae_name)
 
     encoders = []
-    for sub, prefix_te, what in (("text_encoder", "text_encoders.clip_l.", "CLIP-L text encoder"),
-                                 ("text_encoder_2", "text_encoders.clip_g.", "CLIP-G text encoder")):
-        encoder = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, _tensors(w, prefix_te),
-                                                       subfolder=sub, **kw)
-        check_complete(encoder, what, name)
+    for sub, what in (("text_encoder", "CLIP-L text encoder"), ("text_encoder_2", "CLIP-G text encoder")):
+        state, source = tensors_of(sub)
+        encoder = create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, state, subfolder=sub, **kw)
+        check_complete(encoder, what, source)
         encoders.append(encoder)
     tokenizers = _clip_tokenizers(config_dir if model.config_dir else None)
-    if det.components.get("text_encoder_3"):
-        tokenizer = t5_tokenizer([p for p in (config_dir if model.config_dir else None, path.parent) if p is not None])
+    if det.components.get("text_encoder_3") or parts.get("text_encoder_3") is not None:
+        t5_file = parts.get("text_encoder_3")
+        tokenizer = t5_tokenizer([p for p in (config_dir if model.config_dir else None, path.parent,
+                                              t5_file.parent if t5_file is not None else None) if p is not None]
+                                 + comfyui_t5_tokenizer(path))
+        t5_name = t5_file.name if t5_file is not None else name
         if tokenizer is None:
-            notes.append(f"'{name}' holds T5-XXL but its tokenizer is not bundled; put {T5_TOKENIZER_HINT} next to "
-                         "the file (or in model.config_dir) to use it. Training uses zeros in its place now")
+            notes.append(f"'{t5_name}' holds T5-XXL but its tokenizer is not bundled; put {T5_TOKENIZER_HINT} next "
+                         "to the file (or in model.config_dir) to use it. Training uses zeros in its place now")
         else:
-            t5 = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, _tensors(w, "text_encoders.t5xxl."),
-                                                           subfolder="text_encoder_3", **kw)
+            state, source = tensors_of("text_encoder_3")
+            t5 = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, state, subfolder="text_encoder_3", **kw)
             if t5.encoder.embed_tokens.weight.device.type == "meta":
                 t5.set_input_embeddings(t5.shared)  # tied to `shared`; files hold the embedding once
-            check_complete(t5, "T5-XXL text encoder", name)
+            check_complete(t5, "T5-XXL text encoder", source)
             t5.config.dropout_rate = 0.0
             for module in t5.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0  # a frozen encoder must not drop out in the trainer's train mode
             encoders.append(t5)
             tokenizers.append(tokenizer)
-    extra = {"format": w.format, "detection": det, "config_dir": str(config_dir), "prediction_source": _PREDICTION_SOURCE}
+    extra = {"format": w.format, "detection": det, "config_dir": str(config_dir), "prediction_source": _PREDICTION_SOURCE,
+             "parts": {k: str(v) if v is not None else None for k, v in parts.items()}}
     if model.family != "auto" and det.family and model.family != det.family:
         notes.append(f"model.family is {model.family} but the weights look like {det.architecture}")
     if notes:

@@ -1,6 +1,6 @@
 """A tiny T5 tokenizer built in code (a `tokenizers` Unigram model in T5TokenizerFast): tests and the tiny models only.
 
-T5's real SentencePiece vocabulary is not bundled (see flux_files.T5_TOKENIZER_FILES); the tiny models need a
+T5's real SentencePiece vocabulary is not bundled (see parts.T5_TOKENIZER_FILES); the tiny models need a
 tokenizer of the same kind, made without any file: a word-level Unigram vocabulary of a few hundred pieces.
 """
 

@@ -3,7 +3,7 @@ tokenizer, vae, scheduler) and ComfyUI's separate files (transformer, qwen_3_4b,
 
 Qwen3's tokenizer is not bundled (151 k BPE tokens, Qwen's own files): it comes from the folder's ``tokenizer``, or,
 for single files, from a tokenizer folder beside them, ComfyUI's own copy, or the local Hugging Face cache.
-Part finding is this module's own (small) copy of the FLUX.1 idea; flux_files.search_folders gives the folders.
+parts.py finds and checks the VAE (and gives the folders); Qwen3, which parts.py does not know, is told by its keys here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from studio.engine.safe_load import WeightsFile
 
 FOLDER_PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+
+# The chat template Qwen3's tokenizer applies (with enable_thinking=True it adds no <think> block): used by the
+# tiny tokenizer built in code; real folders ship their own tokenizer with Qwen3's full template.
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _check_prediction(family: "ZImageFamily", model: "ModelSection") -> None:
@@ -95,8 +100,8 @@ _PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 _ORIGINAL_MARK = "layers.0.attention.qkv.weight"
 _DIFFUSERS_MARK = "layers.0.attention.to_q.weight"
 _QWEN_MARK = "layers.0.self_attn.q_norm.weight"  # Qwen3 (not Qwen2.5): per-head q/k norms
-_TE_NAME_HINTS = ("qwen", "text_encoder", "te")
-_VAE_NAME_HINTS = ("ae.", "ae_", "vae", "flux")
+_TE_NAME_HINTS = ("qwen", "text_encoder")
+_VAE_NAME_HINTS = ("ae.", "ae_", "vae", "flux_vae", "flux-vae")
 TOKENIZER_HINT = ("Qwen3's tokenizer (a 'tokenizer' folder with tokenizer.json, e.g. the one of the Z-Image-Turbo "
                   "download, or ComfyUI's comfy/text_encoders/qwen25_tokenizer)")
 
@@ -132,32 +137,52 @@ def detect_zimage_file(family: "ZImageFamily", shapes: Mapping[str, tuple[int, .
     return det
 
 
-def part_kind(shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Which Z-Image part a file holds by its keys: text_encoder (Qwen3), vae (16-channel), or None."""
-    from studio.engine.families.flux_files import part_kind as flux_part_kind
-
-    if any(k.endswith(_QWEN_MARK) for k in shapes):
-        return "text_encoder"
-    return "vae" if flux_part_kind(shapes, 16) == "vae" else None
+def is_qwen3(shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether a file holds a Qwen3 language model (per-head q/k norms: not Qwen2.5), e.g. ComfyUI's qwen_3_4b."""
+    return any(k.endswith(_QWEN_MARK) for k in shapes) and not any(k.endswith("encoder.layers.0.self_attn.q_proj.weight")
+                                                                   for k in shapes)
 
 
-def _find_part(name: str, folders: list[Path]) -> Path | None:
+def check_text_encoder(file: Path, config_dir: Path) -> None:
+    """A ModelLoadError naming the file and model.text_encoder unless it holds this model's Qwen3 (by its width)."""
+    from studio.engine.jsonfile import JsonFileError, read_json_object
     from studio.engine.safe_load import open_weights
 
-    hints = _TE_NAME_HINTS if name == "text_encoder" else _VAE_NAME_HINTS
+    file = Path(file).expanduser()
+    if not file.is_file():
+        raise ModelLoadError(f"'{file}' (model.text_encoder) does not exist; choose the Qwen3-4B text encoder file "
+                             "(qwen_3_4b.safetensors), or clear the field to find it next to the model")
+    shapes = open_weights(file).shapes
+    try:
+        width = int(read_json_object(config_dir / "text_encoder" / "config.json").get("hidden_size", 0))
+    except (JsonFileError, TypeError, ValueError):
+        width = 0
+    embed = next((shapes[k] for k in shapes if k.endswith("embed_tokens.weight")), None)
+    if not is_qwen3(shapes) or (width and embed is not None and embed[-1] != width):
+        what = "a Qwen3 model of another size" if is_qwen3(shapes) else "no Qwen3 text encoder"
+        raise ModelLoadError(f"'{file.name}' (model.text_encoder) holds {what}, not Z-Image's text encoder (Qwen3-4B"
+                             f"{f', width {width}' if width else ''}); choose qwen_3_4b.safetensors, or clear the field "
+                             "to find it next to the model")
+
+
+def _find_text_encoder(folders: list[Path], config_dir: Path, model_file: Path) -> Path | None:
+    from studio.engine.families.parts import WEIGHT_SUFFIXES
+
+    named, others = [], []
     for folder in folders:
         try:
-            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".safetensors", ".sft"))
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES)
         except OSError:
             continue
         for file in files:
-            if not any(h in file.name.lower() for h in hints):
-                continue
-            try:
-                if part_kind(open_weights(file).shapes) == name:
-                    return file
-            except Exception:  # an unreadable file is not the part; the next candidate may be
-                continue
+            if file != model_file:
+                (named if any(h in file.name.lower() for h in _TE_NAME_HINTS) else others).append(file)
+    for file in named + others:
+        try:
+            check_text_encoder(file, config_dir)
+        except Exception:  # another part, a whole model or an unreadable file: the next candidate may be the one
+            continue
+        return file
     return None
 
 
@@ -171,7 +196,8 @@ def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -
             break
     from studio.engine.checkpoint import hub_snapshot
 
-    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"), ("Qwen/Qwen3-4B", "")):
+    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"),
+                      ("Qwen/Qwen3-4B", "")):
         snapshot = hub_snapshot(repo)
         if snapshot is not None:
             out.append(snapshot / sub)
@@ -181,8 +207,6 @@ def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -
 def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> Any | None:
     """Qwen3's tokenizer from the user's files (or the local Hugging Face cache), with the Z-Image chat template."""
     from transformers import AutoTokenizer
-
-    from studio.engine.families.zimage import CHAT_TEMPLATE
 
     for folder in _tokenizer_folders(path, folders, model):
         if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
@@ -200,15 +224,36 @@ def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> An
     return None
 
 
-def resolve_parts(family: "ZImageFamily", path: Path, model: "ModelSection") -> dict[str, Any]:
-    from studio.engine.families.flux_files import search_folders
+def _config_dir(family: "ZImageFamily", model: "ModelSection") -> Path:
+    return Path(model.config_dir).expanduser() if model.config_dir else family.bundled_config_dir()
 
+
+def vae_spec(family: "ZImageFamily", config_dir: Path) -> Any:
+    from studio.engine.families.parts import spec_from_config
+
+    label = next(p.label for p in family.parts() if p.name == "vae")
+    # FLUX.1's "ae" and SD3's VAE share their shapes: only files named for it (or in the model's own vae/ folder).
+    return spec_from_config("vae", label, "vae", config_dir, hints=_VAE_NAME_HINTS, hints_only=True)
+
+
+def resolve_parts(family: "ZImageFamily", path: Path, model: "ModelSection", tokenizer: bool = True) -> dict[str, Any]:
+    """The Qwen3 text encoder and the VAE: the file the job names (checked), else one found nearby (None: not found);
+    and (``tokenizer``) Qwen3's tokenizer."""
+    from studio.engine.families.parts import resolve, search_folders
+
+    path = Path(path).expanduser()
+    config_dir = _config_dir(family, model)
     folders = search_folders(path)
     out: dict[str, Any] = {}
-    for name, chosen in (("text_encoder", model.text_encoder), ("vae", model.vae)):
-        out[name] = Path(chosen).expanduser() if chosen else _find_part(name, folders)
-    extra = [Path(v).expanduser().parent for v in (model.text_encoder, model.vae) if v]
-    out["tokenizer"] = find_tokenizer(path, folders + [f for f in extra if f not in folders], model)
+    if model.text_encoder:
+        check_text_encoder(Path(model.text_encoder), config_dir)
+        out["text_encoder"] = Path(model.text_encoder).expanduser()
+    else:
+        out["text_encoder"] = _find_text_encoder(folders, config_dir, path)
+    out.update(resolve([vae_spec(family, config_dir)], path, {"vae": model.vae}, {}))
+    if tokenizer:
+        extra = [Path(v).parent for v in out.values() if v is not None]
+        out["tokenizer"] = find_tokenizer(path, folders + [f for f in extra if f not in folders], model)
     return out
 
 
@@ -219,8 +264,7 @@ def part_files(family: "ZImageFamily", path: Path, model: "ModelSection") -> dic
     path = Path(path).expanduser()
     if not path.is_file() or transformer_layout(open_weights(path).shapes) is None:
         return {}
-    parts = resolve_parts(family, path, model)
-    return {name: parts[name] for name in ("text_encoder", "vae")}
+    return resolve_parts(family, path, model, tokenizer=False)
 
 
 def _strip(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -286,16 +330,16 @@ def load_single_file(family: "ZImageFamily", path: Path, weights: "WeightsFile",
                              "not fit; set model.config_dir to a diffusers folder with this model's configs")
     else:
         config_dir = family.bundled_config_dir()
+    from studio.engine.families.parts import PartSpec, missing_message
+
     parts = resolve_parts(family, path, model)
-    labels = {p.name: p.label for p in family.parts() if p.role != "denoiser"}
-    missing = [labels[n] for n in ("text_encoder", "vae") if parts[n] is None]
-    if parts["tokenizer"] is None:
-        missing.append(TOKENIZER_HINT)
+    labels = {p.name: p.label for p in family.parts()}
+    specs = [PartSpec("text_encoder", labels["text_encoder"], "qwen3"), vae_spec(family, config_dir),
+             PartSpec("tokenizer", TOKENIZER_HINT, "tokenizer")]
+    missing = [spec for spec in specs if parts[spec.name] is None]
     if missing:
-        raise ModelLoadError(f"'{path.name}' holds only the Z-Image transformer; also needed: {', '.join(missing)}. "
-                             "Choose them on the Model page (or set model.text_encoder / model.vae), or put "
-                             "qwen_3_4b.safetensors and ae.safetensors next to the model or in ComfyUI's "
-                             "models/text_encoders and models/vae folders")
+        raise ModelLoadError(missing_message(family.label, path, missing,
+                                             "qwen_3_4b.safetensors, ae.safetensors and Qwen3's tokenizer folder"))
     transformer = load_transformer_file(config_dir, weights, path.name, dtype)
     text_encoder = load_text_encoder_file(config_dir, parts["text_encoder"], dtype)
     vae = vae_from_file(config_dir, parts["vae"])

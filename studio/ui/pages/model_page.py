@@ -178,6 +178,8 @@ class ModelPage(Page):
             return PENDING, "Choose a base model."
         if errors or self.inspect_error:
             return ATTENTION, errors[0].message if errors else self.inspect_error
+        if self.parts.error:  # a file chosen for the wrong part: the sentence names the file and the field
+            return ATTENTION, self.parts.error
         if self.parts.missing:
             return ATTENTION, "Choose the " + ", ".join(self.parts.missing) + "."
         return DONE, display_name(self.model.value("model.path"))
