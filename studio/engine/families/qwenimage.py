@@ -282,11 +282,8 @@ class QwenImageFamily(Family):
             bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        if training.compile and training.compile_scope == "denoiser":
-            denoiser.compile()
-        elif training.compile:
-            for block in denoiser.transformer_blocks:
-                block.compile()
+
+    compile_block_classes = ("QwenImageTransformerBlock",)  # the 60 dual-stream blocks
 
     # ------------------------------------------------------------------------------------------- export
     # kohya's names over diffusers' paths ("lora_unet_transformer_blocks_0_attn_to_q"), with .lora_down/.lora_up/
