@@ -211,7 +211,9 @@ class ZImageFamily(Family):
         shift = {"base_seq_len": sched.get("base_image_seq_len", 256), "max_seq_len": sched.get("max_image_seq_len", 4096),
                  "base_shift": sched.get("base_shift", 0.5), "max_shift": sched.get("max_shift", 1.15)}
         draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2), shift)
-        timestep = (1 - draw.sigmas).to(latents.device, weight_dtype)
+        # float32, as the pipeline passes it: the sinusoidal embedding of t · 1000 is computed in float anyway, and a
+        # bf16 t would be off by up to 4 of the 1000 steps near t = 1.
+        timestep = (1 - draw.sigmas).to(latents.device, torch.float32)
         images = list(draw.noisy.to(weight_dtype).unsqueeze(2).unbind(0))  # (C, 1, H, W): one frame each
         out = denoiser(images, timestep, self.caption_list(cond), return_dict=False)[0]
         pred = torch.stack(out).squeeze(2)
