@@ -246,25 +246,42 @@ def meta_qwen():
         return QwenImageTransformer2DModel.from_config(QWEN_IMAGE.denoiser_config(QWEN_IMAGE.bundled_config_dir()))
 
 
+# ComfyUI's QwenImage model (comfy/ldm/qwen_image/model.py), per block: each Linear's path and its (out, in) in units of
+# the width (3072): both streams' q/k/v/out, the GELU feed-forwards (net.0.proj up 4x, net.2 down) and the modulations.
+COMFY_BLOCK_LINEARS = {
+    "attn.to_q": (1, 1), "attn.to_k": (1, 1), "attn.to_v": (1, 1), "attn.to_out.0": (1, 1),
+    "attn.add_q_proj": (1, 1), "attn.add_k_proj": (1, 1), "attn.add_v_proj": (1, 1), "attn.to_add_out": (1, 1),
+    "img_mlp.net.0.proj": (4, 1), "img_mlp.net.2": (1, 4), "txt_mlp.net.0.proj": (4, 1), "txt_mlp.net.2": (1, 4),
+    "img_mod.1": (6, 1), "txt_mod.1": (6, 1),
+}
+
+
 def test_exported_names_are_the_ones_comfyui_and_diffusers_map_onto_the_full_size_model(meta_qwen):
-    """ComfyUI's QwenImage model keeps diffusers' paths; its LoRA key map accepts "lora_unet_" + the path with
-    underscores for every diffusion_model weight. diffusers' Qwen converter must split each name back to its path."""
+    """ComfyUI's LoRA key map (comfy/lora.py model_lora_keys_unet) accepts "lora_unet_" + the model path with
+    underscores for every diffusion_model weight; its QwenImage model's paths are listed above. diffusers' Qwen
+    converter must split each name back to the diffusers path of the same Linear."""
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_qwen_lora_to_diffusers
 
     from studio.engine.lora import matching_modules
 
+    dim = meta_qwen.config.num_attention_heads * meta_qwen.config.attention_head_dim
+    comfy = {}  # ComfyUI's key map over its model's block weights: LoRA name -> (model key, weight shape)
+    for n in range(meta_qwen.config.num_layers):
+        for path, (rows, cols) in COMFY_BLOCK_LINEARS.items():
+            key = f"diffusion_model.transformer_blocks.{n}.{path}.weight"
+            comfy["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = (key, (rows * dim, cols * dim))
     modules = dict(meta_qwen.named_modules())
     targets = matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("kohya-default", "transformer"))
     assert len(targets) == 60 * 12
     assert len(matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("attention", "transformer"))) == 60 * 8
     # The modulations are not trained by default but the loaders map them, so files adapting them are named too.
     named = targets + [p for p in modules if p.endswith(("img_mod.1", "txt_mod.1"))]
-    weights = {k.removesuffix(".weight") for k in meta_qwen.state_dict() if k.endswith(".weight")}
-    comfy = {"lora_unet_" + k.replace(".", "_"): k for k in weights}  # ComfyUI's map (comfy/lora.py)
+    assert len(named) == len(comfy)
     state = {}
     for path in named:
         name = QWEN_IMAGE.kohya_name("transformer", path)
-        assert comfy[name] == path, name
+        key, shape = comfy[name]
+        assert key == f"diffusion_model.{path}.weight" and tuple(modules[path].weight.shape) == shape, name
         rank, module = 4, modules[path]
         state[name + ".lora_down.weight"] = torch.zeros(rank, module.in_features)
         state[name + ".lora_up.weight"] = torch.zeros(module.out_features, rank)
