@@ -304,15 +304,20 @@ def test_lora_files_of_the_peers_are_told_apart_by_their_keys():
     assert lora_family({"modelspec.architecture": "Qwen-Image/lora"}, {})[0] is QWEN_IMAGE
 
 
-def test_a_transformer_only_file_is_named_and_refused_with_what_to_use(tmp_path):
+def test_a_full_size_transformer_file_is_detected_and_asks_for_its_parts(tmp_path):
     from test_checkpoint_support import write_sparse_safetensors
     from studio.engine.checkpoint import load_model
+    from studio.engine.inspection import inspect_path
     from studio.engine.config import ModelSection
     from studio.engine.safe_load import ModelLoadError
 
-    keys = {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64), "transformer_blocks.0.img_mod.1.weight": (18432, 3072)}
+    keys = {"model.diffusion_model.txt_norm.weight": (3584,), "model.diffusion_model.img_in.weight": (3072, 64),
+            "model.diffusion_model.transformer_blocks.0.img_mod.1.weight": (18432, 3072)}
     path = write_sparse_safetensors(tmp_path / "qwen_image_bf16.safetensors", keys)
-    with pytest.raises(ModelLoadError, match="Qwen-Image transformer file.*diffusers folder of Qwen/Qwen-Image"):
+    info = inspect_path(path)
+    assert info["family"] == "qwen-image", info
+    with pytest.raises(ModelLoadError, match="holds the Qwen-Image transformer without its text encoder .*"
+                                             "qwen_2.5_vl_7b.safetensors, qwen_image_vae.safetensors"):
         load_model(ModelSection(path=str(path)))
 
 
@@ -359,3 +364,83 @@ def test_the_estimate_counts_fp8_and_block_swap():
     # off the GPU save ~1 byte x 29/60 x 99 % of them.
     assert 19.0 * gib < base - fp8 < 22.0 * gib
     assert 9.0 * gib < fp8 - swapped < 11.0 * gib
+
+
+# ------------------------------------------------------------------------------------------- single files
+
+
+def _comfy_files(folder: Path, out: Path) -> dict[str, Path]:
+    """The tiny model as ComfyUI keeps Qwen-Image: the transformer under "model.diffusion_model.", Qwen2.5-VL in
+    transformers' older layout ("model." language model, "visual.", "lm_head."), the VAE alone."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    transformer = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in transformer.items()}, str(out / "qwen_image_bf16.safetensors"))
+    te = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    old = {}
+    for k, v in te.items():
+        k = k.replace("model.language_model.", "model.", 1) if k.startswith("model.language_model.") else k
+        old[k.replace("model.visual.", "visual.", 1) if k.startswith("model.visual.") else k] = v
+    assert any(k.startswith("visual.") for k in old) and any(k.startswith("model.layers.") for k in old)
+    (out / "text_encoders").mkdir(exist_ok=True)
+    save_file(old, str(out / "text_encoders" / "qwen_2.5_vl_7b.safetensors"))
+    (out / "vae").mkdir(exist_ok=True)
+    save_file(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")),
+              str(out / "vae" / "qwen_image_vae.safetensors"))
+    return {"transformer": out / "qwen_image_bf16.safetensors",
+            "text_encoder": out / "text_encoders" / "qwen_2.5_vl_7b.safetensors",
+            "vae": out / "vae" / "qwen_image_vae.safetensors"}
+
+
+def test_comfyui_files_load_as_the_folder_does_and_train(tiny_qwen, bundle, tiny_dataset, tmp_path):
+    import shutil
+
+    from studio.engine.checkpoint import load_model
+    from studio.engine.inspection import inspect_path
+    from studio.engine.config import ModelSection
+    from studio.engine.events import RunFinished
+    from test_trainer import collect, tiny_job
+
+    files = _comfy_files(tiny_qwen, tmp_path / "comfy")
+    assert inspect_path(files["transformer"])["family"] == "qwen-image"
+    # The tiny sizes need their configs (model.config_dir); the parts and the tokenizer are found beside the model.
+    configs = tmp_path / "configs"
+    shutil.copytree(tiny_qwen, configs, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
+    shutil.copytree(tiny_qwen / "tokenizer", tmp_path / "comfy" / "tokenizer")
+    section = ModelSection(path=str(files["transformer"]), config_dir=str(configs))
+    assert QWEN_IMAGE.part_files(files["transformer"], section) == {"text_encoder": files["text_encoder"],
+                                                                     "vae": files["vae"]}
+    single = load_model(section)
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for b in (bundle, single):
+            assert b.family is QWEN_IMAGE
+        ours, theirs = (QWEN_IMAGE.encode_text(b, ["a red circle"]) for b in (single, bundle))
+        assert torch.equal(ours["prompt"], theirs["prompt"])
+        losses = [float(QWEN_IMAGE.training_loss(b, b.denoiser, x, ours, training=tiny_job(tiny_qwen, tiny_dataset,
+                  tmp_path / "x").training, generator=torch.Generator().manual_seed(1), weight_dtype=torch.float32))
+                  for b in (single, bundle)]
+        assert losses[0] == losses[1]
+        pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(QWEN_IMAGE.encode_image(single, pixels)[0], QWEN_IMAGE.encode_image(bundle, pixels)[0])
+    job = tiny_job(files["transformer"], tiny_dataset, tmp_path / "run", training__steps=1)
+    job.model.config_dir = str(configs)
+    events = collect(job)
+    assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
+
+
+def test_a_transformer_file_without_its_parts_names_what_is_missing(tiny_qwen, tmp_path):
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+    from studio.engine.safe_load import ModelLoadError
+
+    files = _comfy_files(tiny_qwen, tmp_path / "comfy")
+    lonely = tmp_path / "alone" / files["transformer"].name
+    lonely.parent.mkdir()
+    files["transformer"].rename(lonely)
+    with pytest.raises(ModelLoadError, match=r"without its text encoder \(Qwen2.5-VL-7B\) and VAE .*Choose them on the Model page"):
+        load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen)))
+    # A text encoder file that is not Qwen2.5-VL is named with its field.
+    with pytest.raises(ModelLoadError, match="model.text_encoder: .*qwen_image_vae.safetensors.* choose the qwen_2.5_vl_7b"):
+        load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen), text_encoder=str(files["vae"])))

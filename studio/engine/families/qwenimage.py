@@ -124,18 +124,9 @@ class QwenImageFamily(Family):
 
     def detect_file(self, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str], filename: str,
                     tensor: Callable[[str], torch.Tensor] | None) -> "Detection | None":
-        from studio.engine.detect import Detection
+        from studio.engine.families.qwenimage_files import detect_file
 
-        for prefix in ("", "model.diffusion_model.", "diffusion_model."):
-            if all(prefix + k in shapes for k in ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight")):
-                det = Detection("checkpoint", self.label, family=self.name, prediction_type=PREDICTION,
-                                prediction_source="the family (rectified flow)", native_resolution=1024,
-                                components={"transformer": True, "text_encoder": False, "vae": False})
-                det.problem = ("a Qwen-Image transformer file (ComfyUI's qwen_image_*.safetensors): single files are not "
-                               "loaded yet; use the diffusers folder of Qwen/Qwen-Image (transformer, text_encoder, "
-                               "tokenizer, vae, scheduler) as the model")
-                return det
-        return None
+        return detect_file(self, shapes)
 
     def detect_folder(self, folder: Path, model_index: Mapping[str, Any]) -> bool:
         config = self.denoiser_config(folder)
@@ -168,9 +159,6 @@ class QwenImageFamily(Family):
         if missing:
             raise ModelLoadError(f"'{path.name}' is a Qwen-Image folder without its "
                                  f"{', '.join(repr(m) for m in missing)} folder(s); the download may be incomplete")
-        if model.vae:
-            raise ModelLoadError(f"model.vae: a separate VAE file is not loaded for {self.label} yet; clear the field "
-                                 f"to use the folder's own VAE ('{path / 'vae'}')")
         with quiet_diffusers():
             try:
                 transformer = QwenImageTransformer2DModel.from_pretrained(
@@ -191,14 +179,25 @@ class QwenImageFamily(Family):
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"'{path}' looks like a Qwen-Image folder but a part could not be read: {exc}") from exc
         tokenizer = _load_tokenizer(path / "tokenizer", f"'{path.name}'")
+        if model.vae:  # a VAE file chosen over the folder's own (qwen_image_vae.safetensors, either layout)
+            from studio.engine.families.qwenimage_files import load_vae_file
+
+            vae = load_vae_file(path, Path(model.vae).expanduser())
         return ModelBundle(family=self, prediction_type=PREDICTION, denoiser=transformer, vae=vae,
                            text_encoders=[text_encoder], tokenizers=[tokenizer], noise_scheduler=scheduler,
                            source=str(path), extra={"format": "diffusers"})
 
     def load_single_file(self, path: Path, weights: "WeightsFile", detection: "Detection", model: "ModelSection",
                          dtype: torch.dtype) -> ModelBundle:
-        raise ModelLoadError(f"'{Path(path).name}' cannot be used as the base model: "
-                             f"{detection.problem or 'Qwen-Image single files are not loaded yet'}.")
+        from studio.engine.families import qwenimage_files
+
+        with quiet_diffusers():
+            return qwenimage_files.load_single_file(self, Path(path), weights, detection, model, dtype)
+
+    def part_files(self, path: Path, model: "ModelSection") -> dict[str, Path | None]:
+        from studio.engine.families import qwenimage_files
+
+        return qwenimage_files.part_files(self, Path(path), model)
 
     # -------------------------------------------------------------------------------------- conditioning
 
