@@ -444,3 +444,57 @@ def test_a_transformer_file_without_its_parts_names_what_is_missing(tiny_qwen, t
     # A text encoder file that is not Qwen2.5-VL is named with its field.
     with pytest.raises(ModelLoadError, match="model.text_encoder: .*qwen_image_vae.safetensors.* choose the qwen_2.5_vl_7b"):
         load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen), text_encoder=str(files["vae"])))
+
+
+# Wan 2.1's original VAE names (ComfyUI's qwen_image_vae.safetensors) from diffusers' AutoencoderKLQwenImage names:
+# the fixture that writes such a file; the test proves diffusers' own Wan converter maps every name back.
+_WAN_RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
+                 "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
+                 "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias"}
+_WAN_FIXED = {"encoder.conv_in.": "encoder.conv1.", "decoder.conv_in.": "decoder.conv1.", "quant_conv.": "conv1.",
+              "post_quant_conv.": "conv2.", "encoder.norm_out.": "encoder.head.0.", "decoder.norm_out.": "decoder.head.0.",
+              "encoder.conv_out.": "encoder.head.2.", "decoder.conv_out.": "decoder.head.2."}
+
+
+def _wan_name(key: str) -> str:
+    import re
+
+    for ours, wan in _WAN_FIXED.items():
+        if key.startswith(ours):
+            return wan + key[len(ours):]
+    if m := re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d)\.(.+)", key):
+        side, kind, i, rest = m.groups()
+        return (f"{side}.middle.1.{rest}" if kind == "attentions" else
+                f"{side}.middle.{2 * int(i)}.{_WAN_RESIDUAL[rest]}")
+    if m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)", key):
+        return f"encoder.downsamples.{m[1]}.{_WAN_RESIDUAL.get(m[2], m[2])}"
+    if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_WAN_RESIDUAL[m[3]]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key)
+    return f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+
+
+def test_the_vae_loads_from_wan_21s_original_layout(tmp_path):
+    """A VAE of Qwen-Image's full structure (four levels, two residual blocks; narrow, so small) written with Wan 2.1's
+    names is read through diffusers' Wan converter into AutoencoderKLQwenImage and encodes exactly as the original."""
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors.torch import save_file
+
+    from studio.engine.families.qwenimage_files import load_vae_file, part_kind
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                 temperal_downsample=[False, True, True]).eval()
+    vae.save_config(tmp_path / "configs" / "vae")
+    state = vae.state_dict()
+    wan = {_wan_name(k): v.contiguous() for k, v in state.items()}
+    assert len(wan) == len(state) and "encoder.head.2.weight" in wan and "decoder.upsamples.14.residual.6.weight" in wan
+    save_file(wan, str(tmp_path / "qwen_image_vae.safetensors"))
+    save_file(state, str(tmp_path / "diffusers_vae.safetensors"))
+    pixels = torch.rand(1, 3, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.mean
+        for name in ("qwen_image_vae.safetensors", "diffusers_vae.safetensors"):
+            assert part_kind({k: tuple(v.shape) for k, v in (wan if "qwen" in name else state).items()}) == "vae"
+            loaded = load_vae_file(tmp_path / "configs", tmp_path / name)
+            assert torch.equal(loaded.encode(pixels).latent_dist.mean, expected), name
