@@ -281,3 +281,33 @@ def test_the_repeated_blocks_compile_scope_and_memory_options(meta_zimage, tiny_
                               training__base_weights_fp8=True, training__block_swap=1,
                               training__gradient_checkpointing=True))
     assert isinstance(events[-1], RunFinished), getattr(events[-1], "details", events[-1])
+
+
+def test_loha_files_preview_through_their_dotted_names_and_the_report_names_the_tools(tiny_zimage, tiny_dataset,
+                                                                                       tmp_path):
+    """A LoHa (diffusers cannot read it) is applied in place by its names, which hold dots ("diffusion_model.…");
+    the export report says which tools take a Z-Image file."""
+    from studio.engine.adapters import read_modules
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+    from studio.engine.events import RunFinished
+    from studio.engine.export import read_lora
+    from studio.engine.inspection import inspect_path
+    from studio.engine.sampling import generate
+    from test_trainer import collect, tiny_job
+
+    done = collect(tiny_job(tiny_zimage, tiny_dataset, tmp_path / "run", training__steps=2, lora__algorithm="loha",
+                            training__lr=0.05))[-1]
+    assert isinstance(done, RunFinished), getattr(done, "details", done)
+    modules = read_modules(read_lora(done.lora_path)[0])
+    assert len(modules) == 4 * 7 and "diffusion_model.layers.1.feed_forward.w3" in modules
+    bundle = load_model(ModelSection(path=str(tiny_zimage)))
+    assert set(modules) <= set(ZIMAGE.kohya_index(bundle))
+    settings = dict(steps=2, guidance=0.0, width=64, height=64, seed=5)
+    base = generate(bundle, "a red circle", **settings)
+    with_loha = generate(bundle, "a red circle", lora_path=done.lora_path, **settings)
+    assert base.tobytes() != with_loha.tobytes()
+    assert generate(bundle, "a red circle", **settings).tobytes() == base.tobytes()  # the weights came back
+    verdicts = {c["consumer"]: c["status"] for c in inspect_path(done.lora_path)["consumers"]}
+    assert verdicts == {"A1111/Forge": "does not load", "ComfyUI": "loads fully", "InvokeAI": "loads fully",
+                        "kohya": "does not load", "diffusers": "does not load"}

@@ -155,6 +155,9 @@ def read_modules(tensors: dict[str, torch.Tensor]) -> dict[str, FileModule]:
     """All modules of a kohya/LyCORIS-layout state dict (``<name>.<suffix>`` keys), each checked."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
+        # The name ends where a known suffix starts: names may hold dots (Z-Image's "diffusion_model.layers.0…");
+        # an unknown suffix splits at the first dot, so read_module names it.
+        suffix = max((s for s in KNOWN_SUFFIXES if key.endswith("." + s)), key=len, default=None)
+        name, _, suffix = (key[: -len(suffix) - 1], ".", suffix) if suffix else key.partition(".")
         grouped.setdefault(name, {})[suffix] = value
     return {name: read_module(name, parts) for name, parts in grouped.items()}

@@ -83,6 +83,12 @@ def report(info: dict[str, Any]) -> list[ConsumerVerdict]:
         ]
     verdicts = _kohya_verdicts(str(network_type), metadata, bool(info.get("tucker")))
     family = info.get("family")
+    from studio.engine.families import get_family, names
+
+    if family in names():  # a registered family (the preflight passes the job's, which may be "auto")
+        problems = get_family(family).consumer_problems()
+        verdicts = [ConsumerVerdict(v.consumer, NO, problems[v.consumer]) if v.consumer in problems else v
+                    for v in verdicts]
     if family is None:
         verdicts = [v if not v.ok else ConsumerVerdict(v.consumer, PARTIAL, "the base model family could not be "
                                                         "told from the file; tools may hide it") for v in verdicts]

@@ -313,6 +313,11 @@ class Family(abc.ABC):
         the conversion does not produce but the original loaders expect (those cast to ``dtype``)."""
         return {}
 
+    def consumer_problems(self) -> Mapping[str, str]:
+        """Tools (adapters.consumers.CONSUMERS) that cannot load this family's LoRA files at all, each with the reason
+        (the export report says so instead of "loads fully"); none for SD, which every tool reads."""
+        return {}
+
     def kohya_index(self, bundle: ModelBundle) -> dict[str, tuple[str, Any]]:
         """Every kohya name a layer may carry in files of the wild → (component, module), for baking a LoRA."""
         raise NotImplementedError(f"baking a LoRA into a {self.label} model is not supported yet")
