@@ -498,3 +498,32 @@ def test_the_vae_loads_from_wan_21s_original_layout(tmp_path):
             assert part_kind({k: tuple(v.shape) for k, v in (wan if "qwen" in name else state).items()}) == "vae"
             loaded = load_vae_file(tmp_path / "configs", tmp_path / name)
             assert torch.equal(loaded.encode(pixels).latent_dist.mean, expected), name
+
+
+def test_loha_files_preview_through_their_names_and_the_report_names_the_tools(tiny_qwen, tiny_dataset, tmp_path):
+    """A LoHa (diffusers cannot read it) is applied in place by its kohya names; the export report says which tools
+    take a Qwen-Image file."""
+    from studio.engine.adapters import read_modules
+    from studio.engine.checkpoint import load_model
+    from studio.engine.config import ModelSection
+    from studio.engine.events import RunFinished
+    from studio.engine.export import read_lora
+    from studio.engine.inspection import inspect_path
+    from studio.engine.sampling import generate
+    from test_trainer import collect, tiny_job
+
+    done = collect(tiny_job(tiny_qwen, tiny_dataset, tmp_path / "run", training__steps=2, lora__algorithm="loha",
+                            training__lr=0.05))[-1]
+    assert isinstance(done, RunFinished), getattr(done, "details", done)
+    modules = read_modules(read_lora(done.lora_path)[0])
+    assert len(modules) == 2 * 12 and "lora_unet_transformer_blocks_1_txt_mlp_net_2" in modules
+    bundle = load_model(ModelSection(path=str(tiny_qwen)))
+    assert set(modules) <= set(QWEN_IMAGE.kohya_index(bundle))
+    settings = dict(steps=2, guidance=1.0, width=64, height=64, seed=5)
+    base = generate(bundle, "a red circle", **settings)
+    with_loha = generate(bundle, "a red circle", lora_path=done.lora_path, **settings)
+    assert base.tobytes() != with_loha.tobytes()
+    assert generate(bundle, "a red circle", **settings).tobytes() == base.tobytes()  # the weights came back
+    verdicts = {c["consumer"]: c["status"] for c in inspect_path(done.lora_path)["consumers"]}
+    assert verdicts == {"A1111/Forge": "does not load", "ComfyUI": "loads fully", "InvokeAI": "loads fully",
+                        "kohya": "does not load", "diffusers": "does not load"}

@@ -300,6 +300,17 @@ class QwenImageFamily(Family):
             return "lora_te_" + module_path.replace(".", "_")
         raise ValueError(f"{self.label} has no component '{component}'")
 
+    def consumer_problems(self) -> Mapping[str, str]:
+        # Only what is known not to load; ComfyUI and diffusers are checked by tests/engine/test_qwenimage.py.
+        return {"A1111/Forge": "A1111 has no Qwen-Image model (Forge forks that add one are not checked here)",
+                "kohya": "sd-scripts has no Qwen-Image model (musubi-tuner, kohya's DiT trainer, is a separate tool)"}
+
+    def kohya_index(self, bundle: ModelBundle) -> dict[str, tuple[str, Any]]:
+        """Every block Linear by its file name ("lora_unet_" + path), for previews of LoHa/LoKr files."""
+        return {self.kohya_name("transformer", path): ("transformer", module)
+                for path, module in bundle.denoiser.named_modules()
+                if isinstance(module, torch.nn.Linear) and _LORA_PATH.fullmatch(path)}
+
     def metadata_ids(self, prediction_type: str) -> dict[str, str]:
         return {
             # musubi-tuner's ids (musubi_tuner/utils/sai_model_spec.py: ARCH_QWEN_IMAGE "Qwen-Image" + "/lora",
