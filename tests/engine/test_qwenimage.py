@@ -441,6 +441,14 @@ def test_a_transformer_file_without_its_parts_names_what_is_missing(tiny_qwen, t
     files["transformer"].rename(lonely)
     with pytest.raises(ModelLoadError, match=r"without its text encoder \(Qwen2.5-VL-7B\) and VAE .*Choose them on the Model page"):
         load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen)))
+    # ComfyUI's scaled-fp8 text encoder keeps per-weight scales a cast would drop: refused, with the file to use.
+    from safetensors.torch import load_file, save_file
+
+    scaled = tmp_path / "alone" / "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+    save_file({**load_file(str(files["text_encoder"])), "scaled_fp8": torch.zeros(0)}, str(scaled))
+    with pytest.raises(ModelLoadError, match="model.text_encoder.*scaled-fp8.*qwen_2.5_vl_7b.safetensors"):
+        load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen), text_encoder=str(scaled),
+                                vae=str(files["vae"])))
     # A text encoder file that is not Qwen2.5-VL is named with its field.
     with pytest.raises(ModelLoadError, match="model.text_encoder: .*qwen_image_vae.safetensors.* choose the qwen_2.5_vl_7b"):
         load_model(ModelSection(path=str(lonely), config_dir=str(tiny_qwen), text_encoder=str(files["vae"])))

@@ -163,6 +163,13 @@ def part_files(family: "QwenImageFamily", path: Path, model: "ModelSection") -> 
     return resolve_parts(family, path, model, tokenizer=False)
 
 
+def refuse_scaled_fp8(shapes: Mapping[str, Any], name: str, field: str, plain: str) -> None:
+    """ComfyUI's *_fp8_scaled files keep a scale per weight that a plain cast would drop: the model would be wrong."""
+    if "scaled_fp8" in shapes or any(k.endswith((".scale_weight", ".weight_scale")) for k in shapes):
+        raise ModelLoadError(f"'{name}' ({field}) is a scaled-fp8 file (ComfyUI's *_fp8_scaled), which LoRA Studio "
+                             f"cannot read yet; choose the bf16 or plain fp8 file ({plain})")
+
+
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
 
@@ -183,6 +190,7 @@ def load_transformer_file(config_dir: Path, weights: "WeightsFile", name: str, d
     """The transformer (fp8 storage cast to ``dtype``): the file's keys are diffusers' own."""
     from diffusers import QwenImageTransformer2DModel
 
+    refuse_scaled_fp8(weights.shapes, name, "model.path", "qwen_image_bf16 or qwen_image_fp8_e4m3fn.safetensors")
     prefix = transformer_prefix(weights.shapes)
     state = {k.removeprefix(prefix): v for k, v in _cast(weights.tensors(), dtype).items() if k.startswith(prefix)}
     from accelerate import init_empty_weights
@@ -199,8 +207,10 @@ def load_text_encoder_file(config_dir: Path, file: Path, dtype: torch.dtype) -> 
 
     from studio.engine.safe_load import open_weights
 
+    weights = open_weights(file)
+    refuse_scaled_fp8(weights.shapes, file.name, "model.text_encoder", "qwen_2.5_vl_7b.safetensors")
     state = {}
-    for key, value in _cast(open_weights(file).tensors(), dtype).items():
+    for key, value in _cast(weights.tensors(), dtype).items():
         if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
             key = "model.language_model." + key.removeprefix("model.")
         elif key.startswith("visual."):
