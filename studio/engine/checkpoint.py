@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection
+from studio.engine.config import BUILTIN_DEMO_MODEL, ModelSection, TrainingSection
 from studio.engine.detect import detect
 from studio.engine.families import DEFAULT_FAMILY, ModelBundle, family_of_folder, get_family, supported_text
 from studio.engine.model_configs import INDEX, read_folder_configs
@@ -149,10 +149,14 @@ def _single_file_in(folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ModelBundle:
+def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               training: TrainingSection | None = None) -> ModelBundle:
     """Load the model the job names, offline, straight into ``dtype``; raises ModelLoadError with a readable message.
 
     The family (the job's ``model.family``, or the one that recognises the folder or file) does the loading.
+    ``training``: loading for a run with these options. Frozen parts are stored as the job asks while still on the
+    host (``Family.store_frozen_on_host``: fp8 T5), and only the VAE and the text encoders move to ``device``; the
+    run places the denoiser later (``Family.place_denoiser``), once its LoRA is added and its weights are stored.
     """
     started = time.perf_counter()
     path = resolve_model_path(model.path)
@@ -174,8 +178,11 @@ def load_model(model: ModelSection, *, dtype: torch.dtype = torch.float32, devic
                              "other programs or choose a lower precision") from None
     except Exception as exc:  # anything diffusers/transformers raise on odd files becomes a readable message
         raise ModelLoadError(f"'{path.name}' could not be loaded: {type(exc).__name__}: {exc}") from exc
+    if training is not None:
+        bundle.family.store_frozen_on_host(bundle, training)
     for module in bundle.modules():
-        module.to(device)
+        if not (training is not None and module is bundle.denoiser):
+            module.to(device)
     bundle.load_time_s = time.perf_counter() - started
     log.info("loaded %s (%s, %s) in %.1f s", path.name, bundle.family.name, bundle.prediction_type, bundle.load_time_s)
     return bundle

@@ -101,6 +101,7 @@ class Estimate:
     preview_seconds: float = 0.0  # all of them together
     # measured / estimated - 1 on held-out configurations, (low, high); None: not measured on this kind of device.
     error_band: tuple[float, float] | None = None
+    memory: "MemoryPhases | None" = None  # GPU bytes per phase of the run (loading, training, previews); CUDA only
 
     @property
     def calibrated(self) -> bool:
@@ -137,7 +138,8 @@ class Estimate:
             parts.append(f"previews ≈ {format_duration(self.preview_seconds)} of it ({self.previews} rounds)")
         if self.gpu_memory_bytes is not None:
             parts.append(f"GPU memory ≈ {format_bytes(self.gpu_memory_bytes)}"
-                         + (f" of {format_bytes(self.gpu_total_bytes)}" if self.gpu_total_bytes else ""))
+                         + (f" of {format_bytes(self.gpu_total_bytes)}" if self.gpu_total_bytes else "")
+                         + (f" ({self.memory.breakdown})" if self.memory else ""))
         return ("; ".join(parts) + f"\n({self.accuracy})"
                 + "".join(f"\nwarning: {w}" for w in self.warnings))
 
@@ -379,27 +381,28 @@ def estimate(job: Job, *, device: str | None = None, calibrate: bool = True,
     launch_s = step_ops * op_seconds(dev.type, peak)
     per_step = _combine(dev.type, compute_s, launch_s)
     total_steps = planned_steps(job)
-    previews = preview_rounds(job, total_steps)
+    previews = preview_rounds(job, total_steps, per_step)
     preview_each = preview_seconds(job, family, folder, config_json, vae_config, down, dev.type, peak) if previews else 0.0
-    gpu_bytes = gpu_total = None
+    gpu_bytes = gpu_total = phases = None
     name = dev.type.upper()
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         name = props.name
         gpu_total = props.total_memory
         lora_params = lora_param_count(family.name, config_json, job.lora)
-        gpu_bytes = gpu_memory(job, family, lora_params)
+        phases = memory_phases(job, family, lora_params)
+        gpu_bytes, phase = phases.peak, phases.peak_phase
         if gpu_bytes > gpu_total:
             warnings.append(f"this will likely not fit in the {format_bytes(gpu_total)} of GPU memory (needs ≈ "
-                            f"{format_bytes(gpu_bytes)}): {_memory_advice(job)}")
+                            f"{format_bytes(gpu_bytes)} for {phase}): {_memory_advice(job, phase, family)}")
         elif gpu_bytes > TIGHT * gpu_total:
             warnings.append(f"this needs ≈ {format_bytes(gpu_bytes)} of the {format_bytes(gpu_total)} of GPU memory "
-                            f"and may not fit: {_memory_advice(job)}")
+                            f"for {phase} and may not fit: {_memory_advice(job, phase, family)}")
     total = per_step * total_steps + preview_each * previews
     if dev.type == "cpu" and total > 3600:
         warnings.append("training on the CPU will take hours; a GPU is 50–200× faster")
     return Estimate(per_step, total, step_flops / 1e12, name, gpu_bytes, gpu_total, warnings, peak, total_steps,
-                    launch_s > compute_s, previews, preview_each * previews, HELD_OUT_ERROR.get(dev.type))
+                    launch_s > compute_s, previews, preview_each * previews, HELD_OUT_ERROR.get(dev.type), phases)
 
 
 FALLBACK_TFLOPS = {"cpu": 0.05, "cuda": 300.0, "mps": 10.0}  # typical throughputs, when not calibrating
@@ -427,10 +430,15 @@ def lora_module_count(family: str, config_json: str, targets: str) -> int:
                                 target_modules(family, targets, get_family(family).denoiser_name)))
 
 
-def preview_rounds(job: Job, total_steps: int) -> int:
+def preview_rounds(job: Job, total_steps: int, seconds_per_step: float | None = None) -> int:
     """How many times the run renders its previews: at step 0 (the base model), every ``sampling.every`` steps,
-    and at the last step when the cadence does not land on it (the trainer's cadence)."""
+    and at the last step when the cadence does not land on it (the trainer's cadence). 'auto' (-1) is the cadence
+    the run will pick from this time per step (run_setup.preview_cadence)."""
+    from studio.engine.sampling import auto_preview_cadence
+
     every = job.sampling.every
+    if every < 0:
+        every = auto_preview_cadence(seconds_per_step)
     if not every or total_steps <= 0:
         return 0
     return 1 + total_steps // every + (1 if total_steps % every else 0)
@@ -480,21 +488,54 @@ def _text_cached(job: Job) -> bool:
     return job.training.cache_text_embeddings and not job.lora.train_text_encoder and not job.dataset.shuffle_tags
 
 
-def _memory_advice(job: Job) -> str:
+def _memory_advice(job: Job, phase: str = "training", family: Family | None = None) -> str:
     t = job.training
     steps = []
+    if phase == "previews":
+        steps.append("turn previews off (sampling.every = 0) or lower their size (sampling.width/height)")
+    if phase == "loading":
+        steps.append("cache the text embeddings (the text encoders then leave the GPU before the model arrives)")
     if not t.gradient_checkpointing:
         steps.append("turn on gradient checkpointing")
     if t.batch_size > 1:
         steps.append("lower the batch size (raise gradient accumulation to keep the effective batch)")
     if t.mixed_precision == "no":
         steps.append("use mixed precision")
+    if family is not None and phase != "loading" and not t.base_weights_fp8:
+        fp8 = dataclasses.replace(t, base_weights_fp8=True)
+        if family.denoiser_weight_bytes(fp8, 2) < family.denoiser_weight_bytes(t, 2):  # the family can store fp8
+            steps.append("store the base weights in fp8 (training.base_weights_fp8)")
     steps.append("or lower the resolution")
     return ", ".join(steps)
 
 
-def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
-    """Peak GPU memory of training, bytes: weights + optimizer state + activations kept for backward + overheads."""
+@dataclass(frozen=True)
+class MemoryPhases:
+    """Peak GPU bytes of each phase of a run; the run needs the largest."""
+
+    loading: int  # the text encoders and the VAE caching; the denoiser arrives after, as stored (fp8: 1 B/weight)
+    training: int  # weights, LoRA + gradients + optimizer state, activations kept for backward
+    previews: int  # training's weights (+ the text encoders, where the family needs them back) (0: no previews)
+
+    @property
+    def peak(self) -> int:
+        return max(self.loading, self.training, self.previews)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(("loading", "training", "previews"), key=lambda name: getattr(self, name))
+
+    @property
+    def breakdown(self) -> str:
+        """For people: "loading 7.6 GB, training 10.3 GB, previews 18.2 GB" (previews left out when off)."""
+        return ", ".join(f"{name} {format_bytes(getattr(self, name))}" for name in ("loading", "training", "previews")
+                         if getattr(self, name))
+
+
+def memory_phases(job: Job, family: Family | str, lora_params: int) -> MemoryPhases:
+    """GPU memory of loading, training and previews, bytes. The run loads the denoiser into host memory, adds the LoRA
+    and stores the frozen weights as the job asks (fp8) there, and only then moves it to the GPU (swapped blocks
+    stay on the host): loading needs the text encoders and the VAE, never a full-precision denoiser."""
     t, d = job.training, job.dataset
     family = get_family(family)
     sizes = family.full_size_parameters()
@@ -507,9 +548,29 @@ def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
     lora = lora_params * 16  # fp32 weight + grad + two Adam moments
     if job.lora.train_text_encoder:
         lora += te_params * 0.01 * 16  # text-encoder adapters: ~1 % of its weights at usual ranks
+    te_all = family.text_encoder_weight_bytes(t, weight_bytes)  # fp8 T5 with base_weights_fp8 (Flux, SD3)
     # Frozen text encoders with fixed captions are encoded once, then moved off the GPU until previews.
-    te_resident = 0 if _text_cached(job) else te_params * weight_bytes
+    te_resident = 0 if _text_cached(job) else te_all
     vae = sizes["vae"] * 4  # the VAE stays in fp32 (SDXL's overflows in fp16)
-    # The family says what its frozen weights cost on the GPU (fp8 storage, block swap: Flux).
+    # The family says what its frozen weights cost on the GPU (fp8 storage, block swap: Flux, SD3).
     denoiser = family.denoiser_weight_bytes(t, weight_bytes)
-    return int((denoiser + te_resident + vae + lora + activations) * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)
+
+    def need(n: float) -> int:
+        return int(n * ALLOCATOR_SLACK + CONTEXT_OVERHEAD)
+
+    loading = need(te_all + vae + (denoiser if te_resident else 0))
+    training = need(denoiser + te_resident + vae + lora + activations)
+    # A preview runs the denoiser forward only (no activations kept for backward) at the preview size. The text
+    # encoders come back for it unless the run encoded the preview prompts beside the captions (Family.preview_embeds).
+    preview = 0
+    if job.sampling.every:
+        size = (job.sampling.width or d.resolution) * (job.sampling.height or d.resolution) / native ** 2
+        encoded_once = _text_cached(job) and type(family).preview_embeds is not Family.preview_embeds
+        preview = need(denoiser + (te_resident if encoded_once else te_all) + vae + lora
+                       + family.activation_gib(True) * 2**30 * size)
+    return MemoryPhases(loading, training, preview)
+
+
+def gpu_memory(job: Job, family: Family | str, lora_params: int) -> int:
+    """Peak GPU memory of the run, bytes: the largest of loading, training and previews (``memory_phases``)."""
+    return memory_phases(job, family, lora_params).peak

@@ -102,6 +102,8 @@ def cache_latents(run: Run) -> Iterator[TrainEvent]:
 def _text_key(run: Run, caption: str) -> str:
     t = run.job.training
     options = () if (t.max_token_length, t.clip_skip) == (75, 1) else (t.max_token_length, t.clip_skip)
+    storage = run.bundle.extra.get("text_storage")  # fp8 T5 encodes a little differently (Family.store_frozen_on_host)
+    options += (storage,) if storage else ()
     return cache_key("text-v1", caption, run.model_fp, *options)  # the defaults keep earlier caches valid
 
 
@@ -135,7 +137,12 @@ def cache_text(run: Run) -> Iterator[TrainEvent]:
         _cached_text(run, caption)
         if n % 16 == 0 or n == len(captions) - 1:
             yield StatusChanged("Caching text embeddings", f"{n + 1} / {len(captions)} captions", (n + 1) / len(captions))
-    # Nothing else needs the frozen text encoders on the accelerator until previews, which move them back.
+    # Nothing else needs the frozen text encoders on the accelerator until previews, which move them back unless
+    # the family can take its preview prompts encoded now (Flux, SD3: T5-XXL would not fit beside the model).
+    if run.is_main and run.job.sampling.every and run.prompts:
+        from studio.engine.sampling import cache_preview_embeds
+
+        cache_preview_embeds(run.bundle, run.prompts, run.job.sampling.negative_prompt, run.weight_dtype)
     if run.device.type != "cpu":
         for te in run.bundle.text_encoders:
             te.to("cpu")

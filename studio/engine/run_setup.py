@@ -117,7 +117,9 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     run.phase = "loading"
     yield StatusChanged("Loading model", job.model.path)
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device)
+    # The denoiser stays in host memory until its LoRA is added and its frozen weights are stored as the job asks
+    # (fp8): it reaches the device as stored, after the text encoders have cached the captions and left it.
+    bundle = run.bundle = load_model(job.model, dtype=run.weight_dtype, device=accelerator.device, training=t)
     from studio.engine.families.sd import TEXT_OPTIONS
 
     # Caption length and clip skip, read by the family's text encoding (training, caching and previews).
@@ -138,6 +140,9 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     if report.usable == 0:
         raise failures.NoUsableImages(d.path, report)
     report.items, held_out = validation.split_items(job, report.items)
+    from studio.engine.sampling import preview_prompts
+
+    run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
     run.report, run.buckets = report, plan_buckets(report.items, d.resolution, d.bucket_step, d.buckets)
 
     frozen_te = not job.lora.train_text_encoder
@@ -152,7 +157,6 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
         yield from cache_latents(run)
     if run.text_is_static:
         yield from cache_text(run)
-    make_resident(run)
     yield from _prepare_validation(run, held_out)
     if stop.is_set():
         raise Cancelled()
@@ -162,7 +166,8 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     # (and a run started in a busy process equals one started in a fresh one).
     torch.manual_seed(t.seed)
     run.params = inject_lora(bundle, job.lora, train_text_encoder=job.lora.train_text_encoder)
-    apply_speed_options(run)
+    apply_speed_options(run)  # ... and places the denoiser on the device
+    make_resident(run)  # after the denoiser: the caches take a share of what is free once it is there
     run.optimizer = make_optimizer(run.params, job, accelerator.device)
     run.steps_per_epoch, run.total_steps = plan_steps(run)
     run.sample_every = preview_cadence(run)
@@ -172,7 +177,9 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     run.scheduler = get_scheduler(schedule, run.optimizer, num_warmup_steps=t.warmup_steps,
                                   num_training_steps=run.total_steps)
     to_prepare = [bundle.denoiser] + ([*bundle.text_encoders] if job.lora.train_text_encoder else [])
-    prepared = accelerator.prepare(*to_prepare, run.optimizer)
+    # Every model is on its device already; accelerate's own placement (model.to) would also move the frozen
+    # weights of swapped blocks, which must stay on the host.
+    prepared = accelerator.prepare(*to_prepare, run.optimizer, device_placement=[False] * len(to_prepare) + [True])
     run.optimizer = prepared[-1]
     run.denoiser_ddp = prepared[0]
     run.te_ddp = list(prepared[1:-1])
@@ -180,9 +187,6 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     if resume_dir is not None:
         restore(run)
         yield LogMessage("info", f"Resumed at step {run.position.step} of {run.total_steps} from {resume_dir}")
-    from studio.engine.sampling import preview_prompts
-
-    run.prompts = preview_prompts(job.sampling, d.trigger_word, [item.caption for item in report.items])
 
 
 def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
@@ -197,10 +201,11 @@ def _prepare_validation(run: Run, held_out: list) -> Iterator[TrainEvent]:
 
 def apply_speed_options(run: Run) -> None:
     """The job's speed switches: TF32 for the run's device, then the family's (checkpointing, attention kernel,
-    memory format, compile)."""
+    memory format, fp8 storage), the denoiser onto the device as the family places it (block swap), then compile."""
     t, bundle = run.job.training, run.bundle
     devices.set_tf32(run.device, t.tf32)
     bundle.family.apply_speed_options(bundle, t, run.job.lora.train_text_encoder)
+    bundle.family.place_denoiser(bundle, t, run.device)
     # Last, so it compiles the model as the run will call it (checkpointing, attention kernel, fp8 storage).
     compiling.compile_denoiser(bundle.denoiser, bundle.family.compile_blocks(bundle.denoiser), t,
                                shapes=len(set(run.buckets)) or 1)

@@ -62,14 +62,43 @@ def render_many(
             if isinstance(kwargs.get("negative_prompt"), str):  # pipelines want one per prompt with a list of prompts
                 kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(part)
             with _autocast(denoiser.device, autocast_dtype):
-                # Long captions and clip skip: the family encodes the prompts as training did.
-                embeds = bundle.family.preview_prompt_kwargs(bundle, list(part), negative_prompt)
+                # Encoded once by the run (the text encoders off the device), or long captions and clip skip: the
+                # family encodes the prompts as training did.
+                embeds = (bundle.extra.get(PREVIEW_EMBEDS, {}).get((tuple(part), negative_prompt))
+                          or bundle.family.preview_prompt_kwargs(bundle, list(part), negative_prompt))
                 if embeds:
                     kwargs.pop("negative_prompt", None)
                 out = pipe(**(embeds or {"prompt": list(part)}), num_inference_steps=steps, width=width,
                            height=height, generator=generators, output_type="pil", **kwargs)
             images += out.images
     return images
+
+
+PREVIEW_EMBEDS = "preview_embeds"  # bundle.extra: (prompts of one pipeline call, negative prompt) → *_embeds kwargs
+
+
+def cache_preview_embeds(bundle: ModelBundle, prompts: list[str], negative_prompt: str,
+                         autocast_dtype: torch.dtype | None = None) -> bool:
+    """Encode the run's preview prompts now, in the batches ``render_many`` calls the pipeline with, so previews need
+    no text encoder on the device later (``Family.preview_embeds``); whether the family could (else nothing kept)."""
+    cache: dict = {}
+    device = bundle.text_encoders[0].device
+    for k in range(0, len(prompts), PREVIEW_BATCH):
+        part = prompts[k:k + PREVIEW_BATCH]
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            embeds = bundle.family.preview_embeds(bundle, list(part), negative_prompt)
+        if not embeds:
+            return False
+        cache[(tuple(part), negative_prompt)] = embeds
+    bundle.extra[PREVIEW_EMBEDS] = cache
+    return bool(cache)
+
+
+def preview_embeds_cached(bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> bool:
+    """Whether every pipeline call of ``render_many`` for these prompts has its prompts encoded already."""
+    cache = bundle.extra.get(PREVIEW_EMBEDS, {})
+    return bool(prompts) and all((tuple(prompts[k:k + PREVIEW_BATCH]), negative_prompt) in cache
+                                 for k in range(0, len(prompts), PREVIEW_BATCH))
 
 
 AUTO_PREVIEW_SECONDS = 300.0  # 'auto' previews: about every 5 minutes of training

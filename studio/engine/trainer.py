@@ -324,7 +324,7 @@ def _validate(run: Run, metrics: MetricsWriter | None, step: int, loss: float | 
 
 
 def _sample(run: Run) -> Iterator[TrainEvent]:
-    from studio.engine.sampling import render_many, sample_file_name, save_png
+    from studio.engine.sampling import preview_embeds_cached, render_many, sample_file_name, save_png
 
     if not run.is_main:
         return
@@ -334,8 +334,10 @@ def _sample(run: Run) -> Iterator[TrainEvent]:
     saved_rng = rng_state()
     s, d = run.job.sampling, run.job.dataset
     te_offloaded = run.bundle.extra.pop("text_encoders_offloaded", False)
+    # Prompts encoded at set-up (run_data.cache_text) need no text encoder back beside the model.
+    bring_back = te_offloaded and not preview_embeds_cached(run.bundle, run.prompts, s.negative_prompt)
     try:
-        if te_offloaded:
+        if bring_back:
             for te in run.bundle.text_encoders:
                 te.to(run.device)
         step = run.step
@@ -351,9 +353,10 @@ def _sample(run: Run) -> Iterator[TrainEvent]:
                                    "steps": str(s.steps), "guidance": str(s.guidance), "model": run.job.model.path})
             yield SampleReady(step, index, prompt, s.seed + index, path, image)
     finally:
-        if te_offloaded:
+        if bring_back:
             for te in run.bundle.text_encoders:
                 te.to("cpu")
+        if te_offloaded:
             run.bundle.extra["text_encoders_offloaded"] = True
         set_rng_state(saved_rng)
     yield StatusChanged("Training", f"step {step} / {run.total_steps}")

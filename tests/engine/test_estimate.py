@@ -314,6 +314,20 @@ def test_preview_rounds_follow_the_trainers_cadence():
     assert est.preview_rounds(job, 1000) == 0
 
 
+def test_auto_preview_cadence_is_counted_as_the_run_will_pick_it(tiny_sd1, tiny_dataset):
+    """'auto' (-1, the default) used to count 1 - steps rounds: a negative preview time in every default estimate."""
+    from studio.engine.sampling import auto_preview_cadence
+
+    job = Job()
+    assert job.sampling.every == -1
+    assert est.preview_rounds(job, 1000, seconds_per_step=3.0) == 1 + 1000 // auto_preview_cadence(3.0)
+    assert est.preview_rounds(job, 1000, seconds_per_step=None) > 0
+    job.model.path, job.dataset.path, job.dataset.resolution = str(tiny_sd1), str(tiny_dataset), 64
+    e = est.estimate(job, device="cpu", calibrate=False)
+    assert e.previews == est.preview_rounds(job, e.total_steps, e.seconds_per_step) > 0 and e.preview_seconds > 0
+    assert e.total_seconds > e.seconds_per_step * e.total_steps
+
+
 def test_previews_add_their_cost_to_the_total():
     def run(**sampling):
         job = small_job(**{"training.steps": 400, **{f"sampling.{k}": v for k, v in sampling.items()}})

@@ -89,7 +89,10 @@ def test_block_swap_gives_the_same_outputs_and_gradients(bundle, checkpointing):
 
 
 def test_the_estimate_counts_fp8_and_block_swap():
-    from studio.engine.estimate import gpu_memory
+    from studio.engine.estimate import memory_phases
+
+    def gpu_memory(job, family, lora_params):  # the training phase: the denoiser's weights beside the LoRA's
+        return memory_phases(job, family, lora_params).training
 
     job = Job()
     job.model.family = "flux-dev"

@@ -369,6 +369,7 @@ def test_block_swap_and_fp8_storage_apply_to_the_joint_blocks(tiny_model):
         inject_lora(bundle, LoraSection(rank=4, alpha=4.0), train_text_encoder=False)
         section = TrainingSection(**training)
         bundle.family.apply_speed_options(bundle, section, False)
+        bundle.family.place_denoiser(bundle, section, "cpu")
         g = torch.Generator().manual_seed(3)
         latents = torch.randn(1, 16, 8, 8, generator=g)
         cond = bundle.family.encode_text(bundle, ["a red circle"])

@@ -277,6 +277,18 @@ class Family(abc.ABC):
         """The denoiser's repeated blocks, in order (the "blocks" compile scope); none means compile all of it."""
         return [m for _, m in denoiser.named_modules() if type(m).__name__ in self.compile_block_classes]
 
+    def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
+        """Right after a run loads the model, before anything moves to the device: store frozen parts that are never
+        trained as the job asks (Flux/SD3 with ``training.base_weights_fp8``: T5-XXL in fp8). The denoiser waits for
+        ``apply_speed_options`` (its LoRA comes first). Tag ``bundle.extra['text_storage']`` when the text encodings
+        change, so cached ones made otherwise are not reused. SD: nothing."""
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        """Move the denoiser to the run's device. The run keeps it on the host from loading until the LoRA is added
+        and ``apply_speed_options`` ran, so a family storing frozen weights in fp8 casts them on the host and only
+        fp8 reaches the device (Flux/SD3: tensor by tensor, swapped blocks' frozen weights left on the host)."""
+        bundle.denoiser.to(device)
+
     # ------------------------------------------------------------------------------------------- export
 
     @abc.abstractmethod
@@ -346,6 +358,12 @@ class Family(abc.ABC):
         pipeline encode the prompts itself."""
         return None
 
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        """The prompts as the pipeline's ``*_embeds`` arguments, encoded now so previews can run later without the text
+        encoders on the device (a run encodes its preview prompts once, beside the captions, when it caches text:
+        Flux's and SD3's T5-XXL would not fit beside the model on a 12 GB card). None: previews need the encoders."""
+        return None
+
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         """Keyword arguments of the pipeline call besides prompt, steps, size and generator."""
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}
@@ -380,6 +398,10 @@ class Family(abc.ABC):
     def denoiser_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
         """GPU bytes of the frozen denoiser weights under the job's memory options (SD: all resident, as computed)."""
         return self.full_size_parameters()["denoiser"] * weight_bytes
+
+    def text_encoder_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        """GPU bytes of the text encoders' weights as the run stores them (SD: all in the load dtype)."""
+        return self.full_size_parameters()["text_encoders"] * weight_bytes
 
     @abc.abstractmethod
     def activation_gib(self, gradient_checkpointing: bool) -> float:

@@ -255,16 +255,33 @@ class FluxFamily(Family):
         from studio.engine.families import memory
 
         denoiser = bundle.denoiser
-        if training.base_weights_fp8:
+        if training.base_weights_fp8:  # on the host in a run (see place_denoiser): only fp8 reaches the device
             memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
-        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
-        swap = memory.swap_blocks(blocks, training.block_swap, denoiser.device)
-        if swap is not None:
-            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
                 bundle.text_encoders[0].gradient_checkpointing_enable()
+
+    def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
+        from studio.engine.families import memory
+
+        t5 = bundle.text_encoders[1]
+        if training.base_weights_fp8 and t5 is not None:  # T5 is never trained here (trainable_text_encoders)
+            memory.store_t5_in_fp8(t5, t5.dtype)
+            bundle.extra["text_storage"] = "t5-fp8"
+
+    def text_encoder_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        from studio.engine.families import memory
+
+        others = self._parameters["text_encoders"] - memory.T5_XXL_PARAMETERS
+        return others * weight_bytes + memory.t5_bytes(training.base_weights_fp8, weight_bytes)
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        from studio.engine.families import memory
+
+        denoiser = bundle.denoiser
+        blocks = [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
+        memory.place_swapping(bundle, blocks, training.block_swap, device)
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_flux.py; ComfyUI's comfy/lora.py maps these to the BFL model's keys;
@@ -327,6 +344,10 @@ class FluxFamily(Family):
             text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser,
         )
+
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        cond = self.encode_text(bundle, prompts)  # what FluxPipeline.encode_prompt computes (no negative: distilled)
+        return {"prompt_embeds": cond["t5"], "pooled_prompt_embeds": cond["pooled"]}
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         # Flux is guidance-distilled: guidance_scale feeds dev's guidance embedding (schnell ignores it); no

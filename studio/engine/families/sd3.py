@@ -253,16 +253,32 @@ class SD3Family(Family):
 
         denoiser = bundle.denoiser
         # SD3.5 Large (8 B) on a consumer GPU: flux's fp8 storage and block swap apply to the joint blocks alike.
-        if training.base_weights_fp8:
+        if training.base_weights_fp8:  # on the host in a run (see place_denoiser): only fp8 reaches the device
             memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
-        swap = memory.swap_blocks(list(denoiser.transformer_blocks), training.block_swap, denoiser.device)
-        if swap is not None:
-            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             bundle.denoiser.enable_gradient_checkpointing()
             if train_text_encoder:
                 for te in bundle.text_encoders[:2]:
                     te.gradient_checkpointing_enable()
+
+    def store_frozen_on_host(self, bundle: ModelBundle, training: "TrainingSection") -> None:
+        from studio.engine.families import memory
+
+        t5 = (bundle.text_encoders[2] if len(bundle.text_encoders) > 2 else None)
+        if training.base_weights_fp8 and t5 is not None:  # T5 is never trained here (trainable_text_encoders)
+            memory.store_t5_in_fp8(t5, t5.dtype)
+            bundle.extra["text_storage"] = "t5-fp8"
+
+    def text_encoder_weight_bytes(self, training: "TrainingSection", weight_bytes: int) -> float:
+        from studio.engine.families import memory
+
+        others = self._parameters["text_encoders"] - memory.T5_XXL_PARAMETERS
+        return others * weight_bytes + memory.t5_bytes(training.base_weights_fp8, weight_bytes)
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        from studio.engine.families import memory
+
+        memory.place_swapping(bundle, list(bundle.denoiser.transformer_blocks), training.block_swap, device)
 
     # ------------------------------------------------------------------------------------------- export
     # kohya layout (sd-scripts networks/lora_sd3.py; ComfyUI's model_lora_keys_unet maps lora_unet_<MMDiT path>
@@ -407,6 +423,14 @@ class SD3Family(Family):
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1],
             text_encoder_3=t5, tokenizer_3=bundle.tokenizers[2] if t5 is not None else None,
         )
+
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        n = len(prompts)  # the pipeline's classifier-free guidance needs the negative prompt's too ("" when none)
+        cond = self.encode_text(bundle, [*prompts, negative_prompt or ""])
+        hidden, pooled = cond["hidden"], cond["pooled"]
+        return {"prompt_embeds": hidden[:n], "pooled_prompt_embeds": pooled[:n],
+                "negative_prompt_embeds": hidden[n:].expand(n, -1, -1),
+                "negative_pooled_prompt_embeds": pooled[n:].expand(n, -1)}
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or None, "guidance_scale": guidance}
