@@ -274,13 +274,16 @@ class QwenImageFamily(Family):
         from studio.engine.families import memory
 
         denoiser = bundle.denoiser
-        if training.base_weights_fp8:
+        if training.base_weights_fp8:  # on the host in a run (see place_denoiser): only fp8 reaches the device
             memory.store_frozen_in_fp8(denoiser, denoiser.dtype)
-        swap = memory.swap_blocks(list(denoiser.transformer_blocks), training.block_swap, denoiser.device)
-        if swap is not None:
-            bundle.extra["block_swap"] = swap
         if training.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+
+    def place_denoiser(self, bundle: ModelBundle, training: "TrainingSection", device: "torch.device | str") -> None:
+        # 20 B parameters: 41 GB in bf16, so it moves tensor by tensor after the fp8 cast, swapped blocks left behind.
+        from studio.engine.families import memory
+
+        memory.place_swapping(bundle, list(bundle.denoiser.transformer_blocks), training.block_swap, device)
 
     compile_block_classes = ("QwenImageTransformerBlock",)  # the 60 dual-stream blocks
 
@@ -337,18 +340,23 @@ class QwenImageFamily(Family):
 
     def preview_prompt_kwargs(self, bundle: ModelBundle, prompts: list[str],
                               negative_prompt: str) -> dict[str, Any] | None:
-        # The job's own encoding (and length cap), as the pipeline's prompt_embeds + mask.
+        # The job's own encoding (and length cap), as the pipeline's prompt_embeds + mask; the negative prompt is " "
+        # when empty, as pipeline_kwargs hands the pipeline (any negative turns true CFG on).
         with torch.no_grad():
-            positive = self.encode_text(bundle, prompts)
-            negative = self.encode_text(bundle, [negative_prompt] * len(prompts))
-        dtype = bundle.denoiser.dtype
-        return {"prompt_embeds": positive["prompt"].to(dtype), "prompt_embeds_mask": positive["prompt_mask"].long(),
-                "negative_prompt_embeds": negative["prompt"].to(dtype),
-                "negative_prompt_embeds_mask": negative["prompt_mask"].long()}
+            cond = self.encode_text(bundle, [*prompts, negative_prompt or " "])
+        n, dtype = len(prompts), bundle.denoiser.dtype
+        states, mask = cond["prompt"].to(dtype), cond["prompt_mask"].long()
+        return {"prompt_embeds": states[:n], "prompt_embeds_mask": mask[:n],
+                "negative_prompt_embeds": states[n:].expand(n, -1, -1), "negative_prompt_embeds_mask": mask[n:].expand(n, -1)}
+
+    def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
+        # Encoded once beside the captions, so previews need no 8 B text encoder on the device later.
+        return self.preview_prompt_kwargs(bundle, prompts, negative_prompt)
 
     def pipeline_kwargs(self, *, negative_prompt: str, guidance: float, lora_scale: float | None) -> dict[str, Any]:
         # Qwen-Image is not guidance-distilled: its CFG is true_cfg_scale (> 1 with a negative prompt, even " ").
-        kwargs: dict[str, Any] = {"negative_prompt": negative_prompt or " ", "true_cfg_scale": guidance}
+        kwargs: dict[str, Any] = {"negative_prompt": (negative_prompt or " ") if guidance > 1 else None,
+                                  "true_cfg_scale": guidance}
         if lora_scale is not None:
             kwargs["attention_kwargs"] = {"scale": lora_scale}
         return kwargs
