@@ -272,11 +272,12 @@ def test_exported_names_are_the_ones_comfyui_and_diffusers_map_onto_the_full_siz
             comfy["lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")] = (key, (rows * dim, cols * dim))
     modules = dict(meta_qwen.named_modules())
     targets = matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("kohya-default", "transformer"))
-    assert len(targets) == 60 * 12
-    assert len(matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("attention", "transformer"))) == 60 * 8
+    # Every block's 12, but the last block's text query, text output and text feed-forward (they feed nothing).
+    assert len(targets) == 60 * 12 - 4
+    assert len(matching_modules(meta_qwen, QWEN_IMAGE.lora_targets("attention", "transformer"))) == 60 * 8 - 2
     # The modulations are not trained by default but the loaders map them, so files adapting them are named too.
     named = targets + [p for p in modules if p.endswith(("img_mod.1", "txt_mod.1"))]
-    assert len(named) == len(comfy)
+    assert len(named) == len(comfy) - 4
     state = {}
     for path in named:
         name = QWEN_IMAGE.kohya_name("transformer", path)
@@ -290,6 +291,32 @@ def test_exported_names_are_the_ones_comfyui_and_diffusers_map_onto_the_full_siz
     assert {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in converted if "lora_A" in k} == set(named)
     with pytest.raises(ValueError, match="not a Qwen-Image block layer"):
         QWEN_IMAGE.kohya_name("transformer", "img_in")
+
+
+def test_the_last_blocks_text_stream_is_not_adapted_because_it_gets_no_gradient(bundle):
+    """Backward through a real (tiny) transformer: exactly the last block's text query, text output and text
+    feed-forward get no (or a zero) gradient; the targets leave exactly those out of the full model's last block."""
+    import copy
+    import re
+
+    from studio.engine.families.qwenimage import DEAD_IN_LAST_BLOCK
+
+    transformer = copy.deepcopy(bundle.denoiser).requires_grad_(True)
+    last = transformer.config.num_layers - 1
+    with torch.no_grad():
+        cond = QWEN_IMAGE.encode_text(bundle, ["a red circle"])
+    out = transformer(hidden_states=torch.randn(1, 64, 64), timestep=torch.tensor([0.5]),
+                      encoder_hidden_states=cond["prompt"], encoder_hidden_states_mask=cond["prompt_mask"],
+                      img_shapes=[[(1, 8, 8)]], return_dict=False)[0]
+    out.square().mean().backward()
+    # No gradient at all (the text output and feed-forward), or exactly zero (the text query: its rows of the joint
+    # attention only reach the text tokens).
+    dead = {name.removeprefix(f"transformer_blocks.{last}.") for name, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear) and (m.weight.grad is None or not m.weight.grad.any())}
+    assert dead == set(DEAD_IN_LAST_BLOCK)
+    pattern = re.compile(QWEN_IMAGE.lora_targets("kohya-default", "transformer"))
+    assert not any(pattern.fullmatch(f"transformer_blocks.59.{d}") for d in dead)
+    assert all(pattern.fullmatch(f"transformer_blocks.58.{d}") for d in dead)
 
 
 def test_lora_files_of_the_peers_are_told_apart_by_their_keys():

@@ -45,10 +45,17 @@ _TINY_CAPTION_TOKENS = 256  # the tiny byte-level tokenizer spends ~150 tokens o
 # Every QwenImageTransformerBlock (60 in the full model) has two streams: the image's (attn.to_q/k/v, attn.to_out.0,
 # img_mlp) and the text's (attn.add_q/k/v_proj, attn.to_add_out, txt_mlp), each with its own modulation (img_mod.1,
 # txt_mod.1). "attention" adapts both streams' attention (8 a block); kohya-default adds both feed-forwards (12 a
-# block, 720 in all) as ai-toolkit and musubi-tuner do; the modulations stay frozen (they carry the timestep).
+# block, 716 in all: see _DEAD) as ai-toolkit and musubi-tuner do; the modulations stay frozen (they carry the timestep).
 _BLOCK = r"transformer_blocks\.\d+\."
 _ATTENTION = _BLOCK + r"attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _FEED_FORWARD = _BLOCK + r"(?:img_mlp|txt_mlp)\.net\.(?:0\.proj|2)"
+# The last block's text stream feeds nothing (only the image tokens reach norm_out): its text output and text
+# feed-forward get no gradient, its text query a zero one, so they are not adapted (DDP stops on parameters without
+# gradients; a LoRA there would be exported as zeros).
+# Qwen-Image and its Edit models have 60 blocks (the bundled config's num_layers).
+_LAST_BLOCK = 59
+DEAD_IN_LAST_BLOCK = ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+_DEAD = rf"(?!transformer_blocks\.{_LAST_BLOCK}\.(?:attn\.add_q_proj$|attn\.to_add_out$|txt_mlp\.))"
 _LORA_PATH = re.compile(_BLOCK + r"(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
                                  r"|(?:img_mlp|txt_mlp)\.net\.(?:0\.proj|2)|(?:img_mod|txt_mod)\.1)")
 # ComfyUI, diffusers and musubi-tuner name a Qwen-Image LoRA module kohya's way: "lora_unet_" + the module path with
@@ -264,7 +271,7 @@ class QwenImageFamily(Family):
 
     def lora_targets(self, preset: str, component: str) -> str:
         if component == "transformer":
-            return _ATTENTION if preset == "attention" else f"(?:{_ATTENTION}|{_FEED_FORWARD})"
+            return _DEAD + (_ATTENTION if preset == "attention" else f"(?:{_ATTENTION}|{_FEED_FORWARD})")
         if component == "text_encoder":
             attention = r"(?:model\.)?(?:language_model\.)?layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
             return attention
