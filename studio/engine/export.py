@@ -214,6 +214,14 @@ def build_metadata(
     adapter = adapter_for(lo)
     network_args = adapter.network_args(lo)
     model_name = Path(job.model.path).name if job.model.path else ""
+    # What training did with the settings the family ignores: no offset or SNR weighting, and kohya's "None" for
+    # caption length and clip skip (not CLIP's 75-token pieces or a skipped layer).
+    unused = {f"training.{name}" for name in family.ignored_training_options}
+    used = {"training.noise_offset": 0.0, "training.min_snr_gamma": 0.0, "training.max_token_length": "None",
+            "training.clip_skip": "None"}
+
+    def trained(field: str, value: Any) -> Any:
+        return used.get(field, value) if field in unused else value
 
     meta: dict[str, Any] = {
         # kohya sd-scripts (read by A1111's Lora tab, ComfyUI's LoRA info nodes, Civitai)
@@ -242,12 +250,12 @@ def build_metadata(
         "ss_mixed_precision": tr.mixed_precision,
         "ss_gradient_checkpointing": str(bool(tr.gradient_checkpointing)),
         "ss_seed": int(tr.seed),
-        "ss_noise_offset": float(tr.noise_offset),
-        "ss_min_snr_gamma": float(tr.min_snr_gamma),
+        "ss_noise_offset": trained("training.noise_offset", float(tr.noise_offset)),
+        "ss_min_snr_gamma": trained("training.min_snr_gamma", float(tr.min_snr_gamma)),
         "ss_max_grad_norm": float(tr.max_grad_norm),
         # kohya writes "None" for its defaults (75 tokens, the last layer); the numbers say the same, explicitly.
-        "ss_max_token_length": int(tr.max_token_length),
-        "ss_clip_skip": int(tr.clip_skip),
+        "ss_max_token_length": trained("training.max_token_length", int(tr.max_token_length)),
+        "ss_clip_skip": trained("training.clip_skip", int(tr.clip_skip)),
         "ss_caption_dropout_rate": float(ds.caption_dropout),
         "ss_shuffle_caption": str(bool(ds.shuffle_tags)),
         "ss_keep_tokens": int(ds.keep_tokens),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from studio.engine import adapters
-from studio.engine.adapters import ADAPTER_NAME, adapter_for, adapter_layers, components
+from studio.engine.adapters import ADAPTER_NAME, adapter_for, adapter_layers, adapter_of_layer, components
 from studio.engine.adapters.base import is_spatial_conv as _is_spatial_conv  # noqa: F401  (kept name)
 from studio.engine.adapters.base import selected_modules
 from studio.engine.families import Family, get_family
@@ -47,8 +47,16 @@ def lora_config(lora: "LoraSection", family: Family | str, component: str, model
 
 def inject_lora(bundle: "ModelBundle", lora: "LoraSection", *, train_text_encoder: bool) -> dict[str, list[torch.nn.Parameter]]:
     """Add the job's adapter (LoRA, LoCon, DoRA, LoHa or LoKr) to the bundle; the trainable params per component."""
+    from studio.engine.config import Problem
+    from studio.engine.failures import JobInvalid
+
     target_modules(bundle.family, lora.targets, bundle.family.denoiser_name)
-    return adapters.inject(bundle, lora, train_text_encoder=train_text_encoder)
+    params = adapters.inject(bundle, lora, train_text_encoder=train_text_encoder)
+    # Refused now, not after training at the export: adapters the family's kohya layout cannot hold.
+    problem = fused_layer_problem(bundle)
+    if problem:
+        raise JobInvalid([Problem("lora.dora" if lora.dora and lora.algorithm == "lora" else "lora.algorithm", problem)])
+    return params
 
 
 def lora_layers(model: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, Any]:
@@ -82,3 +90,24 @@ def lora_state_dicts(bundle: "ModelBundle") -> dict[str, dict[str, torch.Tensor]
 def load_lora_state_dicts(bundle: "ModelBundle", sds: dict[str, dict[str, torch.Tensor]]) -> None:
     """Load weights from ``lora_state_dicts`` into already injected adapters; every key must match."""
     adapters.load_state_dicts(bundle, sds)
+
+
+def fused_layer_problem(bundle: "ModelBundle") -> str | None:
+    """Why the bundle's adapters cannot be written in kohya layout because the family's original model fuses layers
+    they adapt separately (Flux's and SD3's q/k/v), or None. Only plain LoRA modules join exactly (stacked downs,
+    block-diagonal up); a LoHa, LoKr or DoRA of each part has no fused form. Names only: cheap, before training."""
+    seen: dict[str, str] = {}
+    for key, model in components(bundle).items():
+        for path, layer in lora_layers(model).items():
+            adapter = adapter_of_layer(layer)
+            if adapter.name in ("lora", "locon"):
+                continue
+            name = bundle.family.kohya_name(key, path, bundle.denoiser.config)
+            if name in seen:
+                field = "lora.dora" if adapter.name == "dora" else "lora.algorithm"
+                return (f"{adapter.label} cannot be written for {bundle.family.label}: its kohya/ComfyUI layout fuses "
+                        f"{seen[name]} and {path} into one layer ({name}), and a {adapter.label} of each part has "
+                        f"no fused form (only a plain LoRA joins exactly). Train a plain LoRA: set lora.algorithm = "
+                        f"lora{' and lora.dora = false' if field == 'lora.dora' else ''}")
+            seen[name] = path
+    return None

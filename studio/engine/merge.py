@@ -74,6 +74,22 @@ def apply_kohya_lora(bundle: ModelBundle, modules: dict[str, FileModule], streng
     return {"by_component": counts, "unmatched": unmatched}
 
 
+def bakes_loras(family: Any) -> bool:
+    """Whether a kohya/LyCORIS file's updates can be added to this family's weights (baking, LyCORIS previews)."""
+    from studio.engine.families.base import Family
+
+    return all(getattr(type(family), name) is not getattr(Family, name)
+               for name in ("kohya_index", "single_file_state_dict", "checkpoint_metadata_ids"))
+
+
+def _bake_refusal(family: Any) -> str | None:
+    """Why LoRAs cannot be baked into this family's checkpoints (it lacks the family members baking needs), or None."""
+    if bakes_loras(family):
+        return None
+    return (f"baking a LoRA into a {family.label} checkpoint is not supported yet; load the LoRA beside the model "
+            "instead (ComfyUI's LoRA loader, Forge, or diffusers' load_lora_weights)")
+
+
 def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, strength: float, out_path: str | Path,
                                dtype: torch.dtype = torch.float16, *,
                                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -93,10 +109,14 @@ def merge_lora_into_checkpoint(base: ModelSection, lora_path: str | Path, streng
     say = progress or (lambda _msg: None)
     say("Reading the LoRA")
     modules, lora_meta = read_kohya_lora(lora_path)
+    lora_family, _, _ = lora_family_of(lora_meta)
+    if lora_family is not None and _bake_refusal(lora_family):  # said before loading a base model of many GB
+        raise ModelLoadError(f"'{lora_path.name}' is a {lora_family.short_label} LoRA: {_bake_refusal(lora_family)}")
     say("Loading the base model")
     bundle = load_model(base, dtype=dtype)
     family = bundle.family
-    lora_family, _, _ = lora_family_of(lora_meta)
+    if _bake_refusal(family):
+        raise ModelLoadError(f"'{Path(base.path).name}' is a {family.label} model: {_bake_refusal(family)}")
     if lora_family is not None and lora_family is not family:
         raise ModelLoadError(f"'{lora_path.name}' was trained for {lora_family.short_label} but the base model is "
                              f"{family.label}; choose a matching base model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -128,6 +129,13 @@ def setup(run: Run, stop: threading.Event, resume_dir: Path | None) -> Iterator[
     bundle.vae.to(accelerator.device, torch.float32)
     log.info("loaded %s (%s, %s) in %.1f s", bundle.source, bundle.family.label, bundle.prediction_type, bundle.load_time_s)
     yield LogMessage("info", f"Model: {bundle.family.label}, {bundle.prediction_type} prediction, loaded in {bundle.load_time_s:.1f} s")
+    if job.lora.train_text_encoder and not bundle.family.trainable_text_encoders():
+        # Said, and then the captions are cached and the encoder leaves the device as for any frozen encoder
+        # (the run's own copy of the job: the caller's is not changed).
+        job = run.job = dataclasses.replace(job, lora=dataclasses.replace(job.lora, train_text_encoder=False))
+        yield LogMessage("warning", f"{bundle.family.label} trains no text-encoder LoRA (the tools that load its LoRAs "
+                                    f"have no place for one): lora.train_text_encoder is ignored, the "
+                                    f"{bundle.family.denoiser_name} is trained alone")
 
     run.phase = "scanning"
     yield StatusChanged("Scanning dataset", job.dataset.path)

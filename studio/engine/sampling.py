@@ -51,6 +51,9 @@ def render_many(
     pipe = bundle.pipeline()
     pipe.set_progress_bar_config(disable=True)
     denoiser = bundle.denoiser
+    # Sides the pipeline accepts (SD3's refuses others): rounded down to the family's multiple.
+    step = bundle.family.image_size_multiple(bundle)
+    width, height = max(step, width // step * step), max(step, height // step * step)
     images: list[Image.Image] = []
     with _eval_mode(bundle.modules()), _vae_outside_autocast(bundle.vae):
         for k in range(0, len(prompts), PREVIEW_BATCH):
@@ -226,6 +229,14 @@ def generate(
     if not diffusers_can_load(path):
         # LoHa/LoKr/DoRA files: diffusers' loader does not convert them, so their ΔW (each adapter type's own
         # formula, as ComfyUI/A1111 apply it) is added to the weights for this image and taken off again.
+        from studio.engine.export import LoraFileError, describe_lora
+        from studio.engine.merge import bakes_loras
+
+        if not bakes_loras(bundle.family):
+            kind = {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}.get(describe_lora(path)["network_type"], "LyCORIS")
+            raise LoraFileError(f"'{path.name}' is a {kind} file: diffusers cannot load it and LoRA Studio cannot add "
+                                f"its update to {bundle.family.label}'s weights yet, so it cannot be tried here; "
+                                "use it in ComfyUI or Forge")
         if loaded:
             pipe.disable_lora()
         try:

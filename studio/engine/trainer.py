@@ -95,6 +95,10 @@ def _train(run: Run, stop: threading.Event, pause: threading.Event, resume_dir: 
         if warning.severity == "warning" and warning.field.startswith("lora."):
             yield LogMessage("warning", str(warning))
     yield from setup(run, stop, resume_dir)
+    unused = run.bundle.family.unused_training_options(job.training)
+    if unused:
+        yield LogMessage("warning", f"{', '.join(unused)}: no effect on {run.bundle.family.label}, which does not use "
+                         "them (its LoRA's metadata records the values training used)")
     yield RunStarted(run.folder.root, run.total_steps, run.bundle.family.name, devices.describe_device(run.device),
                      run.report.usable, run.step, job)
     yield from _train_loop(run, stop, pause)

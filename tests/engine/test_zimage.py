@@ -311,3 +311,23 @@ def test_loha_files_preview_through_their_dotted_names_and_the_report_names_the_
     verdicts = {c["consumer"]: c["status"] for c in inspect_path(done.lora_path)["consumers"]}
     assert verdicts == {"A1111/Forge": "does not load", "ComfyUI": "loads fully", "InvokeAI": "loads fully",
                         "kohya": "does not load", "diffusers": "does not load"}
+
+
+def test_asking_for_a_text_encoder_lora_is_said_and_the_captions_are_cached(tiny_zimage, tiny_dataset, tmp_path):
+    """Z-Image has no text-encoder LoRA slot anywhere: the run says it ignores the switch, then treats Qwen3 as any
+    frozen encoder (captions cached, no TE keys, metadata 'UNet only'), instead of running it every step for nothing."""
+    from safetensors import safe_open
+
+    from studio.engine.events import LogMessage, RunFinished, StatusChanged
+    from test_trainer import collect, tiny_job
+
+    job = tiny_job(tiny_zimage, tiny_dataset, tmp_path / "run", training__steps=2, lora__train_text_encoder=True)
+    events = collect(job)
+    assert isinstance(events[-1], RunFinished), events[-1]
+    said = [e.message for e in events if isinstance(e, LogMessage) and e.level == "warning"]
+    assert any("lora.train_text_encoder is ignored" in m for m in said), said
+    assert any(isinstance(e, StatusChanged) and e.phase == "Caching text embeddings" for e in events)
+    assert job.lora.train_text_encoder is True  # the caller's job is left as it was
+    with safe_open(events[-1].lora_path, "pt") as f:
+        assert f.metadata()["ss_network_train_unet_only"] == "True"
+        assert all(k.startswith("diffusion_model.") for k in f.keys())

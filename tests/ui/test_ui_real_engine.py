@@ -13,6 +13,7 @@ from ui_fakes import drop_paths
 
 pytestmark = pytest.mark.real_engine
 
+BOUND_S = 0.2  # outside loading; see test_window_stays_responsive_while_a_real_run_trains
 RUN_TIMEOUT_MS = 240_000  # CPU-only and shared machines: generous, a normal run takes seconds
 
 
@@ -170,20 +171,29 @@ def test_pause_resume_and_stop_a_real_run(qtbot, make_window, tiny_sd1, tiny_dat
 
 
 def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tiny_sd1, tiny_dataset, tmp_path):
+    from studio.engine.events import StatusChanged
+
     window = make_window()
     set_up_job(window, tiny_sd1, tiny_dataset, tmp_path / "runs" / "responsive", steps=4, sample_every=2)
     page = window.train_page
-    # (wall gap, this process's CPU seconds during it, the phase the page showed) per tick. A gap in which the
-    # process itself hardly ran is the OS giving the cores to other programs (a busy CI machine), not something
-    # this app did; a gap spent computing (the worker holding the GIL, work on the GUI thread) is what the test is for.
-    gaps: list[tuple[float, float, str]] = []
-    last = [time.perf_counter(), time.process_time()]
+    # (start, end, this process's CPU seconds during it, the phase the page showed at its start and at its end) per
+    # gap between ticks. A gap in which the process itself hardly ran is the OS giving the cores to other programs
+    # (a busy CI machine), not something this app did; a gap spent computing (the worker holding the GIL, work on
+    # the GUI thread) is what the test is for.
+    gaps: list[tuple[float, float, float, str, str]] = []
+    last = [time.perf_counter(), time.process_time(), page.phase.label.text()]
+    loading_shown: list[float] = []  # when "Loading model" reached the window
 
     def tick():
-        now, cpu = time.perf_counter(), time.process_time()
-        gaps.append((now - last[0], cpu - last[1], page.phase.label.text()))
-        last[:] = [now, cpu]
+        now, cpu, phase = time.perf_counter(), time.process_time(), page.phase.label.text()
+        gaps.append((last[0], now, cpu - last[1], last[2], phase))
+        last[:] = [now, cpu, phase]
 
+    def on_event(event):
+        if isinstance(event, StatusChanged) and event.phase.startswith("Loading model"):
+            loading_shown.append(time.perf_counter())
+
+    window.controller.event_received.connect(on_event)
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(tick)
@@ -192,20 +202,29 @@ def test_window_stays_responsive_while_a_real_run_trains(qtbot, make_window, tin
     wait_until_done(qtbot, window, "finished", "failed")
     timer.stop()
     assert page.run_state == "finished", page.banner.text.text()
-    assert len(gaps) > 50
-    ours = [(wall, cpu, phase) for wall, cpu, phase in gaps if cpu >= 0.5 * wall]
+    assert len(gaps) > 50 and loading_shown
+
+    def loading(start, end, before, after):
+        # Loading model: it began, ended, or (the page being frozen throughout) came and went during the gap. The
+        # event that ends a freeze may be handled just after the late tick, hence the 20 ms.
+        return before.startswith("Loading model") or after.startswith("Loading model") or any(
+            start <= t <= end + 0.02 for t in loading_shown)
+
+    ours = [(end - start, cpu, after, loading(start, end, before, after))
+            for start, end, cpu, before, after in gaps if cpu >= 0.5 * (end - start)]
     # Loading a model builds its CLIP tokenizer: the `tokenizers` library holds the GIL for the whole BPE build
-    # (measured: 0.08-0.1 s on a quiet core, 0.29 s on the 2-core CI machine, 0.55 s at load 10), an upstream limit
-    # paid once per run while the page says "Loading model". Everything else must stay under 0.35 s: on the 2-core CI
-    # machine (torch on one core, the window on the other) fresh-clone runs saw single gaps of 204-251 ms in other
-    # phases (Python work between the worker's GIL releases, Qt's software repaint), while a worker holding the GIL
-    # (a probe sorting 1.5 M shuffled ints inside each step) stalls the window for ~490 ms and fails this.
-    loading = [g for g in ours if g[2].startswith("Loading model")]
-    running = [g for g in ours if not g[2].startswith("Loading model")]
+    # (measured: 0.1 s on a quiet core, 0.29 s on the 2-core CI machine, 0.55 s at load 10), an upstream limit
+    # paid once per run while the page says "Loading model". A gap that starts there and ends in a later phase is
+    # that stall too: counted by the phase at its end, such gaps read as "Scanning dataset" or "Caching latents"
+    # (benchmarks/gui_stalls.py: 173-176 ms ones on a loaded 2-core machine, which fits the 204-251 ms fresh-clone
+    # CI saw in those phases). Everything else must stay under 0.2 s (measured there after the fixes: at most
+    # 125 ms over 16 runs), which a worker holding the GIL (a probe sorting 1.5 M shuffled ints inside each step:
+    # ~490 ms) fails.
+    running = [g[:3] for g in ours if not g[3]]
     worst, cpu, phase = max(running, default=(0.0, 0.0, ""))
-    assert worst < 0.35, f"the GUI thread stalled for {worst * 1000:.0f} ms while the app computed {cpu * 1000:.0f} ms " \
-                        f"during {phase!r} (ticks: {len(gaps)})"
-    worst, cpu, phase = max(loading, default=(0.0, 0.0, ""))
+    assert worst < BOUND_S, f"the GUI thread stalled for {worst * 1000:.0f} ms while the app computed " \
+                            f"{cpu * 1000:.0f} ms during {phase!r} (ticks: {len(gaps)})"
+    worst, cpu, phase = max((g[:3] for g in ours if g[3]), default=(0.0, 0.0, ""))
     assert worst < 1.0, f"loading the model stalled the GUI thread for {worst * 1000:.0f} ms (CPU {cpu * 1000:.0f} ms)"
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMessageBox
@@ -198,3 +202,28 @@ def test_closing_while_training_asks_and_stops_the_thread(qtbot, make_window, re
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=10_000)
     assert not window.controller.running
     assert window.train_page.run_state == "cancelled"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread nice values are a Linux feature")
+def test_the_training_thread_runs_below_the_window_once_set_up(qtbot, make_window, ready, tmp_path):
+    """Set-up (loading, caching, injecting) runs at the window's rank: it holds the GIL for long stretches, and a GIL
+    holder ranked below other programs freezes the window while it waits for a core. From the first step the work
+    thread is WORK_NICE steps below the GUI thread, counted from the app's own nice value (an app started with
+    `nice`, like this test run often is, must still leave its window the higher priority)."""
+    from studio.ui.worker import WORK_NICE
+
+    seen = {}
+
+    def run(job, stop=None, pause=None):
+        me = threading.get_native_id()
+        seen["setting up"] = os.getpriority(os.PRIO_PROCESS, me)
+        for event in stepping_run(tmp_path / "run", total=2, delay=0.002)(job, stop, pause):
+            yield event
+            if isinstance(event, RunStarted):
+                seen["training"] = os.getpriority(os.PRIO_PROCESS, me)
+
+    window = ready(make_window(run))
+    window.start_training()
+    wait_for_state(qtbot, window, "finished")
+    gui = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == {"setting up": gui, "training": min(19, gui + WORK_NICE)}, f"GUI thread nice {gui}"

@@ -261,6 +261,16 @@ class Family(abc.ABC):
     def lora_targets(self, preset: str, component: str) -> str:
         """The peft ``target_modules`` expression (full-match regex) of a preset for one component."""
 
+    # TrainingSection fields this family's objective and text encoding never read (the trainer says so when one is
+    # set, and the LoRA's metadata records what training did instead of the ignored value).
+    ignored_training_options: tuple[str, ...] = ()
+
+    def unused_training_options(self, training: "TrainingSection") -> list[str]:
+        """The ``training.*`` fields set away from their defaults that this family ignores."""
+        default = type(training)()  # the section's defaults
+        return [f"training.{name}" for name in self.ignored_training_options
+                if getattr(training, name) != getattr(default, name)]
+
     def apply_speed_options(self, bundle: ModelBundle, training: "TrainingSection", train_text_encoder: bool) -> None:
         """Gradient checkpointing, attention kernel, memory format and compilation as the job asks."""
         if training.gradient_checkpointing:
@@ -385,6 +395,11 @@ class Family(abc.ABC):
     def text_encoder_flops(self, folder: Path, batch: int) -> int:
         """FLOPs of the text encoders (config folder) over ``batch`` captions; 0 if unknown."""
         return 0
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        """What a generated image's sides must be a multiple of (previews round down to it): the VAE's downsampling
+        here; transformer families on 2 x 2 latent patches need twice that (SD3's pipeline refuses other sizes)."""
+        return 2 ** (len(bundle.vae.config.block_out_channels) - 1)
 
     def preview_batch_factor(self, guidance: float) -> int:
         """Denoiser batch per preview image: 2 under classifier-free guidance (scale > 1: the pipeline runs the

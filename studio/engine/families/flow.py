@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -67,6 +67,23 @@ class FlowSampling:
         )
 
 
+def scheduler_shift(config) -> dict:
+    """The resolution shift's parameters from a FlowMatchEulerDiscreteScheduler config (Flux's where it has none),
+    read as FluxPipeline and StableDiffusion3Pipeline read them for their dynamic shifting."""
+    return {"base_seq_len": config.get("base_image_seq_len", FLUX_SHIFT["base_seq_len"]),
+            "max_seq_len": config.get("max_image_seq_len", FLUX_SHIFT["max_seq_len"]),
+            "base_shift": config.get("base_shift", FLUX_SHIFT["base_shift"]),
+            "max_shift": config.get("max_shift", FLUX_SHIFT["max_shift"])}
+
+
+def family_sampling(training: "TrainingSection", scheduler_config, constant_default: float) -> FlowSampling:
+    """The job's σ sampling for a model with this scheduler: ``auto`` follows it (dynamic shifting: the resolution
+    shift; otherwise its constant ``shift``, ``constant_default`` if it has none)."""
+    if scheduler_config.get("use_dynamic_shifting"):
+        return FlowSampling.from_training(training, "resolution")
+    return FlowSampling.from_training(training, "constant", float(scheduler_config.get("shift", constant_default)))
+
+
 def constant_shift(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """SD3's shift: ``s σ / (1 + (s - 1) σ)`` (s > 1 moves σ towards 1, the noisy end)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -108,6 +125,18 @@ def sample_sigmas(batch: int, sampling: FlowSampling, generator: torch.Generator
     elif sampling.shift != "none":
         raise ValueError(f"unknown flow shift '{sampling.shift}'; expected one of: none, constant, resolution")
     return u.clamp(SIGMA_MIN, 1.0)
+
+
+def even_part(latents: torch.Tensor) -> torch.Tensor:
+    """The latent cut to even height and width: Flux and SD3 work on 2 x 2 patches (a 1000 px side is a 125-row
+    latent); the pipelines round such sizes down to whole patches too."""
+    h, w = latents.shape[-2:]
+    return latents if h % 2 == 0 and w % 2 == 0 else latents[..., : h - h % 2, : w - w % 2]
+
+
+def patched_pixels(vae: Any) -> int:
+    """Pixels per 2 x 2 latent patch side: the VAE's downsampling x 2 (16 for Flux's and SD3's VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * 2
 
 
 def _broadcast(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,9 @@ def _fused_widths(config: Mapping[str, Any], name: str) -> tuple[int, ...]:
 class FluxFamily(Family):
     """FLUX.1: FluxTransformer2DModel, CLIP-L (pooled) + T5-XXL (states), the 16-channel VAE with shift/scale."""
 
+    # DDPM ideas (noise offset, min-SNR weighting) and the CLIP-only caption options (75-token pieces, clip skip):
+    # the flow objective weighs σ through training.flow_*, and T5 reads the long captions.
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     denoiser_name = "transformer"
     compile_block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -209,9 +212,7 @@ class FluxFamily(Family):
     def flow_sampling(self, training: "TrainingSection", scheduler_config: Mapping[str, Any]) -> flow.FlowSampling:
         """The job's σ sampling; ``auto`` follows the model's scheduler: dev shifts by resolution, schnell's
         schedule is unshifted (a constant shift of 1)."""
-        if scheduler_config.get("use_dynamic_shifting"):
-            return flow.FlowSampling.from_training(training, "resolution")
-        return flow.FlowSampling.from_training(training, "constant", float(scheduler_config.get("shift", 1.0)))
+        return flow.family_sampling(training, scheduler_config, 1.0)
 
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: torch.Tensor, cond: Conditioning, *,
                       training: "TrainingSection", generator: torch.Generator,
@@ -219,11 +220,11 @@ class FluxFamily(Family):
         """Rectified flow on packed latents, as diffusers' train_dreambooth_lora_flux.py and kohya's flux trainer."""
         from diffusers import FluxPipeline
 
+        latents = flow.even_part(latents)
         b, c, h, w = latents.shape
         sched = bundle.noise_scheduler.config
-        shift = {"base_seq_len": sched.get("base_image_seq_len", 256), "max_seq_len": sched.get("max_image_seq_len", 4096),
-                 "base_shift": sched.get("base_shift", 0.5), "max_shift": sched.get("max_shift", 1.15)}
-        draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2), shift)
+        draw = flow.draw(latents, self.flow_sampling(training, sched), generator, (h // 2) * (w // 2),
+                         flow.scheduler_shift(sched))
         device = latents.device
         packed = FluxPipeline._pack_latents(draw.noisy, b, c, h, w).to(weight_dtype)
         target = FluxPipeline._pack_latents(draw.target, b, c, h, w)
@@ -344,6 +345,9 @@ class FluxFamily(Family):
             text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0],
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser,
         )
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        return flow.patched_pixels(bundle.vae)
 
     def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
         cond = self.encode_text(bundle, prompts)  # what FluxPipeline.encode_prompt computes (no negative: distilled)

@@ -81,6 +81,9 @@ def tiny_t5_tokenizer() -> Any:
 class SD3Family(Family):
     """SD3.x: MMDiT transformer, CLIP-L + CLIP-G (+ optional T5-XXL), 16-channel VAE; rectified flow, SD3 shift."""
 
+    # DDPM ideas (noise offset, min-SNR weighting) and the CLIP-only caption options (75-token pieces, clip skip):
+    # the flow objective weighs σ through training.flow_*, and T5 reads the long captions.
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     denoiser_name = "transformer"
     compile_block_classes = ("JointTransformerBlock",)
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -224,12 +227,17 @@ class SD3Family(Family):
     def training_loss(self, bundle: ModelBundle, denoiser: Any, latents: torch.Tensor, cond: Conditioning, *,
                       training: "TrainingSection", generator: torch.Generator,
                       weight_dtype: torch.dtype) -> torch.Tensor:
-        """Rectified flow as diffusers' train_dreambooth_lora_sd3.py: σ from the job's density with SD3's constant
-        shift (3.0), ``(1 - σ) x + σ ε`` in, the velocity ``ε - x`` out, optionally weighted per σ."""
+        """Rectified flow as diffusers' train_dreambooth_lora_sd3.py: σ from the job's density with the model's
+        scheduler's shift (SD3: the constant 3.0; ``resolution`` as StableDiffusion3Pipeline's dynamic shifting, from
+        the patched latent's token count), ``(1 - σ) x + σ ε`` in, the velocity ``ε - x`` out, optionally weighted."""
         from studio.engine.families import flow
 
-        sampling = flow.FlowSampling.from_training(training, default_shift="constant")
-        draw = flow.draw(latents, sampling, generator)
+        latents = flow.even_part(latents)
+        sched = bundle.noise_scheduler.config
+        sampling = flow.family_sampling(training, sched, training.flow_shift_value)
+        patch = bundle.denoiser.config.patch_size
+        tokens = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+        draw = flow.draw(latents, sampling, generator, tokens, flow.scheduler_shift(sched))
         timesteps = (draw.sigmas * TIMESTEP_SCALE).to(latents.device)
         pred = denoiser(hidden_states=draw.noisy.to(weight_dtype), timestep=timesteps,
                         encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
@@ -423,6 +431,11 @@ class SD3Family(Family):
             text_encoder_2=bundle.text_encoders[1], tokenizer_2=bundle.tokenizers[1],
             text_encoder_3=t5, tokenizer_3=bundle.tokenizers[2] if t5 is not None else None,
         )
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        from studio.engine.families import flow
+
+        return flow.patched_pixels(bundle.vae)
 
     def preview_embeds(self, bundle: ModelBundle, prompts: list[str], negative_prompt: str) -> dict[str, Any] | None:
         n = len(prompts)  # the pipeline's classifier-free guidance needs the negative prompt's too ("" when none)

@@ -9,7 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QPixmap
 from PySide6.QtWidgets import (
-    QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout, QWidget,
+    QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton, QSizePolicy, QSplitter, QVBoxLayout, QWidget,
 )
 
 from studio.engine.events import (
@@ -94,7 +94,12 @@ class TrainPage(Page):
         buttons.addWidget(self.phase, 1)
         self.phase_label = QLabel()
         self.phase_label.setObjectName("muted")
-        buttons.addWidget(self.phase_label)
+        # Its text (a model or dataset path, "3 / 40 images") must not size the page: a long path widened the
+        # window and every status relaid it out, each time repainting the loss plot twice (20-50 ms of Python on
+        # the GUI thread under load; benchmarks/gui_stalls.py). It takes the row's spare room and clips.
+        self.phase_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.phase_label.setMinimumWidth(theme.em(self) * 4)
+        buttons.addWidget(self.phase_label, 2)
         cc.addLayout(buttons)
         progress_row = QHBoxLayout()
         progress_row.setSpacing(2 * s)
