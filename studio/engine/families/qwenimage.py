@@ -104,6 +104,8 @@ class QwenImageFamily(Family):
     kohya_prefixes = {"transformer": KOHYA_PREFIX, "text_encoder": "lora_te"}
     prediction_types = (PREDICTION,)
     tiny_prediction_types = (PREDICTION,)
+    # DDPM-only ideas, and CLIP-only caption options (the Qwen2.5-VL caption is the pipeline's, capped at 512 tokens).
+    ignored_training_options = ("noise_offset", "min_snr_gamma", "max_token_length", "clip_skip")
     vae_overflow_hint = "the Qwen-Image VAE is run in fp32 here; a non-finite latent means the image or the VAE file is damaged"
 
     def __init__(self, *, name: str, label: str, short_label: str, listed_as: str, preview: PreviewDefaults,
@@ -370,6 +372,10 @@ class QwenImageFamily(Family):
 
     def preview_batch_factor(self, guidance: float) -> int:
         return 2 if guidance > 1 else 1
+
+    def image_size_multiple(self, bundle: ModelBundle) -> int:
+        # The pipeline's vae_scale_factor (2 per temporal-downsample entry: 8 for the real VAE) x the 2x2 patches.
+        return 2 ** len(bundle.vae.temperal_downsample) * 2
 
     def job_defaults(self) -> dict[str, Any]:
         # ai-toolkit's and musubi-tuner's Qwen-Image LoRA recipes: 1024 px, rank 16, lr 1e-4 constant, logit-normal σ
