@@ -66,7 +66,7 @@ def test_the_registry_lists_and_finds_each_family_once():
     with pytest.raises(ValueError, match="unknown model family 'nope'; supported: " + ", ".join(names())):
         get_family("nope")
     assert families.supported_text() == ("Stable Diffusion 1.x, 2.x, SDXL, FLUX.1 [dev], [schnell], SD3 Medium, "
-                                         "SD3.5 Medium, SD3.5 Large and Z-Image")
+                                         "SD3.5 Medium, SD3.5 Large, Z-Image and Qwen-Image")
 
 
 def test_the_meta_denoiser_runs_on_its_example_inputs():

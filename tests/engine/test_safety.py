@@ -250,7 +250,6 @@ def test_lora_given_as_base_model(tmp_path):
 
 @pytest.mark.parametrize("keys, name", [
     # SD3 and FLUX.1 are trained now (tests/engine/test_sd3.py, test_flux_files.py); these are not, yet.
-    ({"txt_norm.weight": (3584,), "transformer_blocks.0.img_mod.1.weight": (18432, 3072)}, "Qwen-Image"),
     ({"single_stream_modulation.lin.weight": (18432, 3072)}, "FLUX.2"),
     ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3)}, "ControlNet"),
 ])

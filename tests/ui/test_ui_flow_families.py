@@ -1,4 +1,4 @@
-"""FLUX.1, SD3.5 and Z-Image in the real window: a tiny model of each trains through the pages, with its own previews."""
+"""FLUX.1, SD3.5, Z-Image and Qwen-Image in the real window: a tiny model of each trains through the pages, with its own previews."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from test_ui_real_engine import set_up_job, wait_until_done
 pytestmark = pytest.mark.real_engine
 
 
-@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium", "zimage"])
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium", "zimage", "qwen-image"])
 def test_a_flow_family_trains_from_the_window(qtbot, make_window, tiny_model, tiny_dataset, tmp_path, name):
     family = get_family(name)
     model = tiny_model(name, family.tiny_prediction_types[0])

@@ -35,6 +35,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "sd3.5-medium": ("studio.engine.families.sd3:SD35_MEDIUM", "Stable Diffusion 3.5 Medium"),
     "sd3.5-large": ("studio.engine.families.sd3:SD35_LARGE", "Stable Diffusion 3.5 Large"),
     "zimage": ("studio.engine.families.zimage:ZIMAGE", "Z-Image"),
+    "qwen-image": ("studio.engine.families.qwenimage:QWEN_IMAGE", "Qwen-Image"),
 }
 # Assumed where nothing tells the family (the built-in demo model is a tiny one of it).
 DEFAULT_FAMILY = "sd1"
