@@ -164,13 +164,13 @@ def test_sd3_shifts_follow_the_model_s_scheduler_and_the_resolution_shift_works(
                                expected(flow.FlowSampling(shift="resolution"), image_seq_len=tokens))
 
 
-@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium", "zimage"])
+@pytest.mark.parametrize("name", ["flux-dev", "sd3.5-medium", "zimage", "qwen-image"])
 def test_a_latent_of_odd_size_trains_on_its_even_part(tiny_model, name):
     """Both transformers work on 2 x 2 latent patches. A bucket or resolution that is a multiple of 8 but not of 16
     (e.g. 1000 px: a 125-row latent) used to fail inside the step (Flux's packing, SD3's patch embedding); the
     step uses the even part, as the pipelines round such sizes down."""
     bundle = load_model(ModelSection(path=str(tiny_model(name, "flow"))))
-    c = bundle.denoiser.config.in_channels // (4 if name.startswith("flux") else 1)
+    c = bundle.denoiser.config.in_channels // (4 if name.startswith(("flux", "qwen")) else 1)  # packed 2 x 2
     odd = torch.randn(1, c, 9, 11, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond = bundle.family.encode_text(bundle, ["a red circle"])

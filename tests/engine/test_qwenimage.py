@@ -538,16 +538,16 @@ def test_the_vae_loads_from_wan_21s_original_layout(tmp_path):
             assert torch.equal(loaded.encode(pixels).latent_dist.mean, expected), name
 
 
-def test_loha_files_are_named_for_comfyui_refused_for_previews_and_the_report_names_the_tools(tiny_qwen, tiny_dataset,
+def test_loha_files_are_named_for_comfyui_previewed_in_place_and_the_report_names_the_tools(tiny_qwen, tiny_dataset,
                                                                                               tmp_path):
     """A LoHa trains and is written under the same kohya names (kohya_index knows every one); diffusers cannot read
-    it and Qwen-Image checkpoints cannot be baked yet (merge.bakes_loras), so trying it says so and where to use it;
-    the export report says which tools take a Qwen-Image file."""
+    it, so Try & Export adds its update to the weights in place for the picture and takes it off after
+    (merge.patches_loras); the export report says which tools take a Qwen-Image file."""
     from studio.engine.adapters import read_modules
     from studio.engine.checkpoint import load_model
     from studio.engine.config import ModelSection
     from studio.engine.events import RunFinished
-    from studio.engine.export import LoraFileError, read_lora
+    from studio.engine.export import read_lora
     from studio.engine.inspection import inspect_path
     from studio.engine.sampling import generate
     from test_trainer import collect, tiny_job
@@ -559,8 +559,10 @@ def test_loha_files_are_named_for_comfyui_refused_for_previews_and_the_report_na
     assert len(modules) == 2 * 12 and "lora_unet_transformer_blocks_1_txt_mlp_net_2" in modules
     bundle = load_model(ModelSection(path=str(tiny_qwen)))
     assert set(modules) <= set(QWEN_IMAGE.kohya_index(bundle))
-    with pytest.raises(LoraFileError, match="is a LoHa file: diffusers cannot load it.*use it in ComfyUI"):
-        generate(bundle, "a red circle", steps=2, guidance=1.0, width=64, height=64, seed=5, lora_path=done.lora_path)
+    settings = dict(steps=2, guidance=1.0, width=64, height=64, seed=5)
+    base = generate(bundle, "a red circle", **settings)
+    assert generate(bundle, "a red circle", lora_path=done.lora_path, **settings).tobytes() != base.tobytes()
+    assert generate(bundle, "a red circle", **settings).tobytes() == base.tobytes()  # the weights came back
     verdicts = {c["consumer"]: c["status"] for c in inspect_path(done.lora_path)["consumers"]}
     assert verdicts == {"A1111/Forge": "does not load", "ComfyUI": "loads fully", "InvokeAI": "loads fully",
                         "kohya": "does not load", "diffusers": "does not load"}

@@ -259,6 +259,7 @@ class QwenImageFamily(Family):
                       weight_dtype: torch.dtype) -> torch.Tensor:
         """Rectified flow as QwenImagePipeline samples it: ``x_σ = (1 - σ) x + σ ε`` packed into 2×2 patches, the
         timestep σ (the pipeline's ``t / 1000``), the caption states with their mask, the output compared with ε - x."""
+        latents = flow.even_part(latents)  # whole 2 x 2 patches (a 1000 px side is a 125-row latent)
         b, c, h, w = latents.shape
         sched = bundle.noise_scheduler.config
         tokens = (h // 2) * (w // 2)
