@@ -66,8 +66,8 @@ _SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_e
 
 
 def tiny_tokenizer() -> Any:
-    """Qwen's byte-level tokenizer built in code (zimage's), with Qwen2.5-VL's vision markers, for the tiny models."""
-    from studio.engine.families.zimage import tiny_qwen_tokenizer
+    """Qwen's byte-level tokenizer built in code (qwen_tokenizer), with Qwen2.5-VL's vision markers, for the tiny models."""
+    from studio.engine.families.qwen_tokenizer import tiny_qwen_tokenizer
 
     tokenizer = tiny_qwen_tokenizer(_TINY_CAPTION_TOKENS)
     tokenizer.add_special_tokens({"additional_special_tokens": _SPECIAL_TOKENS})

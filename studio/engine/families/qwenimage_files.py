@@ -92,37 +92,13 @@ def _find(kind: str, folders: list[Path], model_file: Path) -> Path | None:
     return next((f for f in named + others if _kind_of(f) == kind), None)
 
 
-def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -> list[Path]:
-    out = [Path(model.config_dir).expanduser() / "tokenizer"] if model.config_dir else []
-    for folder in folders:
-        out += [folder / "tokenizer", folder / "qwen25_tokenizer", folder]
-    for parent in path.parents:
-        if parent.name.lower() == "models":  # ComfyUI's install: <ComfyUI>/models/... and <ComfyUI>/comfy/text_encoders
-            out.append(parent.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
-            break
-    from studio.engine.checkpoint import hub_snapshot
-
-    for repo, sub in (("Qwen/Qwen-Image", "tokenizer"), ("Qwen/Qwen2.5-VL-7B-Instruct", "")):
-        snapshot = hub_snapshot(repo)
-        if snapshot is not None:
-            out.append(snapshot / sub)
-    return out
-
-
 def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> Any | None:
     """Qwen2.5's tokenizer from the user's files (or the local Hugging Face cache); None when there is none."""
-    from transformers import AutoTokenizer
+    from studio.engine.families import qwen_tokenizer
 
-    for folder in _tokenizer_folders(path, folders, model):
-        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-            continue
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except Exception:  # not a tokenizer folder after all; the next candidate may be
-            continue
-        if "<|im_start|>" in tokenizer.get_vocab():
-            return tokenizer
-    return None
+    return qwen_tokenizer.first_tokenizer(qwen_tokenizer.tokenizer_folders(
+        path, folders, model, beside=("qwen25_tokenizer",),
+        hub=(("Qwen/Qwen-Image", "tokenizer"), ("Qwen/Qwen2.5-VL-7B-Instruct", ""))))
 
 
 def _chosen(model: "ModelSection", name: str, kind: str, label: str) -> Path:

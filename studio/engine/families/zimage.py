@@ -51,23 +51,10 @@ _LORA_PATH = re.compile(_BLOCK + r"(?:attention\.(?:to_q|to_k|to_v|to_out\.0)|fe
 
 
 def tiny_qwen_tokenizer(model_max_length: int = _TINY_CAPTION_TOKENS) -> Any:
-    """A byte-level BPE tokenizer built in code (Qwen2's kind: bytes, <|endoftext|> padding, chat tokens), no merges.
+    """The tiny models' Qwen tokenizer with Z-Image's chat template (Qwen3's real one comes from the user's files)."""
+    from studio.engine.families.qwen_tokenizer import tiny_qwen_tokenizer as build
 
-    For the tiny models only; Qwen3's real vocabulary (151,643 BPE tokens) comes from the user's model folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
-                                        padding_side="right")
-    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
-                                  "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return build(model_max_length, CHAT_TEMPLATE)
 
 
 def templated(tokenizer: Any, captions: list[str]) -> list[str]:

@@ -186,42 +186,18 @@ def _find_text_encoder(folders: list[Path], config_dir: Path, model_file: Path) 
     return None
 
 
-def _tokenizer_folders(path: Path, folders: list[Path], model: "ModelSection") -> list[Path]:
-    out = [Path(model.config_dir).expanduser() / "tokenizer"] if model.config_dir else []
-    for folder in folders:
-        out += [folder / "tokenizer", folder / "qwen_3_4b_tokenizer", folder]
-    for parent in path.parents:
-        if parent.name.lower() == "models":  # ComfyUI's install: <ComfyUI>/models/... and <ComfyUI>/comfy/text_encoders
-            out.append(parent.parent / "comfy" / "text_encoders" / "qwen25_tokenizer")
-            break
-    from studio.engine.checkpoint import hub_snapshot
-
-    for repo, sub in (("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"),
-                      ("Qwen/Qwen3-4B", "")):
-        snapshot = hub_snapshot(repo)
-        if snapshot is not None:
-            out.append(snapshot / sub)
-    return out
-
-
 def find_tokenizer(path: Path, folders: list[Path], model: "ModelSection") -> Any | None:
     """Qwen3's tokenizer from the user's files (or the local Hugging Face cache), with the Z-Image chat template."""
-    from transformers import AutoTokenizer
+    from studio.engine.families import qwen_tokenizer
 
-    for folder in _tokenizer_folders(path, folders, model):
-        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
-            continue
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except Exception:  # not a tokenizer folder after all; the next candidate may be
-            continue
-        if "<|im_start|>" not in tokenizer.get_vocab():
-            continue
+    tokenizer = qwen_tokenizer.first_tokenizer(qwen_tokenizer.tokenizer_folders(
+        path, folders, model, beside=("qwen_3_4b_tokenizer",),
+        hub=(("Tongyi-MAI/Z-Image-Turbo", "tokenizer"), ("Tongyi-MAI/Z-Image", "tokenizer"), ("Qwen/Qwen3-4B", ""))))
+    if tokenizer is not None:
         # Qwen3's own template gives exactly this for one user turn with enable_thinking=True; ComfyUI's Qwen2.5
         # tokenizer has another (system prompt), so the one Z-Image was trained with is set.
         tokenizer.chat_template = CHAT_TEMPLATE
-        return tokenizer
-    return None
+    return tokenizer
 
 
 def _config_dir(family: "ZImageFamily", model: "ModelSection") -> Path:
