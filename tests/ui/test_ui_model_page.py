@@ -86,3 +86,11 @@ def test_models_found_on_this_computer_can_be_picked(qtbot, window, page, tiny_s
     qtbot.waitUntil(lambda: page.found_list.count() == 1 and not page.found_busy.active, timeout=5000)
     page._pick_item(page.found_list.item(0))
     assert window.model.job.model.path == str(tiny_sd1)
+
+
+def test_the_page_names_every_family_it_can_train(page):
+    """The list comes from the family registry: a family added later is named without touching the page."""
+    from studio.engine.families import REGISTRY, get_family
+
+    text = page.purpose_label.text()
+    assert all(get_family(name).listed_as in text for name in REGISTRY), text

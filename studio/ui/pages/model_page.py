@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 from studio.engine.config import BUILTIN_DEMO_MODEL
+from studio.engine.families import supported_text
 from studio.engine.demo import DEMO_LR, DEMO_RESOLUTION, DEMO_STEPS
 from studio.ui import backend, settings_store, theme
 from studio.ui.format import format_bytes
@@ -56,16 +57,17 @@ def display_name(path: str) -> str:
 class ModelPage(Page):
     title = "Base model"
     icon_name = "model"
-    purpose = ("The model your LoRA is trained for (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1). The LoRA will work with this "
-               "model and ones made from it.")
+    # The families come from the registry, so a new family is named here without touching the page.
+    purpose = (f"The model your LoRA is trained for ({supported_text()}). The LoRA will work with this model and ones "
+               "made from it.")
     help_html = (
         "<p>Choose the checkpoint you generate images with: a single <b>.safetensors</b>/<b>.ckpt</b> file "
         "(as used by AUTOMATIC1111 and ComfyUI) or a <b>diffusers</b> folder. Drop it on the page, browse for it, or "
         "pick one found in the usual A1111/ComfyUI folders and the Hugging Face cache.</p>"
-        "<p>LoRA Studio reads the file to tell its family (SD 1.x, 2.x, XL, SD3/SD3.5 or FLUX.1), what it predicts and "
-        "its precision; nothing is downloaded. A FLUX.1 file that holds only the transformer (as ComfyUI keeps it) "
-        "needs its CLIP-L, T5-XXL and VAE files: the page lists them, finds them in the usual ComfyUI/A1111 folders, "
-        "or lets you choose each one.</p><p>The <b>built-in demo model</b> is small and only draws simple shapes: good "
+        "<p>LoRA Studio reads the file to tell its family, what it predicts and its precision; nothing is downloaded. "
+        "A file that holds only the transformer (as ComfyUI keeps the newer families) needs its "
+        "text encoder and VAE files: the page lists them, finds them in the usual ComfyUI/A1111 folders, or lets you "
+        "choose each one.</p><p>The <b>built-in demo model</b> is small and only draws simple shapes: good "
         "for learning the app (a LoRA visibly changes its pictures within a minute), useless for real pictures.</p>")
 
     def __init__(self, model: JobModel, tasks: TaskRunner, parent: QWidget | None = None):
