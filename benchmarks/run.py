@@ -501,9 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", action="store_true", help="find the largest batch that fits (GPU)")
     p.add_argument("--sync-debug", action="store_true", help="CUDA: count host syncs per training step")
     p.add_argument("--in-process", action="store_true", help="run measurements in this process (faster, less clean)")
-    p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default="passive",
+    p.add_argument("--omp-wait-policy", choices=("passive", "active", "inherit"), default=None,
                    help="OMP_WAIT_POLICY of the workers (default passive: on a CPU shared with other work, spinning "
-                   "OpenMP threads make 2 threads several times slower than 1; 'inherit' keeps the environment's)")
+                   "OpenMP threads make 2 threads several times slower than 1; 'inherit' keeps the environment's; "
+                   "--suite estimate defaults to inherit: it checks the estimate against runs as the app makes "
+                   "them, and on a quiet CPU passive waiting doubles a small model's step time)")
     p.add_argument("--model-cache", type=Path, default=DEFAULT_OUT / "models", help="where built models are kept")
     p.add_argument("--json", type=Path, help="result file (default: benchmarks/out/<time>.json)")
     p.add_argument("--markdown", type=Path, help="also write the markdown report to this file")
@@ -565,9 +567,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _worker_env(args: argparse.Namespace) -> dict[str, str | None]:
-    if args.omp_wait_policy == "inherit" or args.in_process:
+    policy = args.omp_wait_policy or ("inherit" if getattr(args, "suite", None) == "estimate" else "passive")
+    if policy == "inherit" or args.in_process:
         return {}
-    return {"OMP_WAIT_POLICY": args.omp_wait_policy.upper()}
+    return {"OMP_WAIT_POLICY": policy.upper()}
 
 
 def _report(args: argparse.Namespace, ctx: dict[str, Any], experiments: list[dict]) -> dict[str, Any]:
