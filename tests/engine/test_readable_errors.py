@@ -23,12 +23,7 @@ RAW = ("AttributeError", "RecursionError", "maximum recursion depth", "JSONDecod
        "header too large", "please report", "Traceback")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def broken_copy(tiny_sd1: Path, tmp_path: Path, name: str, content: bytes) -> Path:

@@ -31,14 +31,7 @@ TOLERANCE = 1e-5  # the issue's bound; on CPU the measured difference is exactly
 STEPS, SAVE_EVERY, SAMPLE_EVERY = 12, 4, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread; on a busy machine two threads spin against each other
-    (measured here: a preview took 0.25 s on one thread, 1.2-10 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def job_for(model, data, out, **overrides):

@@ -20,12 +20,7 @@ from test_trainer import tiny_job
 STEPS, SAVE_EVERY, STOP_AT = 8, 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def job_for(model, data, out):

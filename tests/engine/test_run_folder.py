@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from studio.engine.config import validate
 from studio.engine.events import CheckpointSaved, RunCancelled, RunFailed, RunFinished
@@ -16,12 +15,7 @@ from studio.engine.trainer import run_training
 from test_trainer import tiny_job
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", ["foo\n", "foo\r\n", "a\nb", "tab\t"])

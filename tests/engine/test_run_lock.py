@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from studio.cli import main
 from studio.engine.config import save_job
@@ -21,12 +20,7 @@ from studio.engine.trainer import run_training
 from test_trainer import tiny_job
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_second_process_resuming_a_run_in_training_is_refused_and_the_first_carries_on(

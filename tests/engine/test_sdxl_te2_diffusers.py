@@ -25,12 +25,7 @@ from test_trainer import tiny_job
 PROMPT = "a red circle"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def te2_output(pipe_or_encoder, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
